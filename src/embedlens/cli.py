@@ -1,0 +1,195 @@
+"""The ``embedlens`` command line.
+
+User errors (bad paths, unreadable images, unsupported models, out-of-range layers, ...) end with one
+line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from embedlens.errors import EmbedLensError, InputError
+
+DEFAULT_MODEL = "tiny-llava"
+
+app = typer.Typer(
+    name="embedlens",
+    help="What do visual tokens really encode? Probe multimodal LLMs with the embedding lens.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """What do visual tokens really encode? Probe multimodal LLMs with the embedding lens."""
+
+
+class LensName(str, Enum):
+    """Lens choices on the command line."""
+
+    embedding = "embedding"
+    logit = "logit"
+
+
+def _quiet_transformers() -> None:
+    """Keep library chatter (warnings, loading bars) off stderr, which is reserved for our messages."""
+    import huggingface_hub
+    import transformers
+
+    huggingface_hub.utils.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _parse_exclude(values: list[str]) -> tuple[str, ...]:
+    items = [part.strip() for value in values for part in value.split(",") if part.strip()]
+    return tuple(items)
+
+
+@app.command()
+def probe(
+    image: Annotated[Path, typer.Argument(help="Image file to probe.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Built-in name, directory or hub id.")] = DEFAULT_MODEL,
+    prompt: Annotated[
+        str | None, typer.Option(help="Your question; the image is placed by the model's chat template.")
+    ] = None,
+    raw_prompt: Annotated[
+        str | None,
+        typer.Option("--raw-prompt", help="Full model text used verbatim; must hold the image placeholder."),
+    ] = None,
+    layer: Annotated[int, typer.Option(help="0 = projector output; l = output of decoder layer l; -1 = last.")] = 0,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Tokens per visual token.")] = 10,
+    lens: Annotated[LensName, typer.Option(help="embedding (input table, cosine) or logit.")] = LensName.embedding,
+    exclude: Annotated[
+        list[str], typer.Option(help="Token kinds never returned: special, bytes (repeat or comma-separate).")
+    ] = [],  # noqa: B006  (typer reads the default; it is never mutated)
+    out: Annotated[Path | None, typer.Option(help="Directory for tokens.parquet, result.json and top1.png.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, float16 or bfloat16.")] = "auto",
+    revision: Annotated[str | None, typer.Option(help="Hub revision of the model.")] = None,
+) -> None:
+    """Show what every visual token encodes: its nearest vocabulary tokens."""
+    from embedlens.images import load_image
+    from embedlens.lens import check_exclude
+    from embedlens.models.base import resolve_layer
+    from embedlens.models.registry import (
+        adapter_class_for,
+        load_adapter,
+        load_config,
+        load_processor,
+        resolve,
+    )
+    from embedlens.session import Session
+
+    if top_k <= 0:
+        raise InputError(f"--top-k must be a positive integer, got {top_k}")
+    if prompt is not None and raw_prompt is not None:
+        raise InputError("give either --prompt or --raw-prompt, not both")
+    kinds = check_exclude(_parse_exclude(exclude))
+    load_image(image)  # fail fast on a missing or unreadable image
+    _quiet_transformers()
+    resolved = resolve(model, revision)
+    config = load_config(resolved)
+    adapter_cls = adapter_class_for(config)
+    resolve_layer(layer, adapter_cls.num_layers_from_config(config))
+    processor = load_processor(resolved)
+    placeholder = getattr(processor, "image_token", "<image>")
+    if raw_prompt is not None and placeholder not in raw_prompt:
+        raise InputError(f"the raw prompt must contain the image placeholder {placeholder!r}")
+    adapter = load_adapter(model, device=device, dtype=dtype, revision=revision, config=config, processor=processor)
+    session = Session(adapter)
+    result = session.probe(
+        image, prompt=prompt, raw_prompt=raw_prompt, layer=layer, top_k=top_k, lens=lens.value, exclude=kinds
+    )
+    written = _save(result, out) if out is not None else []
+    if as_json:
+        sys.stdout.write(result.to_json(provenance=False) + "\n")
+        return
+    _print_summary(result, written)
+
+
+def _save(result, out: Path) -> list[Path]:
+    from embedlens.viz import save_top1_grid
+
+    paths = list(result.save(out).values())
+    paths.append(save_top1_grid(result, out / "top1.png"))
+    return paths
+
+
+def _print_summary(result, written: list[Path]) -> None:
+    rows, cols = result.grid
+    typer.echo(f"model   {result.provenance.model}")
+    typer.echo(f"image   {result.image}")
+    typer.echo(f"prompt  {result.prompt!r}")
+    typer.echo(f"lens    {result.lens} lens at layer {result.layer}, top-{result.provenance.k}")
+    typer.echo(
+        f"grid    {rows} x {cols} = {len(result)} visual tokens at positions "
+        f"{int(result.position.min())}..{int(result.position.max())}"
+    )
+    norms = result.norm
+    typer.echo(
+        f"norm    min {norms.min():.3g}  median {float(sorted(norms)[len(norms) // 2]):.3g}  max {norms.max():.3g}"
+    )
+    top1 = collections.Counter(
+        (int(ids[0]), toks[0]) for ids, toks in zip(result.top_ids, result.top_tokens, strict=True)
+    )
+    typer.echo("")
+    typer.echo(f"most common top-1 tokens ({len(top1)} distinct):")
+    typer.echo(f"  {'id':>7}  {'token':<16} {'patches':>7}  {'share':>6}")
+    for (token_id, piece), count in top1.most_common(12):
+        typer.echo(f"  {token_id:>7}  {piece!r:<16} {count:>7}  {count / len(result):>6.1%}")
+    typer.echo("")
+    show = min(8, len(result))
+    typer.echo(f"first {show} visual tokens (row, col): top-{result.provenance.k} tokens with scores")
+    for i in range(show):
+        pairs = ", ".join(f"{t!r} {s:.3f}" for t, s in zip(result.top_tokens[i], result.top_sims[i], strict=True))
+        typer.echo(f"  ({result.row[i]:>2}, {result.col[i]:>2})  {pairs}")
+    if written:
+        typer.echo("")
+        for path in written:
+            typer.echo(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app, turning user errors into one line on stderr and exit code 2."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args:
+        args = ["--help"]
+    try:
+        app(args=args, standalone_mode=False, prog_name="embedlens")
+    except EmbedLensError as exc:
+        sys.stderr.write(f"embedlens: error: {exc}\n")
+        return 2
+    except typer.Exit as exc:
+        return int(getattr(exc, "exit_code", 0) or 0)
+    except typer.Abort:
+        sys.stderr.write("embedlens: interrupted\n")
+        return 130
+    except typer.TyperException as exc:  # usage errors: unknown option, bad value, missing argument
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        ctx = getattr(exc, "ctx", None)
+        command = f"embedlens {ctx.info_name}" if ctx is not None and ctx.info_name != "embedlens" else "embedlens"
+        sys.stderr.write(f"embedlens: error: {message} (see '{command} --help')\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("embedlens: interrupted\n")
+        return 130
+    return 0
+
+
+def run() -> None:
+    """Console-script entry point: exit with :func:`main`'s status."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()

@@ -1,0 +1,23 @@
+"""Model adapters: one per family, plus the registry and the built-in models."""
+
+from embedlens.models import builtins, llava  # noqa: F401  (registration side effects)
+from embedlens.models.base import ModelAdapter, PreparedBatch, VisualSpan, resolve_layer
+from embedlens.models.registry import (
+    builtin_names,
+    load_adapter,
+    register_adapter,
+    register_builtin,
+    supported_families,
+)
+
+__all__ = [
+    "ModelAdapter",
+    "PreparedBatch",
+    "VisualSpan",
+    "builtin_names",
+    "load_adapter",
+    "register_adapter",
+    "register_builtin",
+    "resolve_layer",
+    "supported_families",
+]

@@ -1,0 +1,230 @@
+"""The adapter interface: where each model family keeps its parts and its visual tokens.
+
+Everything above this layer (lenses, taxonomy, interventions, benchmarks) is written once against
+:class:`ModelAdapter`. A new model family needs one adapter file that answers these questions:
+
+* which modules are the vision tower, the projector, the decoder layers (with their attention and MLP
+  submodules), the input embedding table, the final norm and the LM head;
+* how a user's prompt becomes the model's text (chat template and image placeholder);
+* where, in each sample's token ids, each image's visual tokens sit, and on what patch grid.
+
+Layer numbering (used everywhere in EmbedLens) follows ``transformers``' ``hidden_states``: layer 0 is
+the input of the first decoder layer (for visual tokens, the projector output), layer ``l`` is the
+output of decoder layer ``l`` (1-based), so layers run ``0 .. num_layers``. One difference: for the
+last layer, ``transformers`` returns the output *after* the final norm, while EmbedLens always reads
+the residual stream *before* it, so every layer means the same thing; the logit lens applies the final
+norm itself. Negative layers count from the end (``-1`` is ``num_layers``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from torch import nn
+
+from embedlens.errors import InputError
+
+
+@dataclass
+class VisualSpan:
+    """Where one image's (or one image view's) visual tokens sit in one sample's sequence.
+
+    Attributes:
+        sample: Row of the batch.
+        image: Index of the image within its sample (0-based).
+        global_image: Index of the image across the batch (row of ``pixel_values``).
+        positions: Sequence positions of the grid tokens, row-major grid order. Shape ``[rows * cols]``.
+        grid: ``(rows, cols)`` of the patch grid these tokens cover.
+        extra_positions: Visual tokens that are not grid cells (a CLS token, row-end newline tokens,
+            separators). Shape ``[n_extra]``; empty for LLaVA-1.5.
+        view: Name of the view the span shows ("full" for a single-view model; LLaVA-NeXT-style models
+            would add "base" and "tile-<i>" spans for the same image).
+    """
+
+    sample: int
+    image: int
+    global_image: int
+    positions: torch.Tensor
+    grid: tuple[int, int]
+    extra_positions: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    view: str = "full"
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of grid tokens (``rows * cols``)."""
+        return int(self.positions.numel())
+
+    def rows_cols(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row and column of every grid token, each of shape ``[rows * cols]``."""
+        index = torch.arange(self.num_tokens)
+        return index // self.grid[1], index % self.grid[1]
+
+
+@dataclass
+class PreparedBatch:
+    """Model inputs for a batch of samples, with the location of every visual token.
+
+    Attributes:
+        inputs: Keyword arguments for the model's forward (``input_ids`` ``[B, T]``, ``attention_mask``
+            ``[B, T]``, ``pixel_values`` ``[N_images, 3, H, W]``, ...), on the model's device.
+        spans: For each sample, the spans of its images in order.
+        texts: The text of each sample after templating (with one placeholder per image).
+        views: For each image across the batch, the picture the model sees (after resize / crop), as
+            an RGB PIL image, for drawing results on.
+    """
+
+    inputs: dict[str, torch.Tensor]
+    spans: list[list[VisualSpan]]
+    texts: list[str]
+    views: list[Image.Image]
+
+    @property
+    def batch_size(self) -> int:
+        """Number of samples."""
+        return len(self.spans)
+
+
+class ModelAdapter(ABC):
+    """Access to one model family's parts and inputs. Subclasses register with ``@register_adapter``.
+
+    Args:
+        model: The loaded ``transformers`` model (eval mode).
+        processor: Its processor (tokenizer + image processor).
+        source: The hub id or local path the model came from (for provenance).
+    """
+
+    #: Short family name used in messages and results ("llava").
+    family: ClassVar[str]
+    #: ``config.model_type`` values this adapter handles.
+    model_types: ClassVar[tuple[str, ...]]
+
+    def __init__(self, model: nn.Module, processor: Any, source: str) -> None:
+        self.model = model
+        self.processor = processor
+        self.source = source
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    @abstractmethod
+    def model_class(cls) -> type[nn.Module]:
+        """The ``transformers`` class to instantiate checkpoints of this family with."""
+
+    @classmethod
+    @abstractmethod
+    def num_layers_from_config(cls, config: Any) -> int:
+        """Number of decoder layers, read from the config alone (to validate before loading weights)."""
+
+    # ----------------------------------------------------------------- structure
+    @property
+    @abstractmethod
+    def decoder_layers(self) -> nn.ModuleList:
+        """The LLM's decoder layers, in order."""
+
+    @property
+    def num_layers(self) -> int:
+        """Number of decoder layers ``L``; valid layer indices are ``0 .. L``."""
+        return len(self.decoder_layers)
+
+    @abstractmethod
+    def attention(self, layer: int) -> nn.Module:
+        """Self-attention submodule of decoder layer ``layer`` (0-based)."""
+
+    @abstractmethod
+    def mlp(self, layer: int) -> nn.Module:
+        """MLP submodule of decoder layer ``layer`` (0-based)."""
+
+    @property
+    @abstractmethod
+    def input_embeddings(self) -> nn.Embedding:
+        """The LLM's input embedding table, weight of shape ``[V, d]``."""
+
+    @property
+    @abstractmethod
+    def final_norm(self) -> nn.Module:
+        """The norm applied to the last layer's output before the LM head."""
+
+    @property
+    @abstractmethod
+    def lm_head(self) -> nn.Linear:
+        """The output projection to vocabulary logits, weight of shape ``[V, d]``."""
+
+    @property
+    @abstractmethod
+    def vision_tower(self) -> nn.Module:
+        """The vision encoder."""
+
+    @property
+    @abstractmethod
+    def projector(self) -> nn.Module:
+        """The module mapping vision features to LLM inputs; its output is layer 0 of visual tokens."""
+
+    @property
+    @abstractmethod
+    def image_token_id(self) -> int:
+        """The token id marking visual-token positions in ``input_ids``."""
+
+    @property
+    @abstractmethod
+    def image_placeholder(self) -> str:
+        """The text a prompt uses to place an image (e.g. ``"<image>"``)."""
+
+    @property
+    def tokenizer(self) -> Any:
+        """The text tokenizer."""
+        return self.processor.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the input embedding table (where inputs are sent)."""
+        return self.input_embeddings.weight.device
+
+    # ----------------------------------------------------------------- inputs
+    @abstractmethod
+    def format_prompt(self, prompt: str, num_images: int = 1) -> str:
+        """Turn the user's question into the model's text with ``num_images`` image placeholders.
+
+        Uses the model's chat template when it has one; otherwise the placeholders go before the text.
+        """
+
+    @abstractmethod
+    def prepare(
+        self,
+        images: Sequence[Sequence[Image.Image]],
+        prompts: Sequence[str],
+        *,
+        raw: bool = False,
+    ) -> PreparedBatch:
+        """Process a batch: ``images[i]`` are sample ``i``'s images, ``prompts[i]`` its question.
+
+        With ``raw=True`` each prompt is used verbatim and must contain the image placeholder once per
+        image. Padding is on the left so that batched generation matches single-sample generation.
+        """
+
+    @abstractmethod
+    def find_spans(self, input_ids: torch.Tensor, image_grids: Sequence[tuple[int, int]]) -> list[list[VisualSpan]]:
+        """Locate every image's visual tokens from the image token id.
+
+        Args:
+            input_ids: Token ids, shape ``[B, T]``.
+            image_grids: ``(rows, cols)`` of each image across the batch, in order.
+        """
+
+    # ----------------------------------------------------------------- layers
+    def check_layer(self, layer: int) -> int:
+        """Return ``layer`` as an index in ``0 .. L`` (negative counts from the end) or raise."""
+        return resolve_layer(layer, self.num_layers)
+
+
+def resolve_layer(layer: int, num_layers: int) -> int:
+    """Map ``layer`` (``0 .. L``, or ``-(L+1) .. -1`` from the end) to ``0 .. L``; raise if out of range."""
+    resolved = layer + num_layers + 1 if layer < 0 else layer
+    if not 0 <= resolved <= num_layers:
+        raise InputError(
+            f"layer {layer} is out of range for this model: use 0..{num_layers} (or -{num_layers + 1}..-1)"
+        )
+    return resolved

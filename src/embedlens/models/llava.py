@@ -1,0 +1,189 @@
+"""Adapter for ``LlavaForConditionalGeneration`` (llava-hf/llava-1.5-7b-hf and the embedded mini model)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from transformers import LlavaForConditionalGeneration
+
+from embedlens.errors import InputError
+from embedlens.models.base import ModelAdapter, PreparedBatch, VisualSpan
+from embedlens.models.registry import register_adapter
+
+
+@register_adapter
+class LlavaAdapter(ModelAdapter):
+    """LLaVA-1.5 layout: one image -> one run of ``rows * cols`` image tokens (plus CLS if "full")."""
+
+    family = "llava"
+    model_types = ("llava",)
+
+    @classmethod
+    def model_class(cls) -> type[nn.Module]:
+        return LlavaForConditionalGeneration
+
+    @classmethod
+    def num_layers_from_config(cls, config: Any) -> int:
+        return int(config.text_config.num_hidden_layers)
+
+    # ----------------------------------------------------------------- structure
+    @property
+    def _llm(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self._llm.layers
+
+    def attention(self, layer: int) -> nn.Module:
+        return self.decoder_layers[layer].self_attn
+
+    def mlp(self, layer: int) -> nn.Module:
+        return self.decoder_layers[layer].mlp
+
+    @property
+    def input_embeddings(self) -> nn.Embedding:
+        return self._llm.embed_tokens
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self._llm.norm
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.model.lm_head
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def image_placeholder(self) -> str:
+        return str(getattr(self.processor, "image_token", "<image>"))
+
+    @property
+    def patch_size(self) -> int:
+        """Side of a vision patch in pixels."""
+        return int(self.model.config.vision_config.patch_size)
+
+    # ----------------------------------------------------------------- inputs
+    def _chat_template(self) -> str | None:
+        return getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
+
+    def format_prompt(self, prompt: str, num_images: int = 1) -> str:
+        template = self._chat_template()
+        if template is None:
+            return self.image_placeholder * num_images + "\n" + prompt
+        content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
+        messages = [{"role": "user", "content": content}]
+        return self.processor.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=True, tokenize=False
+        )
+
+    def prepare(
+        self,
+        images: Sequence[Sequence[Image.Image]],
+        prompts: Sequence[str],
+        *,
+        raw: bool = False,
+    ) -> PreparedBatch:
+        if len(images) != len(prompts):
+            raise InputError(f"{len(images)} image lists but {len(prompts)} prompts")
+        texts = []
+        for sample_images, prompt in zip(images, prompts, strict=True):
+            if raw:
+                found = prompt.count(self.image_placeholder)
+                if found != len(sample_images):
+                    raise InputError(
+                        f"the raw prompt must contain the image placeholder {self.image_placeholder!r} "
+                        f"once per image ({len(sample_images)}); found {found}"
+                    )
+                texts.append(prompt)
+            else:
+                texts.append(self.format_prompt(prompt, num_images=len(sample_images)))
+        flat = [img.convert("RGB") for sample_images in images for img in sample_images]
+        tokenizer = self.tokenizer
+        old_side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        try:
+            encoded = self.processor(
+                images=flat or None,
+                text=texts,
+                return_tensors="pt",
+                padding=True,
+            )
+        finally:
+            tokenizer.padding_side = old_side
+        inputs = {k: v.to(self.device) for k, v in encoded.items() if isinstance(v, torch.Tensor)}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        pixel_values = encoded.get("pixel_values")
+        grids = []
+        if pixel_values is not None:
+            height, width = pixel_values.shape[-2:]
+            grids = [(height // self.patch_size, width // self.patch_size)] * pixel_values.shape[0]
+        spans = self.find_spans(encoded["input_ids"], grids)
+        views = [self._view(pixel_values[i]) for i in range(len(grids))] if pixel_values is not None else []
+        return PreparedBatch(inputs=inputs, spans=spans, texts=texts, views=views)
+
+    def _view(self, pixel_values: torch.Tensor) -> Image.Image:
+        """Undo the image processor's normalisation: the picture the vision tower sees, as RGB."""
+        ip = self.processor.image_processor
+        mean = np.asarray(getattr(ip, "image_mean", None) or [0.0, 0.0, 0.0], dtype=np.float32)
+        std = np.asarray(getattr(ip, "image_std", None) or [1.0, 1.0, 1.0], dtype=np.float32)
+        scale = float(getattr(ip, "rescale_factor", 1 / 255))
+        array = pixel_values.float().cpu().numpy().transpose(1, 2, 0)
+        array = (array * std + mean) / scale
+        return Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8))
+
+    def find_spans(self, input_ids: torch.Tensor, image_grids: Sequence[tuple[int, int]]) -> list[list[VisualSpan]]:
+        strategy = getattr(self.model.config, "vision_feature_select_strategy", "default")
+        extra = 1 if strategy == "full" else 0
+        spans: list[list[VisualSpan]] = []
+        next_image = 0
+        for sample, row in enumerate(input_ids.cpu()):
+            positions = torch.nonzero(row == self.image_token_id).flatten()
+            sample_spans: list[VisualSpan] = []
+            offset = 0
+            while offset < positions.numel():
+                if next_image >= len(image_grids):
+                    raise InputError(
+                        f"sample {sample} has more image tokens than the images given ({len(image_grids)} in the batch)"
+                    )
+                rows, cols = image_grids[next_image]
+                count = rows * cols + extra
+                chunk = positions[offset : offset + count]
+                if chunk.numel() != count:
+                    raise InputError(
+                        f"sample {sample}: expected {count} image tokens for image {len(sample_spans)}, "
+                        f"found {chunk.numel()}"
+                    )
+                sample_spans.append(
+                    VisualSpan(
+                        sample=sample,
+                        image=len(sample_spans),
+                        global_image=next_image,
+                        positions=chunk[extra:].clone(),
+                        grid=(rows, cols),
+                        extra_positions=chunk[:extra].clone(),
+                    )
+                )
+                offset += count
+                next_image += 1
+            spans.append(sample_spans)
+        if next_image != len(image_grids):
+            raise InputError(f"{len(image_grids)} images given but only {next_image} placed in the text")
+        return spans

@@ -1,0 +1,187 @@
+"""Which adapter serves which model, and how a model name becomes a loaded adapter.
+
+A model is named by a built-in name (``tiny-llava``, ``embedlens-mini``), a local directory or a
+Hugging Face hub id. Built-in names map to builder functions that create (once) and return a local
+directory; everything then loads through the stock ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from embedlens.errors import EmbedLensError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    from embedlens.models.base import ModelAdapter
+
+logger = logging.getLogger(__name__)
+
+_ADAPTERS: list[type[ModelAdapter]] = []
+_BUILTINS: dict[str, Callable[[], Path]] = {}
+
+
+def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Class decorator: make an adapter available for its ``model_types``."""
+    _ADAPTERS.append(cls)
+    return cls
+
+
+def register_builtin(name: str) -> Callable[[Callable[[], Path]], Callable[[], Path]]:
+    """Decorator: ``name`` becomes a model name whose directory the function builds and returns."""
+
+    def wrap(builder: Callable[[], Path]) -> Callable[[], Path]:
+        _BUILTINS[name] = builder
+        return builder
+
+    return wrap
+
+
+def builtin_names() -> list[str]:
+    """Names of the built-in models."""
+    return sorted(_BUILTINS)
+
+
+def supported_families() -> list[str]:
+    """Families with an adapter, e.g. ``["llava"]``."""
+    return [cls.family for cls in _ADAPTERS]
+
+
+def adapter_class_for(config: Any) -> type[ModelAdapter]:
+    """The adapter class for a ``transformers`` config, or :class:`UnsupportedModelError`."""
+    model_type = getattr(config, "model_type", None)
+    for cls in _ADAPTERS:
+        if model_type in cls.model_types:
+            return cls
+    raise UnsupportedModelError(
+        f"model type {model_type!r} is not supported; supported families: {', '.join(supported_families())}"
+    )
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model name resolved to something ``from_pretrained`` accepts.
+
+    Attributes:
+        name: What the user asked for (built-in name, path or hub id), recorded in results.
+        location: Local directory or hub id passed to ``from_pretrained``.
+        revision: Hub revision, if any.
+    """
+
+    name: str
+    location: str
+    revision: str | None = None
+
+
+def resolve(name: str, revision: str | None = None) -> ResolvedModel:
+    """Turn a built-in name, directory or hub id into a :class:`ResolvedModel`."""
+    if name in _BUILTINS:
+        return ResolvedModel(name=name, location=str(_BUILTINS[name]()))
+    path = Path(name).expanduser()
+    looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local:
+        if not path.is_dir():
+            raise UnsupportedModelError(f"{name} is not a model directory")
+        if not (path / "config.json").is_file():
+            raise UnsupportedModelError(f"{name} is not a supported model directory (it has no config.json)")
+        return ResolvedModel(name=name, location=str(path), revision=revision)
+    return ResolvedModel(name=name, location=name, revision=revision)
+
+
+def load_config(model: ResolvedModel, *, trust_remote_code: bool = False) -> Any:
+    """Load the model's config only (cheap), with a clear error when it cannot be had."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model.location, revision=model.revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UnsupportedModelError(f"cannot load model {model.name!r}: {_first_line(exc)}") from exc
+
+
+def _torch_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
+    names |= {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise EmbedLensError(f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16")
+    return names[dtype]
+
+
+def resolve_device(device: str | None) -> str:
+    """``"auto"``/``None`` -> ``"cuda"`` when available, else ``"cpu"``; anything else unchanged."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_processor(model: ResolvedModel, *, trust_remote_code: bool = False) -> Any:
+    """Load the model's processor (tokenizer + image processor) with a clear error when it cannot."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(
+            model.location, revision=model.revision, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, TypeError) as exc:
+        raise UnsupportedModelError(f"cannot load the processor of {model.name!r}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_adapter(
+    name: str,
+    *,
+    device: str | None = "auto",
+    dtype: str | torch.dtype = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    device_map: str | dict[str, Any] | None = None,
+    config: Any = None,
+    processor: Any = None,
+) -> ModelAdapter:
+    """Load a model and its processor by built-in name, local directory or hub id.
+
+    Args:
+        name: ``tiny-llava``, ``embedlens-mini``, a directory or a hub id such as
+            ``llava-hf/llava-1.5-7b-hf``.
+        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda:1"``, ... Ignored with ``device_map``.
+        dtype: ``"auto"`` (the checkpoint's dtype), ``"float32"``, ``"float16"`` or ``"bfloat16"``.
+        revision: Hub revision (branch, tag or commit).
+        trust_remote_code: Passed to ``from_pretrained``; off by default.
+        device_map: For models split over several devices (e.g. ``"auto"``), passed to ``from_pretrained``.
+        config, processor: Already loaded config / processor of the same model (skips loading them).
+    """
+    import embedlens.models  # noqa: F401  (registers the adapters)
+
+    resolved = resolve(name, revision)
+    config = config if config is not None else load_config(resolved, trust_remote_code=trust_remote_code)
+    adapter_cls = adapter_class_for(config)
+    torch_dtype = _torch_dtype(dtype)
+    if processor is None:
+        processor = load_processor(resolved, trust_remote_code=trust_remote_code)
+    kwargs: dict[str, Any] = {
+        "revision": resolved.revision,
+        "trust_remote_code": trust_remote_code,
+        "dtype": torch_dtype,
+    }
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = adapter_cls.model_class().from_pretrained(resolved.location, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UnsupportedModelError(f"cannot load model {resolved.name!r}: {_first_line(exc)}") from exc
+    if device_map is None:
+        model = model.to(resolve_device(device))
+    model.eval()
+    model.requires_grad_(False)
+    logger.info("loaded %s (%s) as %s", resolved.name, resolved.location, adapter_cls.family)
+    return adapter_cls(model, processor, source=resolved.name)

@@ -1,0 +1,260 @@
+"""Exact top-k inner-product search over a fixed table: a fast low-precision shortlist, an exact re-rank.
+
+The lenses ask, for every query vector ``q`` (a visual token), for the ``k`` rows ``e_j`` of a table
+(the input embedding table, or the LM head) with the largest score ``s_j = <q', e'_j>`` where ``q'`` and
+``e'_j`` are the vectors themselves (logit lens) or their unit-normalised versions (cosine, embedding
+lens). "Exact" means: the same ids, in the same order, as computing every score in float64 and sorting
+by (score descending, id ascending).
+
+How: the table is rounded once to a short type (bfloat16 on CPUs with AMX/AVX512-BF16 and on GPUs,
+else float32) and cached. A query block is rounded too and multiplied with it (the fast part). The
+error of every approximate score is bounded rigorously from quantities we know exactly:
+
+    |s~ - s| <= |q| |de_j| + |dq| |e_j| + |dq| |de_j|      (input rounding; Cauchy-Schwarz)
+              + 2 gamma_d (|q| + |dq|)(|e_j| + |de_j|)      (float32 accumulation of exact products)
+              + u_out |s~| / (1 - u_out)                     (rounding of the result to the short type)
+
+with ``dq = round(q) - q``, ``de_j = round(e_j) - e_j`` (their norms are computed in float64) and
+``gamma_d = d u32 / (1 - d u32)``. Using the table-wide maxima of ``|e_j|`` and ``|de_j|`` gives one
+margin ``m`` per query. Any row whose approximate score is below ``(k-th approximate score) - 2 m``
+cannot be in the top-k; all others are re-scored in float64 and sorted with ties broken by lower id.
+
+Memory: the cache holds the short table (``V * d * 2`` bytes in bfloat16) plus three float64 vectors of
+length ``V``. A search adds at most ``chunk_bytes`` for score blocks (default 256 MiB; queries are
+processed in blocks sized to fit) plus ``rerank_rows * d * 8`` bytes for the float64 re-rank (default
+2048 rows: 64 MiB at ``d = 4096``), whatever the number of queries.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+_U32 = 2.0**-24
+#: Unit roundoff (round to nearest) of each short type.
+_UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Result of a search.
+
+    Attributes:
+        ids: Table row ids, shape ``[n, k]``, best first (ties: lower id first).
+        scores: Their exact scores (float64), shape ``[n, k]``.
+        candidates: Number of rows re-scored exactly per query, shape ``[n]`` (diagnostic).
+    """
+
+    ids: torch.Tensor
+    scores: torch.Tensor
+    candidates: torch.Tensor
+
+
+def default_short_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where matrix units make it fast (CUDA, CPUs with AMX or AVX512-BF16), else float32."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu":
+        cpu = torch.cpu
+        fast = (
+            getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+            or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+        )
+        return torch.bfloat16 if fast else torch.float32
+    return torch.float32
+
+
+class ExactSearch:
+    """Exact top-k rows of a table by inner product or cosine similarity.
+
+    Args:
+        table: The rows to search, shape ``[V, d]``, any float dtype; kept by reference (not copied).
+        normalize: Score by cosine similarity (both sides unit-normalised) instead of inner product.
+            Rows or queries of zero norm score 0 against everything.
+        bias: Optional per-row bias added to inner-product scores, shape ``[V]`` (LM heads with bias).
+        allowed: Optional sorted ids of the rows that may be returned (others are excluded).
+        short_dtype: Type of the shortlist matmul; ``None`` picks :func:`default_short_dtype`.
+        chunk_bytes: Bound on the memory of one block of approximate scores.
+        rerank_rows: Rows gathered at once for the float64 re-rank.
+    """
+
+    def __init__(
+        self,
+        table: torch.Tensor,
+        *,
+        normalize: bool,
+        bias: torch.Tensor | None = None,
+        allowed: torch.Tensor | None = None,
+        short_dtype: torch.dtype | None = None,
+        chunk_bytes: int = 256 * 2**20,
+        rerank_rows: int = 2048,
+    ) -> None:
+        if table.ndim != 2:
+            raise ValueError(f"table must be [V, d], got shape {tuple(table.shape)}")
+        if normalize and bias is not None:
+            raise ValueError("a bias makes no sense with cosine similarity")
+        self.table = table
+        self.normalize = normalize
+        self.device = table.device
+        self.short_dtype = short_dtype or default_short_dtype(table.device)
+        self.chunk_bytes = chunk_bytes
+        self.rerank_rows = rerank_rows
+        if allowed is None:
+            allowed = torch.arange(table.shape[0], device=table.device)
+        self.allowed = allowed.to(table.device, torch.long)
+        if self.allowed.numel() > 1 and not bool((self.allowed[1:] > self.allowed[:-1]).all()):
+            raise ValueError("allowed ids must be sorted and unique")
+        self.bias64 = None if bias is None else bias.detach().to(table.device, torch.float64)[self.allowed]
+        self._prepare()
+
+    @property
+    def size(self) -> int:
+        """Number of searchable rows."""
+        return int(self.allowed.numel())
+
+    def _prepare(self) -> None:
+        """Build the short table and the per-row quantities of the error bound (chunked over rows)."""
+        n_rows, dim = self.allowed.numel(), self.table.shape[1]
+        self.dim = dim
+        self.short = torch.empty(n_rows, dim, dtype=self.short_dtype, device=self.device)
+        self.scale64 = torch.empty(n_rows, dtype=torch.float64, device=self.device)
+        max_norm, max_residual = 0.0, 0.0
+        step = max(1, (64 * 2**20) // (dim * 8))
+        for start in range(0, n_rows, step):
+            ids = self.allowed[start : start + step]
+            rows = self.table.detach()[ids].to(torch.float64)
+            scale = self._scale(rows)
+            exact = rows * scale[:, None]
+            short = exact.to(self.short_dtype)
+            residual = (short.to(torch.float64) - exact).norm(dim=1)
+            self.short[start : start + step] = short
+            self.scale64[start : start + step] = scale
+            max_norm = max(max_norm, float(exact.norm(dim=1).max()) if len(ids) else 0.0)
+            max_residual = max(max_residual, float(residual.max()) if len(ids) else 0.0)
+        self.max_norm = max_norm
+        self.max_residual = max_residual
+        self.bias_residual = 0.0
+        if self.bias64 is not None:
+            self.bias32 = self.bias64.to(torch.float32)
+            self.bias_residual = float((self.bias32.double() - self.bias64).abs().max())
+
+    def _scale(self, rows64: torch.Tensor) -> torch.Tensor:
+        """Per-row factor applied before scoring: 1/|row| for cosine (0 for zero rows), else 1."""
+        if not self.normalize:
+            return torch.ones(rows64.shape[0], dtype=torch.float64, device=rows64.device)
+        norms = rows64.norm(dim=1)
+        return torch.where(norms > 0, 1.0 / norms.clamp_min(1e-300), torch.zeros_like(norms))
+
+    def search(self, queries: torch.Tensor, k: int) -> TopK:
+        """Exact top-``k`` rows for each query.
+
+        Args:
+            queries: Shape ``[n, d]``, any float dtype and device (moved to the table's device).
+            k: Number of rows per query, ``1 <= k <= size``.
+
+        Returns:
+            :class:`TopK` with ``ids`` and ``scores`` of shape ``[n, k]``.
+        """
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries must be [n, {self.dim}], got {tuple(queries.shape)}")
+        if not 1 <= k <= self.size:
+            raise ValueError(f"k must be between 1 and {self.size}, got {k}")
+        if not bool(torch.isfinite(queries).all()):
+            raise ValueError("queries contain NaN or infinite values")
+        per_query = self.size * (self.short.element_size() + 4 + 1)
+        block = max(1, self.chunk_bytes // per_query)
+        ids, scores, counts = [], [], []
+        for start in range(0, queries.shape[0], block):
+            result = self._search_block(queries[start : start + block], k)
+            ids.append(result.ids)
+            scores.append(result.scores)
+            counts.append(result.candidates)
+        if not ids:
+            empty = torch.zeros(0, k, dtype=torch.long, device=self.device)
+            return TopK(empty, empty.double(), torch.zeros(0, dtype=torch.long, device=self.device))
+        return TopK(torch.cat(ids), torch.cat(scores), torch.cat(counts))
+
+    def _search_block(self, queries: torch.Tensor, k: int) -> TopK:
+        q64 = queries.detach().to(self.device, torch.float64)
+        q64 = q64 * self._scale(q64)[:, None]
+        q_short = q64.to(self.short_dtype)
+        q_norm = q64.norm(dim=1)
+        q_residual = (q_short.to(torch.float64) - q64).norm(dim=1)
+
+        approx = q_short @ self.short.T  # [n, V] in the short dtype
+        margin = self._input_margin(q_norm, q_residual)
+        u_out = 0.0 if self.short_dtype == torch.float32 else _UNIT_ROUNDOFF[self.short_dtype]
+        if self.bias64 is not None:
+            # The bias is added in float32 after the rounded product: bound that step with the row maximum.
+            approx = approx.to(torch.float32) + self.bias32
+            largest = approx.abs().amax(dim=1).double() + float(self.bias64.abs().max())
+            margin = margin + u_out * largest / (1 - u_out) + self.bias_residual + _U32 * largest
+            u_out = 0.0
+        kth = torch.topk(approx, k, dim=1, sorted=True).values[:, -1].double()
+        cutoff = _candidate_cutoff(kth, margin, u_out)
+        # Rounding the cutoff to the scores' dtype must not drop a candidate: round, then step down.
+        cutoff_short = cutoff.to(approx.dtype)
+        cutoff_short = torch.nextafter(cutoff_short, torch.full_like(cutoff_short, -math.inf))
+        rows, cols = torch.nonzero(approx >= cutoff_short[:, None], as_tuple=True)
+        del approx
+        exact = self._exact_scores(q64, rows, cols, queries.shape[0])
+        return self._select(rows, cols, exact, queries.shape[0], k)
+
+    def _input_margin(self, q_norm: torch.Tensor, q_residual: torch.Tensor) -> torch.Tensor:
+        """Bound (float64, per query) on the error from rounding the inputs and accumulating in float32."""
+        table_norm, table_residual = self.max_norm, self.max_residual
+        gamma = self.dim * _U32 / (1 - self.dim * _U32)
+        rounding = q_norm * table_residual + q_residual * table_norm + q_residual * table_residual
+        accumulation = 2.0 * gamma * (q_norm + q_residual) * (table_norm + table_residual)
+        return rounding + accumulation + 1e-12
+
+    def _exact_scores(self, q64: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, n: int) -> torch.Tensor:
+        """Float64 scores of the (query ``rows[i]``, table row ``cols[i]``) pairs, shape ``[P]``.
+
+        ``rows`` is sorted, so each query's candidates are one contiguous slice: one small gather and a
+        matrix-vector product per query (at most ``rerank_rows`` table rows at a time).
+        """
+        out = torch.empty(rows.numel(), dtype=torch.float64, device=self.device)
+        counts = torch.bincount(rows, minlength=n).tolist()
+        start = 0
+        for query, count in enumerate(counts):
+            for offset in range(start, start + count, self.rerank_rows):
+                stop = min(offset + self.rerank_rows, start + count)
+                c = cols[offset:stop]
+                table_rows = self.table.detach().index_select(0, self.allowed[c]).to(torch.float64)
+                values = (table_rows @ q64[query]) * self.scale64[c]
+                if self.bias64 is not None:
+                    values = values + self.bias64[c]
+                out[offset:stop] = values
+            start += count
+        return out
+
+    def _select(self, rows: torch.Tensor, cols: torch.Tensor, exact: torch.Tensor, n: int, k: int) -> TopK:
+        """Per query, the k best candidates by (score desc, id asc). Candidates arrive id-ascending."""
+        counts = torch.bincount(rows, minlength=n)
+        width = int(counts.max())
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(rows.numel(), device=self.device) - starts[rows]
+        padded = torch.full((n, width), -math.inf, dtype=torch.float64, device=self.device)
+        padded_cols = torch.zeros((n, width), dtype=torch.long, device=self.device)
+        padded[rows, slot] = exact
+        padded_cols[rows, slot] = cols
+        order = torch.sort(padded, dim=1, descending=True, stable=True).indices[:, :k]
+        top_scores = torch.gather(padded, 1, order)
+        top_ids = self.allowed[torch.gather(padded_cols, 1, order)]
+        return TopK(top_ids, top_scores, counts)
+
+
+def _candidate_cutoff(kth: torch.Tensor, margin: torch.Tensor, u_out: float) -> torch.Tensor:
+    """Lowest approximate score that can still belong to the exact top-k (float64, per query).
+
+    An approximate score ``a`` bounds the exact one within ``a -/+ (margin + u |a| / (1 - u))``; both
+    bounds increase with ``a``. The k-th largest lower bound is ``tau = lower(kth)``; a row can be in
+    the top-k only if ``upper(a) >= tau``, i.e. ``a >= cutoff`` solved here for either sign of ``a``.
+    """
+    rel = u_out / (1 - u_out)
+    tau = kth - margin - rel * kth.abs()
+    slack = tau - margin
+    return torch.where(slack >= 0, slack * (1 - u_out), slack * (1 - u_out) / (1 - 2 * u_out))

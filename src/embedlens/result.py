@@ -1,0 +1,200 @@
+"""Probe results: one row per visual token, with provenance, as pandas / Parquet / JSON."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from embedlens._version import __version__
+from embedlens.paths import atomic_path, atomic_write_text
+
+RESULT_JSON = "result.json"
+TOKENS_PARQUET = "tokens.parquet"
+
+
+def config_hash(config: Any) -> str:
+    """SHA-256 of a ``transformers`` config's canonical JSON (its identity for provenance)."""
+    text = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else str(config)
+    data = json.loads(text)
+    for volatile in ("transformers_version", "_name_or_path", "_commit_hash"):
+        data.pop(volatile, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a result came from, so it can be trusted and reproduced.
+
+    Attributes:
+        model: Model name as given (built-in name, path or hub id).
+        revision: Hub commit of the checkpoint when known, else None.
+        config_hash: SHA-256 of the model config (see :func:`config_hash`).
+        vocab_hash: SHA-256 of the tokenizer vocabulary.
+        layer: Layer read (0 = projector output / decoder input).
+        lens: ``"embedding"`` or ``"logit"``.
+        k: Number of tokens kept per visual token.
+        exclude: Token kinds excluded from the lens.
+        dtype: The model's dtype.
+        embedlens_version, transformers_version, torch_version, python_version: Software versions.
+        created: UTC time of the run (ISO 8601).
+    """
+
+    model: str
+    revision: str | None
+    config_hash: str
+    vocab_hash: str
+    layer: int
+    lens: str
+    k: int
+    exclude: tuple[str, ...]
+    dtype: str
+    embedlens_version: str = __version__
+    transformers_version: str = ""
+    torch_version: str = ""
+    python_version: str = field(default_factory=platform.python_version)
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+
+@dataclass
+class ProbeResult:
+    """What the lens shows for every visual token of one image.
+
+    Token arrays are in grid order (row-major); ``n = rows * cols``.
+
+    Attributes:
+        image: The image's path, or a label for in-memory images.
+        prompt: The user's question (or the raw prompt).
+        text: The model's full text after templating.
+        grid: ``(rows, cols)`` of the patch grid.
+        index: Token index within the grid, shape ``[n]``.
+        row, col: Grid coordinates, shape ``[n]`` each.
+        position: Sequence position in the model input, shape ``[n]``.
+        norm: L2 norm of each token's vector at the probed layer (float32 math), shape ``[n]``.
+        top_ids: Vocabulary ids, shape ``[n, k]``, best first.
+        top_tokens: Vocabulary pieces, ``n`` lists of ``k`` strings.
+        top_sims: Cosine similarities (embedding lens) or logits (logit lens), shape ``[n, k]``.
+        provenance: See :class:`Provenance`.
+        view: The picture the model saw (after resize / crop), for drawing; not saved.
+    """
+
+    image: str
+    prompt: str
+    text: str
+    grid: tuple[int, int]
+    index: np.ndarray
+    row: np.ndarray
+    col: np.ndarray
+    position: np.ndarray
+    norm: np.ndarray
+    top_ids: np.ndarray
+    top_tokens: list[list[str]]
+    top_sims: np.ndarray
+    provenance: Provenance
+    view: Image.Image | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def layer(self) -> int:
+        """Layer probed."""
+        return self.provenance.layer
+
+    @property
+    def lens(self) -> str:
+        """Lens used."""
+        return self.provenance.lens
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+    def to_pandas(self) -> pd.DataFrame:
+        """One row per visual token: index, row, col, position, norm, top_ids, top_tokens, top_sims."""
+        return pd.DataFrame(
+            {
+                "index": self.index,
+                "row": self.row,
+                "col": self.col,
+                "position": self.position,
+                "norm": self.norm,
+                "top_ids": list(self.top_ids),
+                "top_tokens": self.top_tokens,
+                "top_sims": list(self.top_sims),
+            }
+        )
+
+    def token_dicts(self) -> list[dict[str, Any]]:
+        """Tokens as plain JSON-ready dicts, in grid order."""
+        return [
+            {
+                "index": int(self.index[i]),
+                "row": int(self.row[i]),
+                "col": int(self.col[i]),
+                "position": int(self.position[i]),
+                "norm": float(self.norm[i]),
+                "top_ids": [int(x) for x in self.top_ids[i]],
+                "top_tokens": list(self.top_tokens[i]),
+                "top_sims": [float(x) for x in self.top_sims[i]],
+            }
+            for i in range(len(self))
+        ]
+
+    def to_dict(self, provenance: bool = True) -> dict[str, Any]:
+        """The command line's JSON object (plus ``prompt``, ``text`` and ``provenance`` when asked)."""
+        out: dict[str, Any] = {
+            "model": self.provenance.model,
+            "image": self.image,
+            "layer": self.layer,
+            "lens": self.lens,
+            "grid": [int(self.grid[0]), int(self.grid[1])],
+            "tokens": self.token_dicts(),
+        }
+        if provenance:
+            out["prompt"] = self.prompt
+            out["text"] = self.text
+            out["provenance"] = asdict(self.provenance)
+        return out
+
+    def to_json(self, **kwargs: Any) -> str:
+        """JSON text of :meth:`to_dict`."""
+        return json.dumps(self.to_dict(**kwargs), ensure_ascii=False)
+
+    def save(self, directory: str | Path) -> dict[str, Path]:
+        """Write ``tokens.parquet`` and ``result.json`` into ``directory`` (each atomically)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        paths = {"parquet": directory / TOKENS_PARQUET, "json": directory / RESULT_JSON}
+        frame = self.to_pandas()
+        with atomic_path(paths["parquet"]) as tmp:
+            frame.to_parquet(tmp, index=False)
+        atomic_write_text(paths["json"], json.dumps(self.to_dict(), ensure_ascii=False, indent=1))
+        return paths
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ProbeResult:
+        """Read a result written by :meth:`save` (from its JSON)."""
+        data = json.loads((Path(directory) / RESULT_JSON).read_text(encoding="utf-8"))
+        tokens = data["tokens"]
+        prov = dict(data["provenance"])
+        prov["exclude"] = tuple(prov.get("exclude", ()))
+        return cls(
+            image=data["image"],
+            prompt=data.get("prompt", ""),
+            text=data.get("text", ""),
+            grid=(int(data["grid"][0]), int(data["grid"][1])),
+            index=np.array([t["index"] for t in tokens], dtype=np.int64),
+            row=np.array([t["row"] for t in tokens], dtype=np.int64),
+            col=np.array([t["col"] for t in tokens], dtype=np.int64),
+            position=np.array([t["position"] for t in tokens], dtype=np.int64),
+            norm=np.array([t["norm"] for t in tokens], dtype=np.float32),
+            top_ids=np.array([t["top_ids"] for t in tokens], dtype=np.int64),
+            top_tokens=[list(t["top_tokens"]) for t in tokens],
+            top_sims=np.array([t["top_sims"] for t in tokens], dtype=np.float64),
+            provenance=Provenance(**prov),
+        )
