@@ -6,7 +6,7 @@ from pathlib import Path
 
 from embedlens.models.registry import register_builtin
 from embedlens.models.tiny import TinySpec, save_tiny_llava
-from embedlens.paths import atomic_dir, cache_dir
+from embedlens.paths import cache_dir, staged_dir
 
 #: Bump when the tiny model's recipe changes, so stale cached copies are not reused.
 TINY_VERSION = 1
@@ -17,6 +17,6 @@ def tiny_llava() -> Path:
     """A tiny random LLaVA (4 x 4 grid, 4 decoder layers), built once into the cache (about 1 s)."""
     target = cache_dir() / f"tiny-llava-v{TINY_VERSION}"
     if not (target / "config.json").is_file():
-        with atomic_dir(target) as tmp:
+        with staged_dir(target) as tmp:
             save_tiny_llava(tmp, TinySpec())
     return target
