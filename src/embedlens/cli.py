@@ -56,7 +56,9 @@ def _parse_exclude(values: list[str]) -> tuple[str, ...]:
 
 @app.command()
 def probe(
-    image: Annotated[Path, typer.Argument(help="Image file to probe.")],
+    image: Annotated[
+        Path | None, typer.Argument(help="Image file to probe (default: the bundled example photo).")
+    ] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="Built-in name, directory or hub id.")] = DEFAULT_MODEL,
     prompt: Annotated[
         str | None, typer.Option(help="Your question; the image is placed by the model's chat template.")
@@ -78,6 +80,7 @@ def probe(
     revision: Annotated[str | None, typer.Option(help="Hub revision of the model.")] = None,
 ) -> None:
     """Show what every visual token encodes: its nearest vocabulary tokens."""
+    from embedlens.examples import example_image
     from embedlens.images import load_image
     from embedlens.lens import check_exclude
     from embedlens.models.base import resolve_layer
@@ -90,6 +93,7 @@ def probe(
     )
     from embedlens.session import Session
 
+    image = image if image is not None else example_image()
     if top_k <= 0:
         raise InputError(f"--top-k must be a positive integer, got {top_k}")
     if prompt is not None and raw_prompt is not None:

@@ -1,0 +1,37 @@
+# EmbedLens developer entry points. Two commands matter to a newcomer:
+#   make demo   install (first time) and probe the bundled example image with the default model
+#   make test   install (first time) and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch; override (e.g. TORCH_SPEC=torch) on machines with a GPU.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint format bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/embedlens probe --out demo
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: $(BIN)/.installed
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+bench: $(BIN)/.installed
+	$(BIN)/python benchmarks/lens_speed.py
+
+clean:
+	rm -rf $(VENV) demo .pytest_cache .ruff_cache
