@@ -90,6 +90,7 @@ def probe(
         load_config,
         load_processor,
         resolve,
+        resolve_device,
     )
     from embedlens.session import Session
 
@@ -99,6 +100,9 @@ def probe(
     if prompt is not None and raw_prompt is not None:
         raise InputError("give either --prompt or --raw-prompt, not both")
     kinds = check_exclude(_parse_exclude(exclude))
+    if out is not None and out.exists() and not out.is_dir():
+        raise InputError(f"--out must be a directory, but {out} is a file")
+    resolve_device(device)
     load_image(image)  # fail fast on a missing or unreadable image
     _quiet_transformers()
     resolved = resolve(model, revision)

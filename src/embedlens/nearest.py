@@ -4,7 +4,8 @@ The lenses ask, for every query vector ``q`` (a visual token), for the ``k`` row
 (the input embedding table, or the LM head) with the largest score ``s_j = <q', e'_j>`` where ``q'`` and
 ``e'_j`` are the vectors themselves (logit lens) or their unit-normalised versions (cosine, embedding
 lens). "Exact" means: the same ids, in the same order, as computing every score in float64 and sorting
-by (score descending, id ascending).
+by (score descending, id ascending), where scores within float64 rounding of each other
+(``TIE_ULPS`` = 8 units in the last place, relative 2e-15) are ties.
 
 How: the table is rounded once to a short type (bfloat16 on CPUs with AMX/AVX512-BF16 and on GPUs,
 else float32) and cached. A query block is rounded too and multiplied with it (the fast part). The
@@ -33,6 +34,9 @@ from dataclasses import dataclass
 import torch
 
 _U32 = 2.0**-24
+_EPS64 = 2.0**-52
+#: Scores closer than this many float64 units in the last place (relative) are ties.
+TIE_ULPS = 8
 #: Unit roundoff (round to nearest) of each short type.
 _UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
 
@@ -232,19 +236,32 @@ class ExactSearch:
         return out
 
     def _select(self, rows: torch.Tensor, cols: torch.Tensor, exact: torch.Tensor, n: int, k: int) -> TopK:
-        """Per query, the k best candidates by (score desc, id asc). Candidates arrive id-ascending."""
+        """Per query, the k best candidates by (score desc, id asc). Candidates arrive id-ascending.
+
+        Scores that differ only by float64 rounding (``TIE_ULPS`` units in the last place) count as equal, so
+        rows that are exact ties in real numbers (e.g. a row and a scaled copy under cosine) come out
+        lower id first even when their computed scores differ in the last bits.
+        """
         counts = torch.bincount(rows, minlength=n)
         width = int(counts.max())
         starts = torch.cumsum(counts, 0) - counts
         slot = torch.arange(rows.numel(), device=self.device) - starts[rows]
         padded = torch.full((n, width), -math.inf, dtype=torch.float64, device=self.device)
-        padded_cols = torch.zeros((n, width), dtype=torch.long, device=self.device)
+        padded_ids = torch.full((n, width), self.size, dtype=torch.long, device=self.device)
         padded[rows, slot] = exact
-        padded_cols[rows, slot] = cols
-        order = torch.sort(padded, dim=1, descending=True, stable=True).indices[:, :k]
-        top_scores = torch.gather(padded, 1, order)
-        top_ids = self.allowed[torch.gather(padded_cols, 1, order)]
-        return TopK(top_ids, top_scores, counts)
+        padded_ids[rows, slot] = cols
+        order = torch.sort(padded, dim=1, descending=True, stable=True).indices
+        scores = torch.gather(padded, 1, order)
+        ids = torch.gather(padded_ids, 1, order)
+        # Group runs of (numerically) equal scores, then order each group by id.
+        gap = scores[:, :-1] - scores[:, 1:]
+        tolerance = TIE_ULPS * _EPS64 * scores[:, :-1].abs().clamp_min(1.0)
+        first = torch.zeros((n, 1), dtype=torch.bool, device=self.device)
+        new_group = torch.cat([first, ~(gap <= tolerance)], dim=1)
+        group = torch.cumsum(new_group.long(), dim=1)
+        regroup = torch.argsort(group * (self.size + 1) + ids, dim=1, stable=True)[:, :k]
+        top_ids = self.allowed[torch.gather(ids, 1, regroup)]
+        return TopK(top_ids, torch.gather(scores, 1, regroup), counts)
 
 
 def _candidate_cutoff(kth: torch.Tensor, margin: torch.Tensor, u_out: float) -> torch.Tensor:

@@ -75,6 +75,8 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        if tmp.exists():
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files owner-only; results are not secrets
         os.replace(tmp, target)
     finally:
         if tmp.exists():

@@ -113,6 +113,11 @@ class LlavaAdapter(ModelAdapter):
                     )
                 texts.append(prompt)
             else:
+                if self.image_placeholder in prompt:
+                    raise InputError(
+                        f"the prompt contains the image placeholder {self.image_placeholder!r}; the image is "
+                        "placed for you (use a raw prompt to place it yourself)"
+                    )
                 texts.append(self.format_prompt(prompt, num_images=len(sample_images)))
         flat = [img.convert("RGB") for sample_images in images for img in sample_images]
         tokenizer = self.tokenizer

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 
 from embedlens.errors import EmbedLensError, UnsupportedModelError
 
@@ -114,9 +115,17 @@ def _torch_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
 
 
 def resolve_device(device: str | None) -> str:
-    """``"auto"``/``None`` -> ``"cuda"`` when available, else ``"cpu"``; anything else unchanged."""
+    """``"auto"``/``None`` -> ``"cuda"`` when available, else ``"cpu"``; others are checked."""
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise EmbedLensError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from exc
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise EmbedLensError(f"device {device!r} asked for, but CUDA is not available here")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise EmbedLensError(f"device {device!r} asked for, but only {torch.cuda.device_count()} GPU(s) exist")
     return device
 
 
@@ -175,12 +184,13 @@ def load_adapter(
     }
     if device_map is not None:
         kwargs["device_map"] = device_map
+    target_device = resolve_device(device) if device_map is None else None
     try:
         model = adapter_cls.model_class().from_pretrained(resolved.location, **kwargs)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise UnsupportedModelError(f"cannot load model {resolved.name!r}: {_first_line(exc)}") from exc
-    if device_map is None:
-        model = model.to(resolve_device(device))
+    if target_device is not None:
+        model = model.to(target_device)
     model.eval()
     model.requires_grad_(False)
     logger.info("loaded %s (%s) as %s", resolved.name, resolved.location, adapter_cls.family)

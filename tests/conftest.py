@@ -1,0 +1,113 @@
+"""Shared fixtures: tiny random LLaVA models saved once per session and loaded by path, test images,
+and an EmbedLens cache that lives in a temporary directory instead of the user's home.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import embedlens
+from embedlens.models.tiny import TinySpec, save_tiny_llava
+
+#: ChatML-style conversation format, as a jinja chat template (a second, non-LLaVA template).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+#: Test files whose own fixtures manage ``EMBEDLENS_CACHE`` (they need the user's real cache).
+_OWN_CACHE_FILES = {"test_mini_parts.py"}
+
+
+# --------------------------------------------------------------------------- cache isolation
+@pytest.fixture(scope="session")
+def embedlens_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One temporary EmbedLens cache for the whole session (the built-in ``tiny-llava`` is built once)."""
+    return tmp_path_factory.mktemp("embedlens-cache")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Export ``$EMBEDLENS_CACHE`` = the session's temporary cache around every test.
+
+    Set per test through ``monkeypatch`` (restored after each test, so nothing leaks), never into
+    ``~/.cache``. Files in ``_OWN_CACHE_FILES`` are left alone: they need the user's real cache and
+    manage the variable themselves, and a session-wide ``os.environ`` change would reach them too.
+    """
+    if request.node.path.name in _OWN_CACHE_FILES:
+        return
+    monkeypatch.setenv("EMBEDLENS_CACHE", str(request.getfixturevalue("embedlens_cache")))
+
+
+# --------------------------------------------------------------------------- models
+def _save(tmp_path_factory: pytest.TempPathFactory, name: str, spec: TinySpec, **kwargs) -> Path:
+    return save_tiny_llava(tmp_path_factory.mktemp(name) / "model", spec, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Default tiny LLaVA (4 x 4 grid, 4 decoder layers, LLaVA-1.5 chat template), saved to disk."""
+    return _save(tmp_path_factory, "tiny", TinySpec())
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir: Path) -> embedlens.Session:
+    """The default tiny model, loaded by path. Shared: tests must not modify its weights."""
+    return embedlens.load(str(tiny_dir), device="cpu")
+
+
+@pytest.fixture
+def fresh_tiny(tiny_dir: Path) -> embedlens.Session:
+    """A private copy of the default tiny model, for tests that plant weights."""
+    return embedlens.load(str(tiny_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def chatml(tmp_path_factory: pytest.TempPathFactory) -> embedlens.Session:
+    """Tiny LLaVA whose processor carries a ChatML-style chat template."""
+    path = _save(tmp_path_factory, "chatml", TinySpec(), chat_template=CHATML_TEMPLATE)
+    return embedlens.load(str(path), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def no_template(tmp_path_factory: pytest.TempPathFactory) -> embedlens.Session:
+    """Tiny LLaVA without any chat template."""
+    return embedlens.load(str(_save(tmp_path_factory, "plain", TinySpec(), chat_template=None)), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def grid6(tmp_path_factory: pytest.TempPathFactory) -> embedlens.Session:
+    """Tiny LLaVA with 84 px images and 14 px patches: a 6 x 6 grid."""
+    return embedlens.load(str(_save(tmp_path_factory, "grid6", TinySpec(image_size=84))), device="cpu")
+
+
+# --------------------------------------------------------------------------- images
+def random_image(seed: int, width: int = 56, height: int = 56) -> Image.Image:
+    """A reproducible RGB noise image."""
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+@pytest.fixture(scope="session")
+def make_image() -> Callable[..., Image.Image]:
+    """Factory: ``make_image(seed, width=56, height=56)`` -> reproducible RGB noise image."""
+    return random_image
+
+
+@pytest.fixture(scope="session")
+def image_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 56 x 56 PNG on disk."""
+    path = tmp_path_factory.mktemp("images") / "noise.png"
+    random_image(0).save(path)
+    return path
