@@ -27,6 +27,17 @@ app = typer.Typer(
 )
 
 
+# Options shared by several commands.
+ImageArg = Annotated[Path | None, typer.Argument(help="Image file (default: the bundled example photo).")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Built-in name, directory or hub id.")]
+RawPromptOpt = Annotated[
+    str | None, typer.Option("--raw-prompt", help="Full model text used verbatim; must hold the image placeholder.")
+]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")]
+DtypeOpt = Annotated[str, typer.Option(help="auto, float32, float16 or bfloat16.")]
+RevisionOpt = Annotated[str | None, typer.Option(help="Hub revision of the model.")]
+
+
 @app.callback()
 def _root() -> None:
     """What do visual tokens really encode? Probe multimodal LLMs with the embedding lens."""
@@ -56,17 +67,12 @@ def _parse_exclude(values: list[str]) -> tuple[str, ...]:
 
 @app.command()
 def probe(
-    image: Annotated[
-        Path | None, typer.Argument(help="Image file to probe (default: the bundled example photo).")
-    ] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="Built-in name, directory or hub id.")] = DEFAULT_MODEL,
+    image: ImageArg = None,
+    model: ModelOpt = DEFAULT_MODEL,
     prompt: Annotated[
         str | None, typer.Option(help="Your question; the image is placed by the model's chat template.")
     ] = None,
-    raw_prompt: Annotated[
-        str | None,
-        typer.Option("--raw-prompt", help="Full model text used verbatim; must hold the image placeholder."),
-    ] = None,
+    raw_prompt: RawPromptOpt = None,
     layer: Annotated[int, typer.Option(help="0 = projector output; l = output of decoder layer l; -1 = last.")] = 0,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Tokens per visual token.")] = 10,
     lens: Annotated[LensName, typer.Option(help="embedding (input table, cosine) or logit.")] = LensName.embedding,
@@ -75,14 +81,69 @@ def probe(
     ] = [],  # noqa: B006  (typer reads the default; it is never mutated)
     out: Annotated[Path | None, typer.Option(help="Directory for tokens.parquet, result.json and top1.png.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, float32, float16 or bfloat16.")] = "auto",
-    revision: Annotated[str | None, typer.Option(help="Hub revision of the model.")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    revision: RevisionOpt = None,
 ) -> None:
     """Show what every visual token encodes: its nearest vocabulary tokens."""
+    from embedlens.lens import check_exclude
+
+    if top_k <= 0:
+        raise InputError(f"--top-k must be a positive integer, got {top_k}")
+    if prompt is not None and raw_prompt is not None:
+        raise InputError("give either --prompt or --raw-prompt, not both")
+    kinds = check_exclude(_parse_exclude(exclude))
+    if out is not None and out.exists() and not out.is_dir():
+        raise InputError(f"--out must be a directory, but {out} is a file")
+    session, image = _open_session(image, model, device, dtype, revision, raw_prompt=raw_prompt, layer=layer)
+    result = session.probe(
+        image, prompt=prompt, raw_prompt=raw_prompt, layer=layer, top_k=top_k, lens=lens.value, exclude=kinds
+    )
+    written = _save(result, out) if out is not None else []
+    if as_json:
+        sys.stdout.write(result.to_json(provenance=False) + "\n")
+        return
+    _print_summary(result, written)
+
+
+@app.command()
+def generate(
+    image: ImageArg = None,
+    prompt: Annotated[str | None, typer.Option(help="Your question, placed by the model's chat template.")] = None,
+    raw_prompt: RawPromptOpt = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 64,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    revision: RevisionOpt = None,
+) -> None:
+    """Answer a question about an image (greedy decoding, the model's prompt format)."""
+    if max_new_tokens <= 0:
+        raise InputError(f"--max-new-tokens must be a positive integer, got {max_new_tokens}")
+    if (prompt is None) == (raw_prompt is None):
+        raise InputError("give exactly one of --prompt or --raw-prompt")
+    session, image = _open_session(image, model, device, dtype, revision, raw_prompt=raw_prompt)
+    text = raw_prompt if raw_prompt is not None else prompt
+    answer = session.generate([image], [text], raw=raw_prompt is not None, max_new_tokens=max_new_tokens)[0]
+    typer.echo(answer)
+
+
+def _open_session(
+    image: Path | None,
+    model: str,
+    device: str,
+    dtype: str,
+    revision: str | None,
+    *,
+    raw_prompt: str | None = None,
+    layer: int | None = None,
+):
+    """Check the cheap things first (image, device, layer, placeholder), then load the model quietly.
+
+    Returns the session and the image path (the bundled example when ``image`` is None).
+    """
     from embedlens.examples import example_image
     from embedlens.images import load_image
-    from embedlens.lens import check_exclude
     from embedlens.models.base import resolve_layer
     from embedlens.models.registry import (
         adapter_class_for,
@@ -95,34 +156,20 @@ def probe(
     from embedlens.session import Session
 
     image = image if image is not None else example_image()
-    if top_k <= 0:
-        raise InputError(f"--top-k must be a positive integer, got {top_k}")
-    if prompt is not None and raw_prompt is not None:
-        raise InputError("give either --prompt or --raw-prompt, not both")
-    kinds = check_exclude(_parse_exclude(exclude))
-    if out is not None and out.exists() and not out.is_dir():
-        raise InputError(f"--out must be a directory, but {out} is a file")
-    resolve_device(device)
     load_image(image)  # fail fast on a missing or unreadable image
+    resolve_device(device)
     _quiet_transformers()
     resolved = resolve(model, revision)
     config = load_config(resolved)
     adapter_cls = adapter_class_for(config)
-    resolve_layer(layer, adapter_cls.num_layers_from_config(config))
+    if layer is not None:
+        resolve_layer(layer, adapter_cls.num_layers_from_config(config))
     processor = load_processor(resolved)
     placeholder = getattr(processor, "image_token", "<image>")
     if raw_prompt is not None and placeholder not in raw_prompt:
         raise InputError(f"the raw prompt must contain the image placeholder {placeholder!r}")
     adapter = load_adapter(model, device=device, dtype=dtype, revision=revision, config=config, processor=processor)
-    session = Session(adapter)
-    result = session.probe(
-        image, prompt=prompt, raw_prompt=raw_prompt, layer=layer, top_k=top_k, lens=lens.value, exclude=kinds
-    )
-    written = _save(result, out) if out is not None else []
-    if as_json:
-        sys.stdout.write(result.to_json(provenance=False) + "\n")
-        return
-    _print_summary(result, written)
+    return Session(adapter), image
 
 
 def _save(result, out: Path) -> list[Path]:

@@ -104,6 +104,29 @@ class Session:
         loaded = [[load_image(image)] for image in images]
         return self.adapter.prepare(loaded, prompts, raw=raw)
 
+    def generate(
+        self,
+        images: Sequence[ImageLike],
+        prompts: Sequence[str],
+        *,
+        raw: bool = False,
+        max_new_tokens: int = 32,
+    ) -> list[str]:
+        """Greedy answers, one per (image, prompt) pair, in the model's prompt format.
+
+        Batches are left-padded, so every answer equals what the sample alone would give.
+        """
+        if max_new_tokens <= 0:
+            raise InputError(f"max_new_tokens must be positive, got {max_new_tokens}")
+        batch = self.prepare(images, prompts, raw=raw)
+        with torch.inference_mode():
+            output = self.adapter.model.generate(
+                **batch.inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1
+            )
+        new_tokens = output[:, batch.inputs["input_ids"].shape[1] :]
+        texts = self.adapter.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [text.strip() for text in texts]
+
     def probe(
         self,
         image: ImageLike,
