@@ -27,7 +27,7 @@ CHATML_TEMPLATE = (
 )
 
 #: Test files whose own fixtures manage ``EMBEDLENS_CACHE`` (they need the user's real cache).
-_OWN_CACHE_FILES = {"test_mini_parts.py"}
+_OWN_CACHE_FILES = {"test_mini_parts.py", "test_mini_model.py"}
 
 
 # --------------------------------------------------------------------------- cache isolation

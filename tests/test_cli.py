@@ -103,9 +103,10 @@ class TestJsonOutput:
         check_json_document(out, 2)
 
     def test_builtin_tiny_llava_builds_into_the_cache(self, capsys, image_path, embedlens_cache):
-        """The default model needs no download and is built where $EMBEDLENS_CACHE says."""
+        """A built-in model needs no download and is built where $EMBEDLENS_CACHE says."""
         assert os.environ["EMBEDLENS_CACHE"] == str(embedlens_cache)
-        code, out, err = run_cli(capsys, "probe", image_path, "--device", "cpu", "--json", "-k", "1")
+        args = ("probe", image_path, "--model", "tiny-llava", "--device", "cpu", "--json", "-k", "1")
+        code, out, err = run_cli(capsys, *args)
         assert code == 0, err
         assert check_json_document(out, 1)["model"] == "tiny-llava"
         assert (embedlens_cache / "tiny-llava-v1" / "config.json").is_file()

@@ -47,7 +47,7 @@ from embedlens.mini.packages import cached_file_path
 from embedlens.paths import MANIFEST_NAME, manifest_problem, sha256_file, staged_dir, write_manifest
 
 T = TypeVar("T")
-LOGGER = "embedlens.mini"
+LOGGER = "embedlens"
 
 
 def _obtain(build: Callable[[], T]) -> T | MiniBuildError:

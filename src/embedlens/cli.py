@@ -16,7 +16,7 @@ import typer
 
 from embedlens.errors import EmbedLensError, InputError
 
-DEFAULT_MODEL = "tiny-llava"
+DEFAULT_MODEL = "embedlens-mini"
 
 app = typer.Typer(
     name="embedlens",
@@ -126,6 +126,31 @@ def generate(
     text = raw_prompt if raw_prompt is not None else prompt
     answer = session.generate([image], [text], raw=raw_prompt is not None, max_new_tokens=max_new_tokens)[0]
     typer.echo(answer)
+
+
+@app.command("train-mini")
+def train_mini(
+    out: Annotated[Path, typer.Option(help="Run directory: projector, log, checkpoint (resumes if present).")],
+    seed: Annotated[int, typer.Option(help="Seed of data, order and initialisation.")] = 0,
+    images: Annotated[int, typer.Option(help="Generated training images (plus the packaged photos).")] = 5000,
+    steps: Annotated[int, typer.Option(help="Optimiser steps (batch of 4 sequences each).")] = 1500,
+    minutes: Annotated[float, typer.Option(help="Time budget for the optimisation; stops early if reached.")] = 52.0,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+) -> None:
+    """Train the embedded mini model's projector on generated images (frozen vision tower and LLM)."""
+    from embedlens.mini.train import TrainConfig, run_training
+
+    for name, value in (("--images", images), ("--steps", steps), ("--minutes", minutes), ("--lr", lr)):
+        if value <= 0:
+            raise InputError(f"{name} must be positive, got {value}")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out must be a directory, but {out} is a file")
+    _quiet_transformers()
+    config = TrainConfig(seed=seed, images=images, steps=steps, minutes=minutes, lr=lr)
+    log = run_training(out, config)
+    state = "finished" if log["finished"] else f"stopped by the time budget at step {log['steps_done']}"
+    typer.echo(f"{state}: loss {log['loss_first_50']} -> {log['loss_last_50']}")
+    typer.echo(f"wrote {out / 'projector.safetensors'} and {out / 'train_log.json'}")
 
 
 def _open_session(

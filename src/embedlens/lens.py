@@ -98,6 +98,8 @@ class Lens(ABC):
 
     #: Name used in results and on the command line.
     name: ClassVar[str]
+    #: Whether scores are cosine similarities (True) or inner products (False).
+    normalize: ClassVar[bool]
 
     def __init__(self, adapter: ModelAdapter, exclude: Iterable[str] = ()) -> None:
         self.adapter = adapter
@@ -110,9 +112,6 @@ class Lens(ABC):
             keep[list(removed)] = False
             allowed = torch.nonzero(keep).flatten()
         self._search = ExactSearch(table, normalize=self.normalize, bias=self.bias(), allowed=allowed)
-
-    #: Whether scores are cosine similarities (True) or inner products (False).
-    normalize: ClassVar[bool]
 
     @abstractmethod
     def table(self) -> torch.Tensor:

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -192,6 +192,37 @@ def manifest_problem(directory: Path, *, source_sha256: str, required: Iterable[
         if sha256_file(path) != entry.get("sha256"):
             return f"{name} fails its sha256 check"
     return None
+
+
+def ensure_built(
+    target: Path,
+    *,
+    source_sha256: str,
+    required: Iterable[str],
+    build: Callable[[Path], None],
+    info: Mapping[str, str],
+    what: str,
+) -> Path:
+    """Return ``target`` if its manifest says it is intact; otherwise (re)build it atomically.
+
+    Args:
+        target: The cache directory.
+        source_sha256: Identity of what the directory is built from (recorded in the manifest).
+        required: Files the directory must hold.
+        build: Fills an empty staging directory; it is swapped in only when ``build`` returns.
+        info: Extra provenance for the manifest (``source_sha256`` is added).
+        what: Name used in log messages.
+    """
+    if target.exists():
+        problem = manifest_problem(target, source_sha256=source_sha256, required=required)
+        if problem is None:
+            return target
+        logger.warning("cached %s in %s is unusable (%s); rebuilding it", what, target, problem)
+    with staged_dir(target) as staging:
+        build(staging)
+        write_manifest(staging, {**info, "source_sha256": source_sha256})
+    logger.info("saved %s in %s", what, target)
+    return target
 
 
 @contextlib.contextmanager

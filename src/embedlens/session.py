@@ -21,7 +21,7 @@ DEFAULT_PROMPT = "Describe the image."
 
 
 def load(
-    model: str = "tiny-llava",
+    model: str = "embedlens-mini",
     *,
     device: str | None = "auto",
     dtype: str | torch.dtype = "auto",
@@ -114,7 +114,8 @@ class Session:
     ) -> list[str]:
         """Greedy answers, one per (image, prompt) pair, in the model's prompt format.
 
-        Batches are left-padded, so every answer equals what the sample alone would give.
+        Batches are left-padded with the attention mask and position ids following it, so a sample's
+        answer does not depend on its neighbours (up to the rounding of batched kernels).
         """
         if max_new_tokens <= 0:
             raise InputError(f"max_new_tokens must be positive, got {max_new_tokens}")

