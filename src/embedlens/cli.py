@@ -128,6 +128,47 @@ def generate(
     typer.echo(answer)
 
 
+@app.command()
+def classify(
+    image: ImageArg = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    anchors: Annotated[
+        Path | None, typer.Option(help="Anchors JSON file (default: the model's built-in anchors, if any).")
+    ] = None,
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", "-k", help="Nearest ids the rule looks at (default: the anchors', 3).")
+    ] = None,
+    prompt: Annotated[
+        str | None, typer.Option(help="Your question; the image is placed by the model's chat template.")
+    ] = None,
+    raw_prompt: RawPromptOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Directory for tokens.parquet and result.json.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")] = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    revision: RevisionOpt = None,
+) -> None:
+    """Label every visual token ViT sink, LLM sink, dead or alive (the paper's anchor rule)."""
+    from embedlens.taxonomy.anchors import Anchors, builtin_anchors, no_builtin_message
+
+    if top_k is not None and top_k <= 0:
+        raise InputError(f"--top-k must be a positive integer, got {top_k}")
+    if prompt is not None and raw_prompt is not None:
+        raise InputError("give either --prompt or --raw-prompt, not both")
+    if out is not None and out.exists() and not out.is_dir():
+        raise InputError(f"--out must be a directory, but {out} is a file")
+    chosen = Anchors.load(anchors) if anchors is not None else builtin_anchors(model)
+    if chosen is None:
+        raise InputError(no_builtin_message(model))
+    session, image = _open_session(image, model, device, dtype, revision, raw_prompt=raw_prompt)
+    result = session.classify(image, prompt=prompt, raw_prompt=raw_prompt, anchors=chosen, top_k=top_k)
+    written = list(result.save(out).values()) if out is not None else []
+    if as_json:
+        sys.stdout.write(result.to_json(provenance=False) + "\n")
+        return
+    _print_classification(result, session.adapter.tokenizer, written)
+
+
 @app.command("train-mini")
 def train_mini(
     out: Annotated[Path, typer.Option(help="Run directory: projector, log, checkpoint (resumes if present).")],
@@ -233,6 +274,45 @@ def _print_summary(result, written: list[Path]) -> None:
     for i in range(show):
         pairs = ", ".join(f"{t!r} {s:.3f}" for t, s in zip(result.top_tokens[i], result.top_sims[i], strict=True))
         typer.echo(f"  ({result.row[i]:>2}, {result.col[i]:>2})  {pairs}")
+    if written:
+        typer.echo("")
+        for path in written:
+            typer.echo(f"wrote {path}")
+
+
+#: Letters of the groups in the classification map.
+GROUP_LETTERS = {"vit_sink": "S", "llm_sink": "L", "dead": "D", "alive": "."}
+
+
+def _print_classification(result, tokenizer, written: list[Path]) -> None:
+    probe, classification, anchors = result.probe, result.classification, result.anchors
+    rows, cols = probe.grid
+    total = len(result)
+    typer.echo(f"model    {probe.provenance.model}")
+    typer.echo(f"image    {probe.image}")
+    typer.echo(f"prompt   {probe.prompt!r}")
+    typer.echo(
+        f"rule     any of the top-{classification.top_k} nearest input-embedding ids (layer {probe.layer}) "
+        f"is an anchor; precedence {' > '.join(classification.precedence)}"
+    )
+    size = len(tokenizer)
+    described = []
+    for name, ids in anchors.groups.items():
+        pieces = [repr(tokenizer.convert_ids_to_tokens(i)) if i < size else f"<row {i}>" for i in ids]
+        described.append(f"{name} " + (", ".join(f"{i} {p}" for i, p in zip(ids, pieces, strict=True)) or "-"))
+    typer.echo(f"anchors  {' | '.join(described)}  (for {anchors.model}, vocabulary {anchors.vocab_hash[:8]})")
+    typer.echo(f"grid     {rows} x {cols} = {total} visual tokens")
+    typer.echo("")
+    typer.echo(f"  {'group':<9} {'tokens':>7}  {'share':>6}")
+    for name, count in classification.counts.items():
+        typer.echo(f"  {name:<9} {count:>7}  {(count / total if total else 0.0):>6.1%}")
+    pairs = ", ".join(f"{pair} {count}" for pair, count in classification.overlaps.items())
+    typer.echo(f"overlaps {pairs} ({classification.n_overlapping} tokens match 2+ groups)")
+    typer.echo("")
+    typer.echo("map (S = ViT sink, L = LLM sink, D = dead, . = alive)")
+    letters = [GROUP_LETTERS[str(g)] for g in classification.group]
+    for r in range(rows):
+        typer.echo("  " + " ".join(letters[r * cols : (r + 1) * cols]))
     if written:
         typer.echo("")
         for path in written:

@@ -46,12 +46,18 @@ class LensOutput:
     tokens: list[list[str]]
 
 
-def vocabulary_hash(tokenizer) -> str:
-    """SHA-256 of the tokenizer's (piece, id) pairs: identifies a vocabulary across models."""
+def vocabulary_hash(tokenizer, limit: int | None = None) -> str:
+    """SHA-256 of the tokenizer's (piece, id) pairs: identifies a vocabulary across models.
+
+    Args:
+        tokenizer: Anything with ``get_vocab() -> dict[str, int]``.
+        limit: Keep only ids below this (the base vocabulary of an extended tokenizer), or None for all.
+    """
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0]))
     digest = hashlib.sha256()
     for piece, index in vocab:
-        digest.update(f"{index}\t{piece}\n".encode())
+        if limit is None or index < limit:
+            digest.update(f"{index}\t{piece}\n".encode())
     return digest.hexdigest()
 
 

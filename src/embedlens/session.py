@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,6 +18,9 @@ from embedlens.lens import Lens, lens_class, vocabulary_hash
 from embedlens.models.base import ModelAdapter, PreparedBatch
 from embedlens.models.registry import load_adapter
 from embedlens.result import ProbeResult, Provenance, config_hash
+
+if TYPE_CHECKING:
+    from embedlens.taxonomy import Anchors, ClassifiedResult
 
 DEFAULT_PROMPT = "Describe the image."
 
@@ -161,6 +166,45 @@ class Session:
             lens=lens,
             exclude=exclude,
         )[0]
+
+    def classify(
+        self,
+        image: ImageLike,
+        prompt: str | None = None,
+        *,
+        raw_prompt: str | None = None,
+        anchors: Anchors | str | Path | None = None,
+        top_k: int | None = None,
+        layer: int = 0,
+        precedence: Sequence[str] | None = None,
+    ) -> ClassifiedResult:
+        """Label every visual token ViT sink, LLM sink, dead or alive (the paper's rule).
+
+        A token joins a group when any of its ``top_k`` nearest input-embedding ids is one of the
+        group's anchor ids; see :func:`embedlens.taxonomy.classify`.
+
+        Args:
+            image: Path or PIL image.
+            prompt: The user's question; or ``raw_prompt``, the model's full text with the placeholder.
+            raw_prompt: The model's full text, used verbatim.
+            anchors: Anchors, an anchors JSON path, or None for the model's built-in anchors (an
+                :class:`~embedlens.errors.InputError` when it has none).
+            top_k: Nearest ids the rule looks at (default: the anchors' ``top_k``, 3 for LLaVA-1.5).
+            layer: Layer read (0 = projector output, as in the paper).
+            precedence: Group order for tokens matching several groups (default vit_sink > llm_sink > dead).
+        """
+        from embedlens.taxonomy.classify import classify
+
+        return classify(
+            self,
+            image,
+            prompt,
+            raw_prompt=raw_prompt,
+            anchors=anchors,
+            top_k=top_k,
+            layer=layer,
+            precedence=precedence,
+        )
 
     def probe_batch(
         self,

@@ -1,0 +1,104 @@
+"""Classify an image's visual tokens as ViT sink, LLM sink, dead or alive with a loaded model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from embedlens.errors import InputError
+from embedlens.images import ImageLike
+from embedlens.taxonomy.anchors import Anchors, builtin_anchors, no_builtin_message
+from embedlens.taxonomy.result import ClassifiedResult
+from embedlens.taxonomy.rule import check_precedence, classify_ids
+
+if TYPE_CHECKING:
+    from embedlens.session import Session
+
+AnchorsLike = Anchors | str | Path | None
+
+
+def resolve_anchors(session: Session, anchors: AnchorsLike = None) -> Anchors:
+    """The anchors to use with ``session``'s model, checked against its vocabulary and embedding table.
+
+    Args:
+        session: The loaded model.
+        anchors: An :class:`Anchors`, the path of an anchors JSON file, or None for the model's built-in
+            anchors.
+
+    Raises:
+        InputError: No built-in anchors for the model, an unreadable anchors file, or anchors made for
+            another vocabulary.
+    """
+    if anchors is None:
+        found = builtin_anchors(session.adapter.source)
+        if found is None:
+            raise InputError(no_builtin_message(session.adapter.source))
+        anchors = found
+    elif not isinstance(anchors, Anchors):
+        anchors = Anchors.load(anchors)
+    anchors.check_vocabulary(session.adapter.tokenizer, int(session.adapter.input_embeddings.weight.shape[0]))
+    return anchors
+
+
+def classify(
+    session: Session,
+    image: ImageLike,
+    prompt: str | None = None,
+    *,
+    raw_prompt: str | None = None,
+    anchors: AnchorsLike = None,
+    top_k: int | None = None,
+    layer: int = 0,
+    precedence: Sequence[str] | None = None,
+) -> ClassifiedResult:
+    """Label every visual token of ``image`` with the paper's rule (see :mod:`embedlens.taxonomy.rule`).
+
+    Args:
+        session: The loaded model.
+        image: Path or PIL image.
+        prompt: The user's question (placed through the chat template), or None for the default.
+        raw_prompt: Alternatively the model's full text, with the image placeholder.
+        anchors: :class:`Anchors`, an anchors JSON path, or None for the model's built-in anchors.
+        top_k: Nearest ids the rule looks at (default: the anchors' ``top_k``).
+        layer: Layer whose vectors are read (0 = projector output, the paper's choice).
+        precedence: Group order for tokens matching several groups (default vit_sink > llm_sink > dead).
+    """
+    return classify_batch(
+        session,
+        [image],
+        None if prompt is None else [prompt],
+        raw_prompts=None if raw_prompt is None else [raw_prompt],
+        anchors=anchors,
+        top_k=top_k,
+        layer=layer,
+        precedence=precedence,
+    )[0]
+
+
+def classify_batch(
+    session: Session,
+    images: Sequence[ImageLike],
+    prompts: Sequence[str] | None = None,
+    *,
+    raw_prompts: Sequence[str] | None = None,
+    anchors: AnchorsLike = None,
+    top_k: int | None = None,
+    layer: int = 0,
+    precedence: Sequence[str] | None = None,
+) -> list[ClassifiedResult]:
+    """:func:`classify` for several images in one forward pass."""
+    order = check_precedence(precedence)
+    chosen = resolve_anchors(session, anchors)
+    k = chosen.top_k if top_k is None else top_k
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise InputError(f"top-k must be a positive integer, got {k!r}")
+    probes = session.probe_batch(images, prompts, raw_prompts=raw_prompts, layer=layer, top_k=k, lens="embedding")
+    return [
+        ClassifiedResult(
+            probe=probe,
+            classification=classify_ids(probe.top_ids, chosen, top_k=k, precedence=order),
+            anchors=chosen,
+        )
+        for probe in probes
+    ]

@@ -1,0 +1,305 @@
+"""Per-token diagnostics that explain a token's group, from one forward pass.
+
+Always computed (cheap):
+
+* ``vision_norm``: L2 norm of the token's vision-tower feature, i.e. the projector's *input* (ViT sinks
+  are the high-norm "register" patches);
+* ``projected_norm``: L2 norm of the projector output (layer 0, the decoder's input);
+* ``anchor_cosine``: cosine between the layer-0 vector and the input-embedding row of the anchor that
+  decided the token's group (NaN for alive tokens).
+
+On request:
+
+* ``cross_layer_cosine`` (``cross_layer=l``): cosine between the token's layer-0 vector and its residual
+  stream at layer ``l`` (how much the LLM changes it; dead tokens stay near 1);
+* ``text_attention`` / ``text_attention_share`` (``attention_layers=[...]``): the attention the token
+  receives from the text that follows the image. For each chosen decoder layer the weights are
+  averaged over heads; ``text_attention`` is the mean, over those layers and over the text query
+  positions after the image, of the weight a query gives this visual key, and ``text_attention_share``
+  is its fraction of the sum over the image's grid tokens. Needs eager attention: the language
+  model is switched to it for this forward only and switched back afterwards (also on errors).
+
+All similarities and norms are computed in float64.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from embedlens.capture import run_captured
+from embedlens.errors import EmbedLensError, InputError
+from embedlens.images import ImageLike
+from embedlens.models.base import ModelAdapter, VisualSpan
+from embedlens.taxonomy.classify import AnchorsLike, resolve_anchors
+from embedlens.taxonomy.rule import check_precedence, classify_ids
+
+if TYPE_CHECKING:
+    from embedlens.session import Session
+
+EAGER = "eager"
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine similarity in float64.
+
+    Args:
+        a, b: Vectors, shape ``[n, d]`` each.
+
+    Returns:
+        Shape ``[n]``; 0 where either vector is zero.
+    """
+    a, b = a.double(), b.double()
+    denominator = a.norm(dim=-1) * b.norm(dim=-1)
+    dot = (a * b).sum(dim=-1)
+    return torch.where(denominator > 0, dot / denominator.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+
+
+# --------------------------------------------------------------------------- eager attention
+def _attention_config(adapter: ModelAdapter) -> tuple[Any, str | None]:
+    """The config the decoder's attention reads its implementation from, and its sub-config key."""
+    config = adapter.model.config
+    target = getattr(adapter.attention(0), "config", None) or config
+    for key in getattr(config, "sub_configs", None) or {}:
+        if getattr(config, key, None) is target:
+            return target, key
+    return target, None
+
+
+def attention_implementation(adapter: ModelAdapter) -> str | None:
+    """The attention implementation the LLM's decoder layers use now (``"sdpa"``, ``"eager"``, ...)."""
+    return _attention_config(adapter)[0]._attn_implementation
+
+
+def _set_attention(adapter: ModelAdapter, implementation: str | None, key: str | None) -> None:
+    adapter.model.set_attn_implementation({key: implementation} if key is not None else implementation)
+
+
+@contextlib.contextmanager
+def eager_attention(adapter: ModelAdapter) -> Iterator[None]:
+    """Run the block with the language model on eager attention (which returns attention weights).
+
+    Only the decoder's implementation changes (the vision tower keeps its own); the previous value is
+    restored when the block ends, also on exceptions. A model already on eager is left alone.
+    """
+    config, key = _attention_config(adapter)
+    previous = config._attn_implementation
+    if previous == EAGER:
+        yield
+        return
+    _set_attention(adapter, EAGER, key)
+    try:
+        yield
+    finally:
+        _set_attention(adapter, previous, key)
+
+
+# --------------------------------------------------------------------------- attention received
+def _text_queries(input_ids: torch.Tensor, mask: torch.Tensor | None, span: VisualSpan, image_id: int) -> torch.Tensor:
+    """Positions of the text tokens after the image's span (valid, not image tokens), shape ``[q]``."""
+    positions = torch.arange(input_ids.shape[0])
+    last = int(torch.cat([span.positions, span.extra_positions]).max())
+    keep = (positions > last) & (input_ids.cpu() != image_id)
+    if mask is not None:
+        keep &= mask.cpu().bool()
+    return positions[keep]
+
+
+class _AttentionReceived:
+    """Forward hooks on attention modules that reduce eager weights ``[B, H, T, T]`` on the fly to the
+    mean weight text queries give each visual key, summed over the hooked layers."""
+
+    def __init__(self, queries: list[torch.Tensor], keys: list[torch.Tensor]) -> None:
+        self.queries = queries
+        self.keys = keys
+        self.total = [torch.zeros(k.numel(), dtype=torch.float64) for k in keys]
+        self.layers_seen = 0
+
+    def hook(self, _module: nn.Module, _args: tuple, output: Any) -> None:
+        weights = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else None
+        if weights is None:
+            raise EmbedLensError("the attention module returned no weights; eager attention is required")
+        for sample, (queries, keys) in enumerate(zip(self.queries, self.keys, strict=True)):
+            if queries.numel() == 0:
+                continue
+            mean_heads = weights[sample].detach().double().mean(dim=0)  # [T, T]
+            device = mean_heads.device
+            block = mean_heads.index_select(0, queries.to(device)).index_select(1, keys.to(device))
+            self.total[sample] += block.mean(dim=0).cpu()
+        self.layers_seen += 1
+
+    def result(self, sample: int) -> torch.Tensor:
+        """Mean over layers of the received attention for ``sample``'s grid tokens, shape ``[n]``."""
+        if self.queries[sample].numel() == 0 or self.layers_seen == 0:
+            return torch.full_like(self.total[sample], float("nan"))
+        return self.total[sample] / self.layers_seen
+
+
+def resolve_attention_layers(layers: int | Sequence[int], num_layers: int) -> list[int]:
+    """Decoder layer indices (0-based, ``0 .. L-1``; negative from the end), sorted and unique."""
+    chosen = [layers] if isinstance(layers, int) else list(layers)
+    if not chosen:
+        raise InputError("give at least one attention layer")
+    out = []
+    for layer in chosen:
+        resolved = layer + num_layers if layer < 0 else layer
+        if not 0 <= resolved < num_layers:
+            raise InputError(
+                f"attention layer {layer} is out of range: decoder layers are "
+                f"0..{num_layers - 1} (or -{num_layers}..-1)"
+            )
+        out.append(resolved)
+    return sorted(set(out))
+
+
+# --------------------------------------------------------------------------- diagnostics
+def diagnose(
+    session: Session,
+    image: ImageLike,
+    prompt: str | None = None,
+    *,
+    raw_prompt: str | None = None,
+    anchors: AnchorsLike = None,
+    top_k: int | None = None,
+    precedence: Sequence[str] | None = None,
+    cross_layer: int | None = None,
+    attention_layers: int | Sequence[int] | None = None,
+) -> pd.DataFrame:
+    """Per-token diagnostics for one image (see the module docs for the columns).
+
+    Args:
+        session: The loaded model.
+        image: Path or PIL image.
+        prompt: The user's question, or None for the default; or ``raw_prompt``, the model's full text.
+        raw_prompt: The model's full text with the image placeholder, used verbatim.
+        anchors: :class:`~embedlens.taxonomy.anchors.Anchors`, an anchors JSON path, or None (built-in).
+        top_k: Nearest ids the rule looks at (default: the anchors' ``top_k``).
+        precedence: Group order for tokens matching several groups.
+        cross_layer: Also compare layer 0 with this layer (``0 .. L``, negative from the end).
+        attention_layers: Also measure attention received from text in these decoder layers
+            (0-based ``0 .. L-1``, negative from the end); switches to eager attention for the forward.
+
+    Returns:
+        One row per grid token, indexed by token ``index`` (grid order), with columns ``row``, ``col``,
+        ``group``, ``anchor_id``, ``vision_norm``, ``projected_norm``, ``anchor_cosine`` and, when asked,
+        ``cross_layer_cosine``, ``text_attention``, ``text_attention_share``. ``frame.attrs`` records
+        ``cross_layer`` and ``attention_layers``.
+    """
+    return diagnose_batch(
+        session,
+        [image],
+        None if prompt is None else [prompt],
+        raw_prompts=None if raw_prompt is None else [raw_prompt],
+        anchors=anchors,
+        top_k=top_k,
+        precedence=precedence,
+        cross_layer=cross_layer,
+        attention_layers=attention_layers,
+    )[0]
+
+
+def diagnose_batch(
+    session: Session,
+    images: Sequence[ImageLike],
+    prompts: Sequence[str] | None = None,
+    *,
+    raw_prompts: Sequence[str] | None = None,
+    anchors: AnchorsLike = None,
+    top_k: int | None = None,
+    precedence: Sequence[str] | None = None,
+    cross_layer: int | None = None,
+    attention_layers: int | Sequence[int] | None = None,
+) -> list[pd.DataFrame]:
+    """:func:`diagnose` for several images in one forward pass (one frame per image)."""
+    if prompts is not None and raw_prompts is not None:
+        raise InputError("give either prompts or raw prompts, not both")
+    adapter = session.adapter
+    order = check_precedence(precedence)
+    chosen = resolve_anchors(session, anchors)
+    k = chosen.top_k if top_k is None else top_k
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise InputError(f"top-k must be a positive integer, got {k!r}")
+    other = adapter.check_layer(cross_layer) if cross_layer is not None else None
+    attn = resolve_attention_layers(attention_layers, adapter.num_layers) if attention_layers is not None else []
+    raw = raw_prompts is not None
+    batch = session.prepare(images, raw_prompts if raw else prompts, raw=raw)
+    spans = [sample_spans[0] for sample_spans in batch.spans]
+
+    layers = {0} | ({other} if other is not None else set()) | ({attn[-1] + 1} if attn else set())
+    mask = batch.inputs.get("attention_mask")
+    input_ids = batch.inputs["input_ids"]
+    received = _AttentionReceived(
+        queries=[
+            _text_queries(input_ids[s], None if mask is None else mask[s], span, adapter.image_token_id)
+            for s, span in enumerate(spans)
+        ],
+        keys=[span.positions for span in spans],
+    )
+    with contextlib.ExitStack() as stack:
+        if attn:
+            stack.enter_context(eager_attention(adapter))
+            for layer in attn:
+                handle = adapter.attention(layer).register_forward_hook(received.hook)
+                stack.callback(handle.remove)
+        captured = run_captured(adapter, batch.inputs, sorted(layers), vision_features=True)
+
+    lens = session.lens("embedding")
+    table = adapter.input_embeddings.weight
+    frames = []
+    for sample, span in enumerate(spans):
+        positions = span.positions.to(captured.hidden[0].device)
+        first = captured.hidden[0][sample, positions]  # [n, d]
+        classification = classify_ids(lens.top_k(first, k).ids, chosen, top_k=k, precedence=order)
+        rows, cols = span.rows_cols()
+        columns: dict[str, Any] = {
+            "row": rows.numpy(),
+            "col": cols.numpy(),
+            "group": classification.group,
+            "anchor_id": pd.array(classification.anchor_id, dtype="Int64"),
+            "vision_norm": _vision_features(captured.vision_features, span).double().norm(dim=-1).cpu().numpy(),
+            "projected_norm": first.double().norm(dim=-1).cpu().numpy(),
+            "anchor_cosine": _anchor_cosine(first, table, classification.anchor_id),
+        }
+        if other is not None:
+            later = captured.hidden[other][sample, positions]
+            columns["cross_layer_cosine"] = cosine(first, later).cpu().numpy()
+        if attn:
+            values = received.result(sample)
+            columns["text_attention"] = values.numpy()
+            columns["text_attention_share"] = (values / values.sum()).numpy()
+        frame = pd.DataFrame(columns, index=pd.RangeIndex(span.num_tokens, name="index"))
+        frame.attrs.update({"cross_layer": other, "attention_layers": attn})
+        frames.append(frame)
+    return frames
+
+
+def _vision_features(features: torch.Tensor | None, span: VisualSpan) -> torch.Tensor:
+    """The grid tokens' projector inputs, shape ``[n, d_vision]`` (needs a one-to-one projector)."""
+    if features is None:
+        raise EmbedLensError("the projector's input was not captured")
+    image = features[span.global_image]
+    extra = int(span.extra_positions.numel())
+    if image.ndim != 2 or image.shape[0] != extra + span.num_tokens:
+        raise EmbedLensError(
+            f"vision-tower norms need a projector that maps vision tokens one to one; it received "
+            f"{tuple(image.shape)} for {extra + span.num_tokens} visual tokens"
+        )
+    return image[extra:]
+
+
+def _anchor_cosine(vectors: torch.Tensor, table: torch.Tensor, anchor_ids: list[int | None]) -> np.ndarray:
+    """Cosine of each vector ``[n, d]`` with its anchor's embedding row; NaN where there is none."""
+    out = np.full(len(anchor_ids), np.nan)
+    matched = [i for i, a in enumerate(anchor_ids) if a is not None]
+    if matched:
+        index = torch.tensor(matched, device=vectors.device)
+        rows = torch.tensor([anchor_ids[i] for i in matched], device=table.device)
+        values = cosine(vectors.index_select(0, index), table.detach().index_select(0, rows).to(vectors.device))
+        out[matched] = values.cpu().numpy()
+    return out

@@ -1,0 +1,111 @@
+"""A probe result with sink / dead / alive labels: pandas, JSON and files like :class:`ProbeResult`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from embedlens.errors import InputError
+from embedlens.paths import atomic_path, atomic_write_text
+from embedlens.result import RESULT_JSON, TOKENS_PARQUET, ProbeResult
+from embedlens.taxonomy.anchors import GROUPS, Anchors
+from embedlens.taxonomy.rule import Classification, classify_ids
+
+
+@dataclass
+class ClassifiedResult:
+    """One image's visual tokens, what the lens shows for each, and each token's group.
+
+    Attributes:
+        probe: The embedding-lens result the rule was applied to (its ``top_ids`` hold the rule's top-k).
+        classification: Per-token groups, memberships and counts.
+        anchors: The anchors used.
+    """
+
+    probe: ProbeResult
+    classification: Classification
+    anchors: Anchors
+
+    def __len__(self) -> int:
+        return len(self.probe)
+
+    @property
+    def group(self) -> np.ndarray:
+        """Each token's group, string array of shape ``[n]`` (grid order)."""
+        return self.classification.group
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Tokens per group after precedence; sums to ``n``."""
+        return self.classification.counts
+
+    @property
+    def overlaps(self) -> dict[str, int]:
+        """Tokens matching both groups of each pair (before precedence)."""
+        return self.classification.overlaps
+
+    def rule_dict(self) -> dict[str, Any]:
+        """The rule that produced the labels: top-k, precedence, anchor ids, their model and vocabulary."""
+        return {
+            "top_k": self.classification.top_k,
+            "precedence": list(self.classification.precedence),
+            "anchors": {name: list(ids) for name, ids in self.anchors.groups.items()},
+            "anchors_model": self.anchors.model,
+            "vocab_hash": self.anchors.vocab_hash,
+        }
+
+    def to_pandas(self) -> pd.DataFrame:
+        """The probe's table plus ``group``, ``anchor_id`` (nullable) and ``is_<group>`` membership columns."""
+        frame = self.probe.to_pandas()
+        frame["group"] = self.group
+        frame["anchor_id"] = pd.array(self.classification.anchor_id, dtype="Int64")
+        for name in GROUPS:
+            frame[f"is_{name}"] = self.classification.member(name)
+        return frame
+
+    def to_dict(self, provenance: bool = True) -> dict[str, Any]:
+        """The probe's JSON object plus ``"group"`` and ``"anchor_id"`` on every token, ``"counts"`` per
+        group, ``"overlaps"`` per pair and ``"rule"``; with ``provenance`` also the full ``"anchors"``."""
+        out = self.probe.to_dict(provenance=provenance)
+        for token, group, anchor_id in zip(out["tokens"], self.group, self.classification.anchor_id, strict=True):
+            token["group"] = str(group)
+            token["anchor_id"] = anchor_id
+        out["counts"] = self.counts
+        out["overlaps"] = self.overlaps
+        out["rule"] = self.rule_dict()
+        if provenance:
+            out["anchors"] = self.anchors.to_dict()
+        return out
+
+    def to_json(self, **kwargs: Any) -> str:
+        """JSON text of :meth:`to_dict`."""
+        return json.dumps(self.to_dict(**kwargs), ensure_ascii=False)
+
+    def save(self, directory: str | Path) -> dict[str, Path]:
+        """Write ``tokens.parquet`` (with group columns) and ``result.json`` into ``directory``, each atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        paths = {"parquet": directory / TOKENS_PARQUET, "json": directory / RESULT_JSON}
+        frame = self.to_pandas()
+        with atomic_path(paths["parquet"]) as tmp:
+            frame.to_parquet(tmp, index=False)
+        atomic_write_text(paths["json"], json.dumps(self.to_dict(), ensure_ascii=False, indent=1))
+        return paths
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ClassifiedResult:
+        """Read a result written by :meth:`save`; the labels are recomputed from the stored ids and anchors."""
+        directory = Path(directory)
+        data = json.loads((directory / RESULT_JSON).read_text(encoding="utf-8"))
+        if "anchors" not in data or "rule" not in data:
+            raise InputError(f"{directory / RESULT_JSON} is not a classification result (no anchors or rule)")
+        probe = ProbeResult.load(directory)
+        anchors = Anchors.from_dict(data["anchors"])
+        rule = data["rule"]
+        classification = classify_ids(probe.top_ids, anchors, top_k=rule["top_k"], precedence=rule["precedence"])
+        return cls(probe=probe, classification=classification, anchors=anchors)

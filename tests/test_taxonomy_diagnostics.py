@@ -1,0 +1,170 @@
+"""Per-token diagnostics (norms, anchor similarity, cross-layer cosine, attention received), each
+against an independent computation with plain ``transformers`` calls."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from embedlens import InputError
+from embedlens.taxonomy import Anchors, attention_implementation, diagnose, diagnose_batch, eager_attention
+from taxonomy_planting import OVERLAP_PATCH, PLANTED, expected_groups, plant, unit_rows
+
+CHEAP = ["row", "col", "group", "anchor_id", "vision_norm", "projected_norm", "anchor_cosine"]
+
+
+def tiny_anchors(session) -> Anchors:
+    return Anchors.for_tokenizer({"dead": [500]}, session.adapter.tokenizer, model="tiny")
+
+
+def text_queries(input_ids: torch.Tensor, positions: torch.Tensor, image_id: int) -> list[int]:
+    return [q for q in range(input_ids.shape[0]) if q > int(positions.max()) and int(input_ids[q]) != image_id]
+
+
+class TestCheapDiagnostics:
+    """Norms and anchor similarity explain why a token got its group; they must be the plain numbers."""
+
+    def test_planted(self, fresh_tiny, make_image):
+        planted_anchors, rows = plant(fresh_tiny)
+        image = make_image(1)
+        frame = diagnose(fresh_tiny, image, anchors=planted_anchors)
+        assert list(frame.columns) == CHEAP
+        assert frame.index.name == "index" and frame.index.tolist() == list(range(16))
+        assert frame["group"].tolist() == expected_groups()
+        assert frame.attrs == {"cross_layer": None, "attention_layers": []}
+        np.testing.assert_allclose(frame["projected_norm"], rows.double().norm(dim=1).numpy(), rtol=1e-12)
+
+        # vision norm: the projector's input = CLIP's penultimate layer without CLS ("default" strategy)
+        batch = fresh_tiny.prepare([image])
+        config = fresh_tiny.model.config
+        assert config.vision_feature_select_strategy == "default"
+        with torch.inference_mode():
+            out = fresh_tiny.adapter.vision_tower(batch.inputs["pixel_values"], output_hidden_states=True)
+        features = out.hidden_states[config.vision_feature_layer][0, 1:]
+        np.testing.assert_allclose(frame["vision_norm"], features.double().norm(dim=1).numpy(), rtol=1e-6)
+
+        # anchor cosine: 1 for the planted rows, cos(mix, vit row) for the overlap patch, NaN when alive
+        for patch in PLANTED.values():
+            assert frame.loc[patch, "anchor_cosine"] == pytest.approx(1.0, abs=1e-6)
+        vit = planted_anchors.groups["vit_sink"][0]
+        table = unit_rows(fresh_tiny.adapter.input_embeddings.weight)
+        mix = unit_rows(rows[OVERLAP_PATCH : OVERLAP_PATCH + 1])[0]
+        assert frame.loc[OVERLAP_PATCH, "anchor_cosine"] == pytest.approx(float(mix @ table[vit]), abs=1e-6)
+        alive = frame["group"] == "alive"
+        assert frame.loc[alive, "anchor_cosine"].isna().all() and frame.loc[alive, "anchor_id"].isna().all()
+        assert frame.loc[~alive, "anchor_cosine"].notna().all()
+
+    def test_batch_equals_single(self, tiny, make_image):
+        images = [make_image(5), make_image(6, 70, 50)]
+        prompts = ["Describe", "What colour is the big shape ?"]
+        frames = diagnose_batch(tiny, images, prompts, anchors=tiny_anchors(tiny))
+        for image, prompt, frame in zip(images, prompts, frames, strict=True):
+            single = diagnose(tiny, image, prompt, anchors=tiny_anchors(tiny))
+            for column in ("vision_norm", "projected_norm"):
+                np.testing.assert_allclose(frame[column], single[column], rtol=1e-5)
+            assert frame["group"].tolist() == single["group"].tolist()
+
+
+class TestCrossLayer:
+    """Dead tokens are those the LLM barely changes: the cosine must compare the same token at layer 0
+    and layer l of one forward pass."""
+
+    @pytest.mark.parametrize("layer", [1, 3])
+    def test_equals_hidden_states(self, tiny, make_image, layer):
+        image = make_image(7)
+        frame = diagnose(tiny, image, anchors=tiny_anchors(tiny), cross_layer=layer)
+        batch = tiny.prepare([image])
+        positions = batch.spans[0][0].positions
+        with torch.inference_mode():
+            hidden = tiny.model(**batch.inputs, output_hidden_states=True).hidden_states
+        a, b = hidden[0][0, positions].double(), hidden[layer][0, positions].double()
+        expected = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+        np.testing.assert_allclose(frame["cross_layer_cosine"], expected.numpy(), rtol=1e-6, atol=1e-6)
+        assert frame.attrs["cross_layer"] == layer
+        assert (frame["cross_layer_cosine"] < 1.0 - 1e-6).any()
+
+    def test_layer_zero_is_one(self, tiny, make_image):
+        frame = diagnose(tiny, make_image(7), anchors=tiny_anchors(tiny), cross_layer=0)
+        np.testing.assert_allclose(frame["cross_layer_cosine"], 1.0, atol=1e-12)
+
+    def test_out_of_range(self, tiny, image_path):
+        with pytest.raises(InputError, match="out of range"):
+            diagnose(tiny, image_path, anchors=tiny_anchors(tiny), cross_layer=5)
+
+
+class TestAttentionReceived:
+    """Attention from the text after the image to each visual token, from eager weights; the model's
+    attention implementation must be back to what it was afterwards, whatever happens."""
+
+    def test_equals_output_attentions(self, fresh_tiny, tiny_dir, make_image):
+        image = make_image(8)
+        layers = [0, 2]
+        frame = diagnose(fresh_tiny, image, anchors=tiny_anchors(fresh_tiny), attention_layers=layers, cross_layer=1)
+        assert frame.attrs["attention_layers"] == layers
+        reference = LlavaForConditionalGeneration.from_pretrained(tiny_dir, attn_implementation="eager").eval()
+        batch = fresh_tiny.prepare([image])
+        positions = batch.spans[0][0].positions
+        queries = text_queries(batch.inputs["input_ids"][0], positions, fresh_tiny.adapter.image_token_id)
+        assert len(queries) > 3  # "\nDescribe the image. ASSISTANT:"
+        with torch.inference_mode():
+            attentions = reference(**batch.inputs, output_attentions=True).attentions
+        per_layer = [attentions[layer][0].double().mean(0)[queries][:, positions].mean(0) for layer in layers]
+        expected = torch.stack(per_layer).mean(0).numpy()
+        np.testing.assert_allclose(frame["text_attention"], expected, rtol=1e-5, atol=1e-9)
+        assert 0 < frame["text_attention"].sum() < 1  # a text query's mean share of attention on the image
+        np.testing.assert_allclose(frame["text_attention_share"].sum(), 1.0, atol=1e-12)
+        np.testing.assert_allclose(frame["text_attention_share"], expected / expected.sum(), rtol=1e-5)
+
+    def test_negative_layer_and_range(self, fresh_tiny, image_path):
+        anchors = tiny_anchors(fresh_tiny)
+        last = diagnose(fresh_tiny, image_path, anchors=anchors, attention_layers=-1)
+        assert last.attrs["attention_layers"] == [3]
+        explicit = diagnose(fresh_tiny, image_path, anchors=anchors, attention_layers=3)
+        np.testing.assert_allclose(last["text_attention"], explicit["text_attention"])
+        for bad in (4, -5):
+            with pytest.raises(InputError, match="attention layer"):
+                diagnose(fresh_tiny, image_path, anchors=anchors, attention_layers=[bad])
+
+    def test_eager_only_when_asked_and_restored(self, fresh_tiny, image_path):
+        adapter = fresh_tiny.adapter
+        vision_before = fresh_tiny.model.config.vision_config._attn_implementation
+        assert attention_implementation(adapter) == "sdpa"
+        seen: list[str | None] = []
+        handle = adapter.decoder_layers[0].register_forward_pre_hook(
+            lambda *_: seen.append(attention_implementation(adapter))
+        )
+        try:
+            diagnose(fresh_tiny, image_path, anchors=tiny_anchors(fresh_tiny))
+            diagnose(fresh_tiny, image_path, anchors=tiny_anchors(fresh_tiny), attention_layers=[1])
+        finally:
+            handle.remove()
+        assert seen == ["sdpa", "eager"]
+        assert attention_implementation(adapter) == "sdpa"
+        assert fresh_tiny.model.config.vision_config._attn_implementation == vision_before
+
+    def test_restored_on_exception(self, fresh_tiny, image_path):
+        adapter = fresh_tiny.adapter
+
+        def boom(*_):
+            raise RuntimeError("boom")
+
+        handle = adapter.decoder_layers[1].register_forward_pre_hook(boom)
+        try:
+            with pytest.raises(RuntimeError, match="boom"):
+                diagnose(fresh_tiny, image_path, anchors=tiny_anchors(fresh_tiny), attention_layers=[2])
+        finally:
+            handle.remove()
+        assert attention_implementation(adapter) == "sdpa"
+        assert all(not adapter.attention(layer)._forward_hooks for layer in range(adapter.num_layers))
+        with pytest.raises(KeyError), eager_attention(adapter):
+            assert attention_implementation(adapter) == "eager"
+            raise KeyError("inside")
+        assert attention_implementation(adapter) == "sdpa"
+
+    def test_model_already_eager_stays_eager(self, fresh_tiny, image_path):
+        fresh_tiny.model.set_attn_implementation({"text_config": "eager"})
+        frame = diagnose(fresh_tiny, image_path, anchors=tiny_anchors(fresh_tiny), attention_layers=[0])
+        assert frame["text_attention"].notna().all()
+        assert attention_implementation(fresh_tiny.adapter) == "eager"
