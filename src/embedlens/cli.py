@@ -173,9 +173,9 @@ def classify(
 def train_mini(
     out: Annotated[Path, typer.Option(help="Run directory: projector, log, checkpoint (resumes if present).")],
     seed: Annotated[int, typer.Option(help="Seed of data, order and initialisation.")] = 0,
-    images: Annotated[int, typer.Option(help="Generated training images (plus the packaged photos).")] = 5000,
-    steps: Annotated[int, typer.Option(help="Optimiser steps (batch of 4 sequences each).")] = 1500,
-    minutes: Annotated[float, typer.Option(help="Time budget for the optimisation; stops early if reached.")] = 52.0,
+    images: Annotated[int, typer.Option(help="Generated training images (plus the packaged photos).")] = 3000,
+    steps: Annotated[int, typer.Option(help="Optimiser steps (batch of 4 sequences each).")] = 1600,
+    minutes: Annotated[float, typer.Option(help="Time budget for the optimisation; stops early if reached.")] = 55.0,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
 ) -> None:
     """Train the embedded mini model's projector on generated images (frozen vision tower and LLM)."""

@@ -17,8 +17,10 @@ error of every approximate score is bounded rigorously from quantities we know e
 
 with ``dq = round(q) - q``, ``de_j = round(e_j) - e_j`` (their norms are computed in float64) and
 ``gamma_d = d u32 / (1 - d u32)``. Using the table-wide maxima of ``|e_j|`` and ``|de_j|`` gives one
-margin ``m`` per query. Any row whose approximate score is below ``(k-th approximate score) - 2 m``
-cannot be in the top-k; all others are re-scored in float64 and sorted with ties broken by lower id.
+margin ``m`` per query. The k rows with the best approximate scores are re-scored in float64 first; the
+smallest of those exact scores is a floor under the true k-th best, so any row whose approximate score
+is below ``floor - m`` cannot be in the top-k. All others are re-scored in float64 too and sorted with
+ties broken by lower id.
 
 Memory: the cache holds the short table (``V * d * 2`` bytes in bfloat16) plus three float64 vectors of
 length ``V``. A search adds at most ``chunk_bytes`` for score blocks (default 256 MiB; queries are
@@ -196,15 +198,27 @@ class ExactSearch:
             largest = approx.abs().amax(dim=1).double() + float(self.bias64.abs().max())
             margin = margin + u_out * largest / (1 - u_out) + self.bias_residual + _U32 * largest
             u_out = 0.0
-        kth = torch.topk(approx, k, dim=1, sorted=True).values[:, -1].double()
-        cutoff = _candidate_cutoff(kth, margin, u_out)
+        n = queries.shape[0]
+        # Score the k best approximate rows exactly first: the true k-th best score is at least the
+        # smallest of them, a floor that is only one margin (not two) below the approximate k-th.
+        top = torch.topk(approx, k, dim=1, sorted=False).indices
+        first_rows = torch.arange(n, device=self.device).repeat_interleave(k)
+        first_cols = top.reshape(-1)
+        first_exact = self._exact_scores(q64, first_rows, first_cols, n)
+        floor = first_exact.view(n, k).amin(dim=1)
+        cutoff = _candidate_cutoff(floor, margin, u_out)
         # Rounding the cutoff to the scores' dtype must not drop a candidate: round, then step down.
         cutoff_short = cutoff.to(approx.dtype)
         cutoff_short = torch.nextafter(cutoff_short, torch.full_like(cutoff_short, -math.inf))
+        approx[torch.arange(n, device=self.device)[:, None], top] = -math.inf  # already scored
         rows, cols = torch.nonzero(approx >= cutoff_short[:, None], as_tuple=True)
         del approx
-        exact = self._exact_scores(q64, rows, cols, queries.shape[0])
-        return self._select(rows, cols, exact, queries.shape[0], k)
+        exact = self._exact_scores(q64, rows, cols, n)
+        rows = torch.cat([first_rows, rows])
+        order = torch.argsort(rows, stable=True)
+        cols = torch.cat([first_cols, cols])[order]
+        exact = torch.cat([first_exact, exact])[order]
+        return self._select(rows[order], cols, exact, n, k)
 
     def _input_margin(self, q_norm: torch.Tensor, q_residual: torch.Tensor) -> torch.Tensor:
         """Bound (float64, per query) on the error from rounding the inputs and accumulating in float32."""
@@ -218,7 +232,8 @@ class ExactSearch:
         """Float64 scores of the (query ``rows[i]``, table row ``cols[i]``) pairs, shape ``[P]``.
 
         ``rows`` is sorted, so each query's candidates are one contiguous slice: one small gather and a
-        matrix-vector product per query (at most ``rerank_rows`` table rows at a time).
+        matrix-vector product per query (at most ``rerank_rows`` table rows at a time). Small gathers
+        stay in cache, which makes their float64 conversion far cheaper than one large batch.
         """
         out = torch.empty(rows.numel(), dtype=torch.float64, device=self.device)
         counts = torch.bincount(rows, minlength=n).tolist()
@@ -264,14 +279,13 @@ class ExactSearch:
         return TopK(top_ids, torch.gather(scores, 1, regroup), counts)
 
 
-def _candidate_cutoff(kth: torch.Tensor, margin: torch.Tensor, u_out: float) -> torch.Tensor:
+def _candidate_cutoff(floor: torch.Tensor, margin: torch.Tensor, u_out: float) -> torch.Tensor:
     """Lowest approximate score that can still belong to the exact top-k (float64, per query).
 
-    An approximate score ``a`` bounds the exact one within ``a -/+ (margin + u |a| / (1 - u))``; both
-    bounds increase with ``a``. The k-th largest lower bound is ``tau = lower(kth)``; a row can be in
-    the top-k only if ``upper(a) >= tau``, i.e. ``a >= cutoff`` solved here for either sign of ``a``.
+    An approximate score ``a`` bounds the exact one within ``a -/+ (margin + u |a| / (1 - u))``, and the
+    upper bound increases with ``a``. ``floor`` is a lower bound of the exact k-th best score (the
+    smallest exact score among k rows), so a row can be in the top-k only if ``upper(a) >= floor``,
+    i.e. ``a >= cutoff``, solved here for either sign of ``a``.
     """
-    rel = u_out / (1 - u_out)
-    tau = kth - margin - rel * kth.abs()
-    slack = tau - margin
+    slack = floor - margin
     return torch.where(slack >= 0, slack * (1 - u_out), slack * (1 - u_out) / (1 - 2 * u_out))
