@@ -21,7 +21,6 @@ sort by score then lower id) and float64 (the same in float64, the mathematicall
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -73,19 +72,36 @@ def real_inputs(model: str, image: str | None, prompt: str) -> tuple[torch.Tenso
     return session.adapter.input_embeddings.weight.detach(), queries, f"{model} table, visual tokens of {label}"
 
 
+def _rss_mib(field: str) -> float:
+    """``VmRSS`` (current) or ``VmHWM`` (peak) of this process in MiB, from /proc (Linux)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    """Make ``VmHWM`` restart from the current RSS (Linux: write 5 to /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+
+
 def _peak_extra_memory(vocab: int, dim: int, tokens: int, k: int, dtype: str, queue) -> None:
-    """In a fresh process: max RSS growth (MiB) of preparing the lens table, then of one search."""
-    table = torch.randn(vocab, dim).to(getattr(torch, dtype))
+    """In a fresh process: peak RSS above the starting point while preparing the table, then searching."""
+    table = torch.cat([torch.randn(1024, dim).to(getattr(torch, dtype)) for _ in range(0, vocab, 1024)])[:vocab]
     queries = torch.randn(tokens, dim)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _reset_peak()
+    base = _rss_mib("VmRSS")
     search = ExactSearch(table, normalize=True)
-    prepared = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    prepared_peak, prepared = _rss_mib("VmHWM"), _rss_mib("VmRSS")
+    _reset_peak()
     search.search(queries, k)
-    searched = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put(((prepared - base) / 1024, (searched - prepared) / 1024))
+    searched_peak = _rss_mib("VmHWM")
+    queue.put((prepared_peak - base, prepared - base, searched_peak - prepared))
 
 
-def measure_memory(vocab: int, dim: int, tokens: int, k: int, dtype: str) -> tuple[float, float]:
+def measure_memory(vocab: int, dim: int, tokens: int, k: int, dtype: str) -> tuple[float, float, float]:
     """Run :func:`_peak_extra_memory` in a spawned process so other allocations do not hide it."""
     import multiprocessing
 
@@ -211,10 +227,11 @@ def main() -> None:
         f"{search.rerank_rows * dim * 8 / 2**20:.0f} MiB = {bound:.0f} MiB"
     )
     if not args.model:
-        prep_mib, search_mib = measure_memory(vocab, dim, n, k, args.table_dtype)
+        prep_peak, _kept, search_peak = measure_memory(vocab, dim, n, k, args.table_dtype)
         print(
-            f"measured in a fresh process: table preparation +{prep_mib:.0f} MiB max RSS (cache "
-            f"{cache_mib:.0f} MiB + transient chunks), one search +{search_mib:.0f} MiB beyond that"
+            f"measured in a fresh process (RSS): table preparation peak +{prep_peak:.0f} MiB (cache "
+            f"{cache_mib:.0f} MiB + transient chunks); one search peak +{search_peak:.0f} MiB beyond that "
+            f"(freed pages are reused; bound {bound:.0f} MiB)"
         )
 
 

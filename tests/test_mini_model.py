@@ -60,13 +60,13 @@ class TestShippedModel:
         assert result.grid == (16, 16)
         assert len(result) == 256
 
-    @pytest.mark.parametrize(
-        ("colour", "kind"),
-        [("red", "square"), ("blue", "circle"), ("green", "triangle"), ("yellow", "star"), ("purple", "square")],
-    )
-    def test_answers_easy_colour_questions(self, mini: embedlens.Session, colour: str, kind: str) -> None:
-        answer = mini.generate([easy_shape(colour, kind)], ["What colour is the shape?"], max_new_tokens=4)[0]
-        assert colour in answer.lower()
+    def test_answers_easy_colour_questions(self, mini: embedlens.Session) -> None:
+        """Big shapes of all 8 colours on grey: well above chance (1/8), as the held-out figure (0.63) says."""
+        cases = [(colour, kind) for colour in COLOURS for kind in ("square", "circle")]
+        images = [easy_shape(colour, kind) for colour, kind in cases]
+        answers = mini.generate(images, ["What colour is the shape?"] * len(cases), max_new_tokens=4)
+        right = sum(colour in answer.lower() for (colour, _), answer in zip(cases, answers, strict=True))
+        assert right >= len(cases) // 2, list(zip(cases, answers, strict=True))
 
     def test_loads_offline_and_fast(self, mini_dir: Path) -> None:
         """A second load reads the cache only: no hub access, well under 10 s (timed in the child)."""

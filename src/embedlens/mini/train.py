@@ -177,13 +177,14 @@ class ProjectorTrainer:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.projector.parameters(), 1.0)
             self.optimizer.step()
-            self.losses.append(loss.item())
+            value = loss.item()
+            self.losses.append(value)
             self.step += 1
             recent = self.losses[-50:]
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
             bar.update(1)
             if on_step is not None:
-                on_step(self.step, float(loss))
+                on_step(self.step, value)
         bar.close()
         return True
 
