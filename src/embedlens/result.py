@@ -30,6 +30,17 @@ def config_hash(config: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
+def write_result_files(directory: str | Path, frame: pd.DataFrame, data: dict[str, Any]) -> dict[str, Path]:
+    """Write a result's token table (``tokens.parquet``) and JSON (``result.json``), each atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {"parquet": directory / TOKENS_PARQUET, "json": directory / RESULT_JSON}
+    with atomic_path(paths["parquet"]) as tmp:
+        frame.to_parquet(tmp, index=False)
+    atomic_write_text(paths["json"], json.dumps(data, ensure_ascii=False, indent=1))
+    return paths
+
+
 @dataclass(frozen=True)
 class Provenance:
     """Where a result came from, so it can be trusted and reproduced.
@@ -167,14 +178,7 @@ class ProbeResult:
 
     def save(self, directory: str | Path) -> dict[str, Path]:
         """Write ``tokens.parquet`` and ``result.json`` into ``directory`` (each atomically)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        paths = {"parquet": directory / TOKENS_PARQUET, "json": directory / RESULT_JSON}
-        frame = self.to_pandas()
-        with atomic_path(paths["parquet"]) as tmp:
-            frame.to_parquet(tmp, index=False)
-        atomic_write_text(paths["json"], json.dumps(self.to_dict(), ensure_ascii=False, indent=1))
-        return paths
+        return write_result_files(directory, self.to_pandas(), self.to_dict())
 
     @classmethod
     def load(cls, directory: str | Path) -> ProbeResult:

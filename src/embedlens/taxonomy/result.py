@@ -11,8 +11,7 @@ import numpy as np
 import pandas as pd
 
 from embedlens.errors import InputError
-from embedlens.paths import atomic_path, atomic_write_text
-from embedlens.result import RESULT_JSON, TOKENS_PARQUET, ProbeResult
+from embedlens.result import RESULT_JSON, ProbeResult, write_result_files
 from embedlens.taxonomy.anchors import GROUPS, Anchors
 from embedlens.taxonomy.rule import Classification, classify_ids
 
@@ -88,14 +87,7 @@ class ClassifiedResult:
 
     def save(self, directory: str | Path) -> dict[str, Path]:
         """Write ``tokens.parquet`` (with group columns) and ``result.json`` into ``directory``, each atomically."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        paths = {"parquet": directory / TOKENS_PARQUET, "json": directory / RESULT_JSON}
-        frame = self.to_pandas()
-        with atomic_path(paths["parquet"]) as tmp:
-            frame.to_parquet(tmp, index=False)
-        atomic_write_text(paths["json"], json.dumps(self.to_dict(), ensure_ascii=False, indent=1))
-        return paths
+        return write_result_files(directory, self.to_pandas(), self.to_dict())
 
     @classmethod
     def load(cls, directory: str | Path) -> ClassifiedResult:
