@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import embedlens
 from embedlens import EmbeddingLens, InputError, LogitLens
 from embedlens.capture import run_captured
 from embedlens.lens import vocabulary_hash
 from embedlens.models.tiny import TinySpec, build_tiny_tokenizer
+from taxonomy_planting import PlantedProjector
 
 PROMPT = "What is in this picture ?"
 LAYERS = [0, 1, 2, 4, -1]  # 0, 1, middle, last (= num_layers), and -1
@@ -162,17 +162,6 @@ class TestLogitLens:
         result = tiny.probe(image, PROMPT, layer=-1, top_k=3, lens="logit")
         np.testing.assert_array_equal(result.top_ids[:, 0], logits.argmax(dim=-1).numpy())
         np.testing.assert_allclose(result.top_sims, torch.topk(logits, 3).values.numpy(), rtol=1e-4, atol=1e-4)
-
-
-class PlantedProjector(nn.Module):
-    """Replaces the projector: visual token ``i`` of every image becomes ``rows[i]``."""
-
-    def __init__(self, rows: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("rows", rows.detach().clone())
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.rows.unsqueeze(0).expand(features.shape[0], -1, -1).to(features.dtype)
 
 
 class TestPlanted:
