@@ -18,22 +18,17 @@ import pytest
 from PIL import Image
 
 import embedlens
-from embedlens.mini.assemble import MINI_CACHE_NAME, PROJECTOR_FILE, ensure_mini
-from embedlens.mini.packages import MiniBuildError
+from embedlens.mini.assemble import MINI_CACHE_NAME, PROJECTOR_FILE, ensure_mini, mini_source_hash
 from embedlens.mini.train import TrainConfig, run_training
-from embedlens.paths import MANIFEST_NAME, cache_dir, manifest_problem
+from embedlens.paths import cache_dir, manifest_problem
 from embedlens.synth.draw import COLOURS, draw_shape
+from real_weights import flip_bytes, need, obtain
 
 
 @pytest.fixture(scope="module")
 def mini_dir() -> Path:
     """The built model directory (built on first use)."""
-    try:
-        return ensure_mini()
-    except MiniBuildError as err:
-        if os.environ.get("EMBEDLENS_SKIP_REAL") == "1":
-            pytest.skip(f"real mini-model files unavailable and EMBEDLENS_SKIP_REAL=1: {err}")
-        pytest.fail(f"the real mini-model files are needed (EMBEDLENS_SKIP_REAL=1 skips): {err}")
+    return need(obtain(ensure_mini))
 
 
 @pytest.fixture(scope="module")
@@ -90,16 +85,13 @@ class TestCache:
     """A damaged cache is rebuilt, never crashed on."""
 
     def test_corrupt_model_file_is_rebuilt(self, mini_dir: Path) -> None:
-        weights = mini_dir / "model.safetensors"
-        with open(weights, "r+b") as handle:
-            handle.seek(weights.stat().st_size // 2)
-            byte = handle.read(1)
-            handle.seek(-1, os.SEEK_CUR)
-            handle.write(bytes([byte[0] ^ 0xFF]))
-        assert manifest_problem(mini_dir, source_sha256="x", required=()) is not None
+        source = mini_source_hash()
+        assert manifest_problem(mini_dir, source_sha256=source, required=()) is None
+        flip_bytes(mini_dir / "model.safetensors", count=1)
+        assert manifest_problem(mini_dir, source_sha256=source, required=()) is not None
         rebuilt = ensure_mini()
         assert rebuilt == mini_dir
-        assert (rebuilt / MANIFEST_NAME).is_file()
+        assert manifest_problem(rebuilt, source_sha256=source, required=()) is None
         session = embedlens.load("embedlens-mini", device="cpu")
         assert session.generate([easy_shape("red", "square")], ["What colour is the shape?"], max_new_tokens=4)
 

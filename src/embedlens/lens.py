@@ -83,7 +83,7 @@ def excluded_ids(tokenizer, exclude: Iterable[str], vocab_rows: int) -> set[int]
     return {i for i in out if 0 <= i < vocab_rows}
 
 
-def pieces(tokenizer, ids: torch.Tensor, vocab_rows: int) -> list[list[str]]:
+def pieces(tokenizer, ids: torch.Tensor) -> list[list[str]]:
     """Vocabulary pieces for a ``[n, k]`` id tensor; rows beyond the tokenizer (padding) show as ``<row N>``."""
     size = len(tokenizer)
     out = []
@@ -131,11 +131,6 @@ class Lens(ABC):
         """Map residual-stream vectors ``[n, d]`` to the space of the table (identity by default)."""
         return hidden
 
-    @property
-    def vocab_rows(self) -> int:
-        """Rows in the table (may exceed the tokenizer's size when the table is padded)."""
-        return int(self._search.table.shape[0])
-
     def top_k(self, hidden: torch.Tensor, k: int) -> LensOutput:
         """Exact top-``k`` vocabulary tokens for each vector.
 
@@ -150,7 +145,7 @@ class Lens(ABC):
         with torch.inference_mode():
             queries = self.transform(hidden.to(self._search.device))
         found = self._search.search(queries, k)
-        return LensOutput(found.ids, found.scores, pieces(self.adapter.tokenizer, found.ids, self.vocab_rows))
+        return LensOutput(found.ids, found.scores, pieces(self.adapter.tokenizer, found.ids))
 
 
 class EmbeddingLens(Lens):
