@@ -14,7 +14,7 @@ import transformers
 from embedlens.capture import run_captured
 from embedlens.errors import InputError
 from embedlens.images import ImageLike, image_label, load_image
-from embedlens.lens import Lens, lens_class, vocabulary_hash
+from embedlens.lens import Lens, LensOutput, lens_class, vocabulary_hash
 from embedlens.models.base import ModelAdapter, PreparedBatch
 from embedlens.models.registry import load_adapter
 from embedlens.result import ProbeResult, Provenance, config_hash
@@ -229,25 +229,30 @@ class Session:
         batch = self.prepare(images, asked, raw=raw)
         captured = run_captured(self.adapter, batch.inputs, [resolved])
         hidden = captured.hidden[resolved]
+        provenance = Provenance(
+            model=self.adapter.source,
+            revision=getattr(self.adapter.model.config, "_commit_hash", None),
+            config_hash=self.config_hash,
+            vocab_hash=self.vocab_hash,
+            layer=resolved,
+            lens=chosen.name,
+            k=top_k,
+            exclude=chosen.exclude,
+            dtype=str(self.adapter.model.dtype).removeprefix("torch."),
+            transformers_version=transformers.__version__,
+            torch_version=torch.__version__,
+        )
+        spans = [sample_spans[0] for sample_spans in batch.spans]
+        per_sample = [hidden[i, span.positions.to(hidden.device)] for i, span in enumerate(spans)]
+        # One search for every token of the batch: one shortlist matmul instead of one per image.
+        everything = chosen.top_k(torch.cat(per_sample), top_k)
         results = []
-        for sample, spans in enumerate(batch.spans):
-            span = spans[0]
-            vectors = hidden[sample, span.positions.to(hidden.device)]
-            found = chosen.top_k(vectors, top_k)
+        start = 0
+        for sample, (span, vectors) in enumerate(zip(spans, per_sample, strict=True)):
+            stop = start + span.num_tokens
+            found = LensOutput(everything.ids[start:stop], everything.scores[start:stop], everything.tokens[start:stop])
+            start = stop
             rows, cols = span.rows_cols()
-            provenance = Provenance(
-                model=self.adapter.source,
-                revision=getattr(self.adapter.model.config, "_commit_hash", None),
-                config_hash=self.config_hash,
-                vocab_hash=self.vocab_hash,
-                layer=resolved,
-                lens=chosen.name,
-                k=top_k,
-                exclude=chosen.exclude,
-                dtype=str(self.adapter.model.dtype).removeprefix("torch."),
-                transformers_version=transformers.__version__,
-                torch_version=torch.__version__,
-            )
             results.append(
                 ProbeResult(
                     image=image_label(images[sample]),
