@@ -17,10 +17,15 @@ error of every approximate score is bounded rigorously from quantities we know e
 
 with ``dq = round(q) - q``, ``de_j = round(e_j) - e_j`` (their norms are computed in float64) and
 ``gamma_d = d u32 / (1 - d u32)``. Using the table-wide maxima of ``|e_j|`` and ``|de_j|`` gives one
-margin ``m`` per query. The k rows with the best approximate scores are re-scored in float64 first; the
-smallest of those exact scores is a floor under the true k-th best, so any row whose approximate score
-is below ``floor - m`` cannot be in the top-k. All others are re-scored in float64 too and sorted with
-ties broken by lower id.
+margin ``m`` per query. Then, per query:
+
+1. the ``k + 32`` rows with the best approximate scores are taken, best first (one ``topk``);
+2. stage 1 re-scores in float64 the rows whose approximate score is within about one margin of the k-th
+   best approximate score; the k-th best of those exact scores is a floor under the true k-th best;
+3. stage 2: any row whose approximate score is below ``floor - m`` cannot be in the top-k; the other rows
+   of the shortlist are re-scored too (rarely any), and a query whose candidates reach past the
+   shortlist is scanned in full;
+4. all exactly scored rows are sorted with ties broken by lower id.
 
 Memory: the cache holds the short table (``V * d * 2`` bytes in bfloat16) plus three float64 vectors of
 length ``V``. A search adds at most ``chunk_bytes`` for score blocks (default 256 MiB; queries are
@@ -39,6 +44,8 @@ _U32 = 2.0**-24
 _EPS64 = 2.0**-52
 #: Scores closer than this many float64 units in the last place (relative) are ties.
 TIE_ULPS = 8
+#: Rows beyond k, ranked by approximate score, kept as the shortlist for exact scoring.
+_SHORTLIST_EXTRA = 32
 #: Unit roundoff (round to nearest) of each short type.
 _UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
 
@@ -107,6 +114,7 @@ class ExactSearch:
         self.short_dtype = short_dtype or default_short_dtype(table.device)
         self.chunk_bytes = chunk_bytes
         self.rerank_rows = rerank_rows
+        self._all_rows = allowed is None
         if allowed is None:
             allowed = torch.arange(table.shape[0], device=table.device)
         self.allowed = allowed.to(table.device, torch.long)
@@ -150,8 +158,7 @@ class ExactSearch:
         """Per-row factor applied before scoring: 1/|row| for cosine (0 for zero rows), else 1."""
         if not self.normalize:
             return torch.ones(rows64.shape[0], dtype=torch.float64, device=rows64.device)
-        norms = rows64.norm(dim=1)
-        return torch.where(norms > 0, 1.0 / norms.clamp_min(1e-300), torch.zeros_like(norms))
+        return _inverse(rows64.norm(dim=1))
 
     def search(self, queries: torch.Tensor, k: int) -> TopK:
         """Exact top-``k`` rows for each query.
@@ -167,8 +174,6 @@ class ExactSearch:
             raise ValueError(f"queries must be [n, {self.dim}], got {tuple(queries.shape)}")
         if not 1 <= k <= self.size:
             raise ValueError(f"k must be between 1 and {self.size}, got {k}")
-        if not bool(torch.isfinite(queries).all()):
-            raise ValueError("queries contain NaN or infinite values")
         per_query = self.size * (self.short.element_size() + 4 + 1)
         block = max(1, self.chunk_bytes // per_query)
         ids, scores, counts = [], [], []
@@ -184,9 +189,15 @@ class ExactSearch:
 
     def _search_block(self, queries: torch.Tensor, k: int) -> TopK:
         q64 = queries.detach().to(self.device, torch.float64)
-        q64 = q64 * self._scale(q64)[:, None]
+        raw_norm = q64.norm(dim=1)
+        if not bool(torch.isfinite(raw_norm).all()) and not bool(torch.isfinite(queries).all()):
+            raise ValueError("queries contain NaN or infinite values")  # a finite norm means finite values
+        if self.normalize:
+            q64 = q64 * _inverse(raw_norm)[:, None]
+            q_norm = q64.norm(dim=1)
+        else:
+            q_norm = raw_norm
         q_short = q64.to(self.short_dtype)
-        q_norm = q64.norm(dim=1)
         q_residual = (q_short.to(torch.float64) - q64).norm(dim=1)
 
         approx = q_short @ self.short.T  # [n, V] in the short dtype
@@ -199,26 +210,59 @@ class ExactSearch:
             margin = margin + u_out * largest / (1 - u_out) + self.bias_residual + _U32 * largest
             u_out = 0.0
         n = queries.shape[0]
-        # Score the k best approximate rows exactly first: the true k-th best score is at least the
-        # smallest of them, a floor that is only one margin (not two) below the approximate k-th.
-        top = torch.topk(approx, k, dim=1, sorted=False).indices
-        first_rows = torch.arange(n, device=self.device).repeat_interleave(k)
-        first_cols = top.reshape(-1)
-        first_exact = self._exact_scores(q64, first_rows, first_cols, n)
-        floor = first_exact.view(n, k).amin(dim=1)
-        cutoff = _candidate_cutoff(floor, margin, u_out)
-        # Rounding the cutoff to the scores' dtype must not drop a candidate: round, then step down.
-        cutoff_short = cutoff.to(approx.dtype)
-        cutoff_short = torch.nextafter(cutoff_short, torch.full_like(cutoff_short, -math.inf))
-        approx[torch.arange(n, device=self.device)[:, None], top] = -math.inf  # already scored
-        rows, cols = torch.nonzero(approx >= cutoff_short[:, None], as_tuple=True)
-        del approx
-        exact = self._exact_scores(q64, rows, cols, n)
-        rows = torch.cat([first_rows, rows])
-        order = torch.argsort(rows, stable=True)
-        cols = torch.cat([first_cols, cols])[order]
-        exact = torch.cat([first_exact, exact])[order]
-        return self._select(rows[order], cols, exact, n, k)
+        # The best approximate rows, best first. Every row that can be in the exact top-k is almost always
+        # among them; a query whose candidates run past them is scanned in full (``_scan_beyond``).
+        width = min(self.size, k + _SHORTLIST_EXTRA)
+        values, top = torch.topk(approx, width, dim=1, sorted=True)
+        # Stage 1: the rows down to one margin below the k-th approximate score, scored exactly. The k-th
+        # best of those exact scores is a floor under the true k-th best score.
+        guess = _candidate_cutoff(values[:, k - 1].double(), margin, u_out)
+        scored = _prefix_length(values, guess).clamp_min(k)
+        exact = torch.full((n, width), -math.inf, dtype=torch.float64, device=self.device)
+        self._score_prefixes(q64, top, torch.zeros_like(scored), scored, exact)
+        stage1 = torch.arange(width, device=self.device)[None, :] < scored[:, None]
+        floor = torch.topk(self._finish(exact, top).masked_fill(~stage1, -math.inf), k, dim=1).values[:, -1]
+        # Stage 2: every row whose approximate score reaches the cutoff below the floor may be in the top-k.
+        needed = _prefix_length(values, _candidate_cutoff(floor, margin, u_out))
+        self._score_prefixes(q64, top, scored, needed, exact)
+        keep = torch.arange(width, device=self.device)[None, :] < torch.maximum(scored, needed)[:, None]
+        rows = torch.arange(n, device=self.device)[:, None].expand(n, width)[keep]
+        cols, scores = top[keep], exact[keep]
+        overflow = torch.nonzero((needed == width) & (width < self.size)).flatten().tolist()
+        if overflow:
+            extra_rows, extra_cols = self._rows_beyond(approx, top, floor, margin, u_out, overflow)
+            extra = torch.cat([self._exact_scores(q64[r], extra_cols[extra_rows == r]) for r in overflow])
+            order = torch.argsort(torch.cat([rows, extra_rows]), stable=True)
+            rows = torch.cat([rows, extra_rows])[order]
+            cols = torch.cat([cols, extra_cols])[order]
+            scores = torch.cat([scores, extra])[order]
+        return self._select(rows, cols, self._finish(scores, cols), n, k)
+
+    def _finish(self, raw: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Scores from raw inner products (any shape) of searchable rows ``cols`` (the same shape):
+        times the row's scale (cosine), plus its bias."""
+        scores = raw * self.scale64[cols]
+        return scores if self.bias64 is None else scores + self.bias64[cols]
+
+    def _rows_beyond(
+        self,
+        approx: torch.Tensor,
+        top: torch.Tensor,
+        floor: torch.Tensor,
+        margin: torch.Tensor,
+        u_out: float,
+        queries: list[int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (query, row) pairs outside ``top`` whose approximate score reaches the cutoff.
+
+        For the listed queries only; returned as two flat tensors, query-ascending.
+        """
+        pick = torch.tensor(queries, device=self.device)
+        lines = approx[pick]
+        lines.scatter_(1, top[pick], -math.inf)  # already scored
+        cutoff = _candidate_cutoff(floor[pick], margin[pick], u_out)
+        where, cols = torch.nonzero(lines >= _round_down(cutoff, lines.dtype)[:, None], as_tuple=True)
+        return pick[where], cols
 
     def _input_margin(self, q_norm: torch.Tensor, q_residual: torch.Tensor) -> torch.Tensor:
         """Bound (float64, per query) on the error from rounding the inputs and accumulating in float32."""
@@ -228,27 +272,30 @@ class ExactSearch:
         accumulation = 2.0 * gamma * (q_norm + q_residual) * (table_norm + table_residual)
         return rounding + accumulation + 1e-12
 
-    def _exact_scores(self, q64: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, n: int) -> torch.Tensor:
-        """Float64 scores of the (query ``rows[i]``, table row ``cols[i]``) pairs, shape ``[P]``.
+    def _score_prefixes(
+        self, q64: torch.Tensor, top: torch.Tensor, start: torch.Tensor, stop: torch.Tensor, out: torch.Tensor
+    ) -> None:
+        """Fill ``out[i, start[i]:stop[i]]`` with the exact scores of rows ``top[i, start[i]:stop[i]]``.
 
-        ``rows`` is sorted, so each query's candidates are one contiguous slice: one small gather and a
-        matrix-vector product per query (at most ``rerank_rows`` table rows at a time). Small gathers
-        stay in cache, which makes their float64 conversion far cheaper than one large batch.
+        ``top`` and ``out`` have shape ``[n, width]``; ``start`` and ``stop`` shape ``[n]``. The scores
+        are unscaled (see :meth:`_exact_scores`). One small gather and matrix-vector product per query:
+        small gathers stay in cache, which makes their float64 conversion far cheaper than one large batch.
         """
-        out = torch.empty(rows.numel(), dtype=torch.float64, device=self.device)
-        counts = torch.bincount(rows, minlength=n).tolist()
-        start = 0
-        for query, count in enumerate(counts):
-            for offset in range(start, start + count, self.rerank_rows):
-                stop = min(offset + self.rerank_rows, start + count)
-                c = cols[offset:stop]
-                table_rows = self.table.detach().index_select(0, self.allowed[c]).to(torch.float64)
-                values = (table_rows @ q64[query]) * self.scale64[c]
-                if self.bias64 is not None:
-                    values = values + self.bias64[c]
-                out[offset:stop] = values
-            start += count
-        return out
+        spans = zip(q64.unbind(0), top.unbind(0), out.unbind(0), start.tolist(), stop.tolist(), strict=True)
+        for query, ids, line, first, last in spans:
+            for offset in range(first, last, self.rerank_rows):
+                end = min(offset + self.rerank_rows, last)
+                line[offset:end] = self._exact_scores(query, ids[offset:end])
+
+    def _exact_scores(self, query64: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Float64 inner products of one query (shape ``[d]``) with searchable rows ``cols`` (shape ``[m]``).
+
+        Unscaled: the caller multiplies by ``scale64[cols]`` (cosine) and adds the bias.
+        """
+        rows = self.table.detach().index_select(0, cols if self._all_rows else self.allowed[cols])
+        if rows.dtype in (torch.float16, torch.bfloat16):
+            rows = rows.to(torch.float32)  # exact, and two vectorised conversions beat one slow one
+        return torch.mv(rows.to(torch.float64), query64)
 
     def _select(self, rows: torch.Tensor, cols: torch.Tensor, exact: torch.Tensor, n: int, k: int) -> TopK:
         """Per query, the k best candidates by (score desc, id asc). Candidates arrive id-ascending.
@@ -289,3 +336,19 @@ def _candidate_cutoff(floor: torch.Tensor, margin: torch.Tensor, u_out: float) -
     """
     slack = floor - margin
     return torch.where(slack >= 0, slack * (1 - u_out), slack * (1 - u_out) / (1 - 2 * u_out))
+
+
+def _round_down(cutoff: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``cutoff`` in ``dtype``, one step lower, so that rounding it never drops a candidate."""
+    rounded = cutoff.to(dtype)
+    return torch.nextafter(rounded, torch.full_like(rounded, -math.inf))
+
+
+def _prefix_length(values: torch.Tensor, cutoff: torch.Tensor) -> torch.Tensor:
+    """Per row of ``values`` (sorted descending, shape ``[n, w]``), how many reach ``cutoff`` (shape ``[n]``)."""
+    return (values >= _round_down(cutoff, values.dtype)[:, None]).sum(dim=1)
+
+
+def _inverse(norms: torch.Tensor) -> torch.Tensor:
+    """``1 / norms``, with 0 for zero norms (zero vectors score 0 against everything)."""
+    return torch.where(norms > 0, 1.0 / norms.clamp_min(1e-300), torch.zeros_like(norms))
