@@ -13,6 +13,7 @@ from PIL import Image
 
 import embedlens
 from embedlens.models.tiny import TinySpec, save_tiny_llava
+from embedlens.taxonomy import Anchors
 
 #: ChatML-style conversation format, as a jinja chat template (a second, non-LLaVA template).
 CHATML_TEMPLATE = (
@@ -111,3 +112,15 @@ def image_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("images") / "noise.png"
     random_image(0).save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_anchor_file(tiny, image_path, tmp_path_factory) -> Path:
+    """Anchors for the tiny vocabulary that hit some tokens: the top-1 ids of three patches."""
+    probe = tiny.probe(image_path, top_k=3)
+    top1 = list(dict.fromkeys(int(i) for i in probe.top_ids[:, 0]))
+    assert len(top1) >= 3
+    anchors = Anchors.for_tokenizer(
+        {"vit_sink": [top1[0]], "llm_sink": [top1[1]], "dead": [top1[2]]}, tiny.adapter.tokenizer, model="tiny"
+    )
+    return anchors.save(tmp_path_factory.mktemp("anchors") / "tiny-anchors.json")

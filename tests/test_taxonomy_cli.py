@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from PIL import Image
 
 from embedlens.cli import main
 from embedlens.taxonomy import GROUPS, LLAVA15_7B_ANCHORS, Anchors, ClassifiedResult
@@ -29,18 +30,6 @@ def assert_user_error(code: int, out: str, err: str, fragment: str) -> None:
     assert "Traceback" not in err
     assert len(err.splitlines()) == 1 and err.startswith("embedlens: error: "), err
     assert fragment in err, err
-
-
-@pytest.fixture(scope="module")
-def tiny_anchor_file(tiny, image_path, tmp_path_factory) -> Path:
-    """Anchors for the tiny vocabulary that hit some tokens: the top-1 ids of three patches."""
-    probe = tiny.probe(image_path, top_k=3)
-    top1 = list(dict.fromkeys(int(i) for i in probe.top_ids[:, 0]))
-    assert len(top1) >= 3
-    anchors = Anchors.for_tokenizer(
-        {"vit_sink": [top1[0]], "llm_sink": [top1[1]], "dead": [top1[2]]}, tiny.adapter.tokenizer, model="tiny"
-    )
-    return anchors.save(tmp_path_factory.mktemp("anchors") / "tiny-anchors.json")
 
 
 def args(tiny_dir: Path, image: Path, *extra: object) -> list[object]:
@@ -92,14 +81,16 @@ class TestJson:
         out_dir = tmp_path / "run"
         code, out, err = run_cli(capsys, *args(tiny_dir, image_path, "--anchors", tiny_anchor_file, "--out", out_dir))
         assert code == 0, err
-        assert sorted(p.name for p in out_dir.iterdir()) == ["result.json", "tokens.parquet"]
+        assert sorted(p.name for p in out_dir.iterdir()) == ["groups.png", "result.json", "tokens.parquet"]
+        with Image.open(out_dir / "groups.png") as picture:
+            assert picture.format == "PNG" and picture.width >= 4 * 32
         frame = pd.read_parquet(out_dir / "tokens.parquet")
         assert {"group", "anchor_id", "is_vit_sink", "is_llm_sink", "is_dead"} <= set(frame.columns)
         saved = json.loads((out_dir / "result.json").read_text(encoding="utf-8"))
         assert [t["group"] for t in saved["tokens"]] == frame["group"].tolist()
         assert "provenance" in saved and saved["anchors"]["model"] == "tiny"
         assert ClassifiedResult.load(out_dir).group.tolist() == frame["group"].tolist()
-        assert f"wrote {out_dir / 'result.json'}" in out
+        assert f"wrote {out_dir / 'result.json'}" in out and f"wrote {out_dir / 'groups.png'}" in out
 
 
 class TestSummary:

@@ -1,4 +1,4 @@
-"""Per-token diagnostics (norms, anchor similarity, cross-layer cosine, attention received), each
+"""Per-token diagnostics (norms, anchor similarity, cross-layer and cross-image cosine, attention received), each
 against an independent computation with plain ``transformers`` calls."""
 
 from __future__ import annotations
@@ -6,10 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from transformers import LlavaForConditionalGeneration
 
 from embedlens import InputError
 from embedlens.taxonomy import Anchors, attention_implementation, diagnose, diagnose_batch, eager_attention
+from embedlens.taxonomy.diagnostics import cross_image_cosine
 from taxonomy_planting import OVERLAP_PATCH, PLANTED, expected_groups, plant, unit_rows
 
 CHEAP = ["row", "col", "group", "anchor_id", "vision_norm", "projected_norm", "anchor_cosine"]
@@ -33,7 +35,7 @@ class TestCheapDiagnostics:
         assert list(frame.columns) == CHEAP
         assert frame.index.name == "index" and frame.index.tolist() == list(range(16))
         assert frame["group"].tolist() == expected_groups()
-        assert frame.attrs == {"cross_layer": None, "attention_layers": []}
+        assert frame.attrs == {"cross_layer": None, "attention_layers": [], "cross_image": False}
         np.testing.assert_allclose(frame["projected_norm"], rows.double().norm(dim=1).numpy(), rtol=1e-12)
 
         # vision norm: the projector's input = CLIP's penultimate layer without CLS ("default" strategy)
@@ -168,3 +170,116 @@ class TestAttentionReceived:
         frame = diagnose(fresh_tiny, image_path, anchors=tiny_anchors(fresh_tiny), attention_layers=[0])
         assert frame["text_attention"].notna().all()
         assert attention_implementation(fresh_tiny.adapter) == "eager"
+
+
+class VaryingProjector(nn.Module):
+    """The planted projector, except that the unplanted patches also get an image-dependent term (a fixed
+    linear map of the vision features, kept orthogonal to the anchor rows so those patches stay alive).
+    Planted patches are identical in every image; the others differ per image."""
+
+    def __init__(self, rows: torch.Tensor, anchor_rows: torch.Tensor, d_vision: int) -> None:
+        super().__init__()
+        basis, _ = torch.linalg.qr(anchor_rows.double().T)  # [d, 3]
+        g = torch.Generator().manual_seed(11)
+        weight = torch.randn(d_vision, rows.shape[1], generator=g, dtype=torch.float64)
+        varying = torch.ones(rows.shape[0], 1, dtype=torch.float64)
+        varying[[*PLANTED.values(), OVERLAP_PATCH]] = 0.0
+        self.register_buffer("rows", rows.detach().double().clone())
+        self.register_buffer("basis", basis)
+        self.register_buffer("weight", weight)
+        self.register_buffer("varying", varying)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        extra = features.double() @ self.weight  # [images, n, d]
+        extra = extra - (extra @ self.basis) @ self.basis.T
+        extra = extra / extra.norm(dim=-1, keepdim=True) * self.rows.norm(dim=-1, keepdim=True)
+        return (self.rows + self.varying * extra).to(features.dtype)
+
+
+def reference_cross_image(hidden0: torch.Tensor, positions: list[torch.Tensor], groups: list[list[str]]) -> np.ndarray:
+    """Independent float64 loop: cosine of each token with the mean of the same cell and group in the
+    other images; shape ``[images, n]``."""
+    vectors = [hidden0[s, positions[s]].double() for s in range(len(positions))]
+    out = np.full((len(vectors), vectors[0].shape[0]), np.nan)
+    for s, own in enumerate(vectors):
+        for i in range(own.shape[0]):
+            others = [vectors[t][i] for t in range(len(vectors)) if t != s and groups[t][i] == groups[s][i]]
+            if others:
+                mean = torch.stack(others).mean(0)
+                out[s, i] = float(own[i] @ mean / (own[i].norm() * mean.norm()))
+    return out
+
+
+class TestCrossImage:
+    """Cross-image consistency: sinks and dead tokens are the same in every image, alive tokens are not."""
+
+    def test_planted_batch(self, fresh_tiny, make_image):
+        anchors, rows = plant(fresh_tiny)
+        table = fresh_tiny.adapter.input_embeddings.weight.detach()
+        anchor_rows = table[[anchors.groups[name][0] for name in PLANTED]]
+        d_vision = fresh_tiny.model.config.vision_config.hidden_size
+        fresh_tiny.model.model.multi_modal_projector = VaryingProjector(rows, anchor_rows, d_vision)
+        images = [make_image(21), make_image(22, 70, 50), make_image(23)]
+        frames = diagnose_batch(fresh_tiny, images, anchors=anchors, cross_image=True)
+        assert [frame.columns.tolist() for frame in frames] == [[*CHEAP, "cross_image_cosine"]] * 3
+        assert all(frame.attrs["cross_image"] is True for frame in frames)
+        assert all(frame["group"].tolist() == expected_groups() for frame in frames)
+
+        planted = [*PLANTED.values(), OVERLAP_PATCH]
+        alive = [i for i in range(16) if i not in planted]
+        for frame in frames:
+            np.testing.assert_allclose(frame.loc[planted, "cross_image_cosine"], 1.0, rtol=0, atol=1e-6)
+            assert (frame.loc[alive, "cross_image_cosine"] < 0.99).all()
+
+        batch = fresh_tiny.prepare(images)
+        with torch.inference_mode():
+            hidden0 = fresh_tiny.model(**batch.inputs, output_hidden_states=True).hidden_states[0]
+        positions = [spans[0].positions for spans in batch.spans]
+        expected = reference_cross_image(hidden0, positions, [frame["group"].tolist() for frame in frames])
+        for frame, values in zip(frames, expected, strict=True):
+            np.testing.assert_allclose(frame["cross_image_cosine"], values, rtol=1e-9, atol=1e-12)
+
+    def test_single_image_is_nan(self, tiny, make_image):
+        frame = diagnose(tiny, make_image(24), anchors=tiny_anchors(tiny), cross_image=True)
+        assert frame.columns.tolist() == [*CHEAP, "cross_image_cosine"]
+        assert frame["cross_image_cosine"].isna().all()
+        assert frame.attrs["cross_image"] is True
+        [only] = diagnose_batch(tiny, [make_image(24)], anchors=tiny_anchors(tiny), cross_image=True)
+        assert only["cross_image_cosine"].isna().all()
+
+    def test_absent_by_default_and_checked(self, tiny, make_image):
+        frames = diagnose_batch(tiny, [make_image(25), make_image(26)], anchors=tiny_anchors(tiny))
+        assert all(frame.columns.tolist() == CHEAP and frame.attrs["cross_image"] is False for frame in frames)
+        with pytest.raises(InputError, match="cross_image"):
+            diagnose(tiny, make_image(25), anchors=tiny_anchors(tiny), cross_image="yes")
+
+    def test_same_group_and_cell_only(self):
+        """Only tokens of the same group at the same cell are averaged; a lone (cell, group) is NaN."""
+        g = torch.Generator().manual_seed(0)
+        vectors = [torch.randn(4, 5, generator=g) for _ in range(3)]
+        groups = [np.array(["dead", "alive", "alive", "alive"])] * 2 + [
+            np.array(["vit_sink", "alive", "alive", "alive"])
+        ]
+        rows = [np.array([0, 0, 1, 1])] * 3
+        cols = [np.array([0, 1, 0, 1])] * 3
+        scores = cross_image_cosine(vectors, groups, rows, cols)
+        v = [x.double() for x in vectors]
+
+        def cos(a, b):
+            return float(a @ b / (a.norm() * b.norm()))
+
+        assert scores[0][0] == pytest.approx(cos(v[0][0], v[1][0]), abs=1e-12)  # image 2's cell 0 is vit_sink
+        assert scores[1][0] == pytest.approx(cos(v[1][0], v[0][0]), abs=1e-12)
+        assert np.isnan(scores[2][0])
+        assert scores[2][3] == pytest.approx(cos(v[2][3], (v[0][3] + v[1][3]) / 2), abs=1e-12)
+        # cells are matched by (row, col), not by position in the list
+        perm = np.array([3, 1, 0, 2])
+        permuted = cross_image_cosine(
+            [vectors[0], vectors[1][perm], vectors[2]],
+            [groups[0], groups[1][perm], groups[2]],
+            [rows[0], rows[1][perm], rows[2]],
+            [cols[0], cols[1][perm], cols[2]],
+        )
+        np.testing.assert_array_equal(permuted[0], scores[0])
+        np.testing.assert_array_equal(permuted[1], scores[1][perm])
+        assert cross_image_cosine([], [], [], []) == []

@@ -7,6 +7,7 @@ line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import collections
+import contextlib
 import sys
 from enum import Enum
 from pathlib import Path
@@ -142,7 +143,9 @@ def classify(
         str | None, typer.Option(help="Your question; the image is placed by the model's chat template.")
     ] = None,
     raw_prompt: RawPromptOpt = None,
-    out: Annotated[Path | None, typer.Option(help="Directory for tokens.parquet and result.json.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Directory for tokens.parquet, result.json and groups.png (the group map).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -162,11 +165,186 @@ def classify(
         raise InputError(no_builtin_message(model))
     session, image = _open_session(image, model, device, dtype, revision, raw_prompt=raw_prompt)
     result = session.classify(image, prompt=prompt, raw_prompt=raw_prompt, anchors=chosen, top_k=top_k)
-    written = list(result.save(out).values()) if out is not None else []
+    written = []
+    if out is not None:
+        from embedlens.taxonomy.pictures import save_group_map
+
+        written = [*result.save(out).values(), save_group_map(result, out / "groups.png")]
     if as_json:
         sys.stdout.write(result.to_json(provenance=False) + "\n")
         return
     _print_classification(result, session.adapter.tokenizer, written)
+
+
+@app.command()
+def stats(
+    dataset: Annotated[Path, typer.Argument(help='Folder of images, or JSONL of {"image": PATH, "prompt": TEXT}.')],
+    out: Annotated[Path, typer.Option(help="Result directory (resumes the run it holds, if the settings match).")],
+    model: ModelOpt = DEFAULT_MODEL,
+    anchors: Annotated[
+        Path | None, typer.Option(help="Anchors JSON file (default: the model's built-in anchors, if any).")
+    ] = None,
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", "-k", help="Nearest ids the rule looks at (default: the anchors', 3).")
+    ] = None,
+    prompt: Annotated[str | None, typer.Option(help="Question for images without one in the dataset.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass and per committed batch.")] = 4,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of images for the intervals.")] = 1000,
+    restart: Annotated[bool, typer.Option(help="Discard what --out holds and start over.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    revision: RevisionOpt = None,
+) -> None:
+    """Group fractions (with intervals), per-token Parquet and heatmaps over a dataset; resumable.
+
+    Under `accelerate launch` or `torchrun` each process takes a contiguous share of the dataset and
+    rank 0 merges the result.
+    """
+    from embedlens.datasets import describe_problems, open_dataset
+    from embedlens.taxonomy.anchors import Anchors, builtin_anchors, no_builtin_message
+    from embedlens.taxonomy.stats import StatsOptions, run_stats, run_stats_distributed
+
+    options = StatsOptions(top_k=top_k, prompt=prompt, batch_size=batch_size, bootstrap=bootstrap)
+    if top_k is not None and top_k <= 0:
+        raise InputError(f"--top-k must be a positive integer, got {top_k}")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out must be a directory, but {out} is a file")
+    data = open_dataset(dataset)
+    chosen = Anchors.load(anchors) if anchors is not None else builtin_anchors(model)
+    if chosen is None:
+        raise InputError(no_builtin_message(model))
+    with _process_group(device) as (rank, world, device):
+        if data.malformed and rank == 0:
+            typer.echo(f"embedlens: warning: {dataset}: {describe_problems(data.malformed)}", err=True)
+        session = _load_session(model, device, dtype, revision)
+        kwargs = {"anchors": chosen, "options": options, "restart": restart, "progress": progress}
+        if world > 1:
+            summary = run_stats_distributed(session, data, out, **kwargs)
+        else:
+            summary = run_stats(session, data, out, **kwargs)
+    if summary is not None:
+        _print_stats(summary)
+
+
+@contextlib.contextmanager
+def _process_group(device: str):
+    """Join the ``torch.distributed`` group that ``accelerate launch`` / ``torchrun`` describe in the
+    environment (``WORLD_SIZE`` > 1), and leave it afterwards; yields ``(rank, world, device)``, the
+    device being this process's GPU under ``device="auto"`` when there are GPUs."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        yield 0, 1, device
+        return
+    import torch
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    if cuda:
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        yield dist.get_rank(), dist.get_world_size(), device
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def _print_stats(summary) -> None:
+    data = summary.data
+    images = data["images"]
+    typer.echo(f"model    {data['model']}")
+    typer.echo(f"dataset  {data['dataset']['source']}: {images['used']} images used of {images['total']}")
+    rule = data["rule"]
+    typer.echo(f"rule     top-{rule['top_k']}, anchors {rule['anchors']} (precedence {' > '.join(rule['precedence'])})")
+    level = data["intervals"]["confidence"]
+    typer.echo("")
+    typer.echo(f"  {'group':<9} {'tokens':>9}  {'share':>6}  {f'{level:.0%} interval (images resampled)':<30}")
+    for name, entry in data["groups"].items():
+        low, high = entry["ci"]
+        typer.echo(f"  {name:<9} {entry['tokens']:>9}  {entry['fraction']:>6.1%}  {low:.1%} .. {high:.1%}")
+    typer.echo(f"  {'total':<9} {data['tokens']:>9}")
+    if images["skipped"]:
+        typer.echo("")
+        typer.echo(f"skipped {images['skipped']} unreadable image(s):")
+        for entry in images["skipped_list"][:10]:
+            typer.echo(f"  {entry['key']}: {entry['reason']}")
+        if images["skipped"] > 10:
+            typer.echo(f"  ... and {images['skipped'] - 10} more (see images.parquet)")
+    typer.echo("")
+    for path in summary.files.values():
+        typer.echo(f"wrote {path}")
+
+
+@app.command("discover-anchors")
+def discover_anchors(
+    dataset: Annotated[Path, typer.Argument(help='Folder of images, or JSONL of {"image": PATH, "prompt": TEXT}.')],
+    out: Annotated[Path, typer.Option(help="Anchors JSON file to write (read back by --anchors).")],
+    model: ModelOpt = DEFAULT_MODEL,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Nearest ids looked at per token.")] = 3,
+    min_fraction: Annotated[
+        float, typer.Option(help="An id must recur in at least this share of the images to be a candidate.")
+    ] = 0.5,
+    prompt: Annotated[str | None, typer.Option(help="Question for images without one in the dataset.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 4,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    revision: RevisionOpt = None,
+) -> None:
+    """Find a model's sink and dead anchor ids over a dataset, with the evidence for each."""
+    from embedlens.datasets import describe_problems, open_dataset
+    from embedlens.session import DEFAULT_PROMPT
+    from embedlens.taxonomy.discover import DiscoveryConfig
+    from embedlens.taxonomy.discover import discover_anchors as discover
+
+    if out.is_dir():
+        raise InputError(f"--out must be a file path, but {out} is a directory")
+    if batch_size <= 0:
+        raise InputError(f"--batch-size must be a positive integer, got {batch_size}")
+    config = DiscoveryConfig(top_k=top_k, min_image_fraction=min_fraction)
+    data = open_dataset(dataset)
+    if data.malformed:
+        typer.echo(f"embedlens: warning: {dataset}: {describe_problems(data.malformed)}", err=True)
+    session = _load_session(model, device, dtype, revision)
+    prompts = [item.prompt or prompt or DEFAULT_PROMPT for item in data.items]
+    found = discover(
+        session, [item.image for item in data.items], prompts, config=config, batch_size=batch_size, progress=progress
+    )
+    found.anchors.save(out)
+    _print_discovery(found, out)
+
+
+def _print_discovery(found, out: Path) -> None:
+    typer.echo(f"model    {found.anchors.model}")
+    typer.echo(f"images   {found.num_images} used, {len(found.skipped)} skipped; {found.num_tokens} visual tokens")
+    typer.echo(
+        f"layers   LLM-sink evidence at layer {found.sink_layer}, dead-token stability at layer {found.cross_layer}"
+    )
+    typer.echo("")
+    typer.echo(
+        f"  {'id':>7}  {'piece':<14} {'images':>6} {'indep':>6} {'norm x':>7} {'bos cos':>7} "
+        f"{'massive':>7} {'stable':>6}  verdict"
+    )
+    for c in found.candidates:
+        verdict = c.group or "-"
+        typer.echo(
+            f"  {c.id:>7}  {c.piece!r:<14} {c.image_fraction:>6.0%} {c.independence:>6.2f} {c.norm_ratio:>7.2f} "
+            f"{c.bos_cosine:>7.2f} {c.massive_ratio:>7.1f} {c.cross_layer_cosine:>6.2f}  {verdict}: {c.reason}"
+        )
+    if not found.candidates:
+        typer.echo("  (no id recurs in enough images to be a candidate)")
+    for entry in found.skipped[:10]:
+        typer.echo(f"skipped  {entry.image}: {entry.reason}")
+    typer.echo("")
+    typer.echo("anchors  " + " | ".join(f"{name} {list(ids)}" for name, ids in found.anchors.groups.items()))
+    typer.echo(f"wrote {out}")
 
 
 @app.command("train-mini")
@@ -210,6 +388,22 @@ def _open_session(
     """
     from embedlens.examples import example_image
     from embedlens.images import load_image
+
+    image = image if image is not None else example_image()
+    load_image(image)  # fail fast on a missing or unreadable image
+    return _load_session(model, device, dtype, revision, raw_prompt=raw_prompt, layer=layer), image
+
+
+def _load_session(
+    model: str,
+    device: str,
+    dtype: str,
+    revision: str | None,
+    *,
+    raw_prompt: str | None = None,
+    layer: int | None = None,
+):
+    """Check the device, layer and placeholder against the config, then load the model quietly."""
     from embedlens.models.base import resolve_layer
     from embedlens.models.registry import (
         adapter_class_for,
@@ -221,8 +415,6 @@ def _open_session(
     )
     from embedlens.session import Session
 
-    image = image if image is not None else example_image()
-    load_image(image)  # fail fast on a missing or unreadable image
     resolve_device(device)
     _quiet_transformers()
     resolved = resolve(model, revision)
@@ -235,7 +427,7 @@ def _open_session(
     if raw_prompt is not None and placeholder not in raw_prompt:
         raise InputError(f"the raw prompt must contain the image placeholder {placeholder!r}")
     adapter = load_adapter(model, device=device, dtype=dtype, revision=revision, config=config, processor=processor)
-    return Session(adapter), image
+    return Session(adapter)
 
 
 def _save(result, out: Path) -> list[Path]:

@@ -18,26 +18,59 @@ from embedlens.taxonomy.anchors import (
     vocabulary_hash,
 )
 from embedlens.taxonomy.classify import classify, classify_batch, resolve_anchors
-from embedlens.taxonomy.diagnostics import attention_implementation, diagnose, diagnose_batch, eager_attention
+from embedlens.taxonomy.diagnostics import (
+    attention_implementation,
+    cross_image_cosine,
+    diagnose,
+    diagnose_batch,
+    eager_attention,
+)
+from embedlens.taxonomy.discover import (
+    AnchorCandidate,
+    Discovery,
+    DiscoveryConfig,
+    SkippedImage,
+    discover_anchors,
+)
+from embedlens.taxonomy.pictures import (
+    GROUP_COLOURS,
+    draw_group_heatmap,
+    draw_group_map,
+    legend_entries,
+    save_group_heatmap,
+    save_group_map,
+)
 from embedlens.taxonomy.result import ClassifiedResult
 from embedlens.taxonomy.rule import Classification, check_precedence, classify_ids
 
 __all__ = [
     "ALIVE",
     "GROUPS",
+    "GROUP_COLOURS",
     "LLAVA15_7B_ANCHORS",
+    "AnchorCandidate",
     "Anchors",
     "Classification",
     "ClassifiedResult",
+    "Discovery",
+    "DiscoveryConfig",
+    "SkippedImage",
     "attention_implementation",
     "builtin_anchors",
     "check_precedence",
     "classify",
     "classify_batch",
     "classify_ids",
+    "cross_image_cosine",
     "diagnose",
     "diagnose_batch",
+    "discover_anchors",
+    "draw_group_heatmap",
+    "draw_group_map",
     "eager_attention",
+    "legend_entries",
     "resolve_anchors",
+    "save_group_heatmap",
+    "save_group_map",
     "vocabulary_hash",
 ]

@@ -12,6 +12,11 @@ On request:
 
 * ``cross_layer_cosine`` (``cross_layer=l``): cosine between the token's layer-0 vector and its residual
   stream at layer ``l`` (how much the LLM changes it; dead tokens stay near 1);
+* ``cross_image_cosine`` (``cross_image=True``, :func:`diagnose_batch` with two or more images): cosine
+  between the token's layer-0 vector and the mean layer-0 vector of the tokens of the *same group* at
+  the *same grid cell* in the *other* images of the batch (cross-image consistency: image-independent
+  tokens such as sinks and dead tokens score about 1, alive tokens lower). NaN when no other image of
+  the batch has a token of that group at that cell (always, for a single image);
 * ``text_attention`` / ``text_attention_share`` (``attention_layers=[...]``): the attention the token
   receives from the text that follows the image. For each chosen decoder layer the weights are
   averaged over heads; ``text_attention`` is the mean, over those layers and over the text query
@@ -170,6 +175,7 @@ def diagnose(
     precedence: Sequence[str] | None = None,
     cross_layer: int | None = None,
     attention_layers: int | Sequence[int] | None = None,
+    cross_image: bool = False,
 ) -> pd.DataFrame:
     """Per-token diagnostics for one image (see the module docs for the columns).
 
@@ -184,12 +190,14 @@ def diagnose(
         cross_layer: Also compare layer 0 with this layer (``0 .. L``, negative from the end).
         attention_layers: Also measure attention received from text in these decoder layers
             (0-based ``0 .. L-1``, negative from the end); switches to eager attention for the forward.
+        cross_image: Also add ``cross_image_cosine``. It compares a token with the same cell of *other*
+            images, so for one image it is all NaN: use :func:`diagnose_batch` with two or more images.
 
     Returns:
         One row per grid token, indexed by token ``index`` (grid order), with columns ``row``, ``col``,
         ``group``, ``anchor_id``, ``vision_norm``, ``projected_norm``, ``anchor_cosine`` and, when asked,
-        ``cross_layer_cosine``, ``text_attention``, ``text_attention_share``. ``frame.attrs`` records
-        ``cross_layer`` and ``attention_layers``.
+        ``cross_layer_cosine``, ``cross_image_cosine``, ``text_attention``, ``text_attention_share``.
+        ``frame.attrs`` records ``cross_layer``, ``attention_layers`` and ``cross_image``.
     """
     return diagnose_batch(
         session,
@@ -201,6 +209,7 @@ def diagnose(
         precedence=precedence,
         cross_layer=cross_layer,
         attention_layers=attention_layers,
+        cross_image=cross_image,
     )[0]
 
 
@@ -215,10 +224,19 @@ def diagnose_batch(
     precedence: Sequence[str] | None = None,
     cross_layer: int | None = None,
     attention_layers: int | Sequence[int] | None = None,
+    cross_image: bool = False,
 ) -> list[pd.DataFrame]:
-    """:func:`diagnose` for several images in one forward pass (one frame per image)."""
+    """:func:`diagnose` for several images in one forward pass (one frame per image, in order).
+
+    With ``cross_image=True`` each frame also gets ``cross_image_cosine``: the cosine between a token's
+    layer-0 vector and the mean layer-0 vector of the tokens that have the same group at the same grid
+    cell ``(row, col)`` in the batch's other images (NaN where there are none, e.g. a one-image batch).
+    See :func:`cross_image_cosine`. The other arguments are those of :func:`diagnose`.
+    """
     if prompts is not None and raw_prompts is not None:
         raise InputError("give either prompts or raw prompts, not both")
+    if not isinstance(cross_image, bool):
+        raise InputError(f"cross_image must be True or False, got {cross_image!r}")
     adapter = session.adapter
     order = check_precedence(precedence)
     chosen = resolve_anchors(session, anchors)
@@ -251,12 +269,21 @@ def diagnose_batch(
 
     lens = session.lens("embedding")
     table = adapter.input_embeddings.weight
+    firsts = [captured.hidden[0][s, span.positions.to(captured.hidden[0].device)] for s, span in enumerate(spans)]
+    classifications = [classify_ids(lens.top_k(first, k).ids, chosen, top_k=k, precedence=order) for first in firsts]
+    cells = [span.rows_cols() for span in spans]
+    across = (
+        cross_image_cosine(
+            firsts, [c.group for c in classifications], [r.numpy() for r, _ in cells], [c.numpy() for _, c in cells]
+        )
+        if cross_image
+        else None
+    )
     frames = []
     for sample, span in enumerate(spans):
         positions = span.positions.to(captured.hidden[0].device)
-        first = captured.hidden[0][sample, positions]  # [n, d]
-        classification = classify_ids(lens.top_k(first, k).ids, chosen, top_k=k, precedence=order)
-        rows, cols = span.rows_cols()
+        first, classification = firsts[sample], classifications[sample]  # first: [n, d]
+        rows, cols = cells[sample]
         columns: dict[str, Any] = {
             "row": rows.numpy(),
             "col": cols.numpy(),
@@ -269,14 +296,52 @@ def diagnose_batch(
         if other is not None:
             later = captured.hidden[other][sample, positions]
             columns["cross_layer_cosine"] = cosine(first, later).cpu().numpy()
+        if across is not None:
+            columns["cross_image_cosine"] = across[sample]
         if attn:
             values = received.result(sample)
             columns["text_attention"] = values.numpy()
             columns["text_attention_share"] = (values / values.sum()).numpy()
         frame = pd.DataFrame(columns, index=pd.RangeIndex(span.num_tokens, name="index"))
-        frame.attrs.update({"cross_layer": other, "attention_layers": attn})
+        frame.attrs.update({"cross_layer": other, "attention_layers": attn, "cross_image": cross_image})
         frames.append(frame)
     return frames
+
+
+def cross_image_cosine(
+    vectors: Sequence[torch.Tensor],
+    groups: Sequence[np.ndarray],
+    rows: Sequence[np.ndarray],
+    cols: Sequence[np.ndarray],
+) -> list[np.ndarray]:
+    """Cross-image consistency of every token of a batch of images (float64).
+
+    A token's score is the cosine between its vector and the mean vector of the tokens with the same
+    group at the same grid cell ``(row, col)`` in the *other* images (each image has one token per cell).
+
+    Args:
+        vectors: Per image, its tokens' layer-0 vectors, shape ``[n_i, d]`` (one device for all).
+        groups: Per image, its tokens' groups, string array ``[n_i]``.
+        rows, cols: Per image, its tokens' grid coordinates, integer arrays ``[n_i]`` each.
+
+    Returns:
+        Per image, float64 array ``[n_i]``; NaN where no other image has a token of that group at that cell.
+    """
+    if not vectors:
+        return []
+    keys: dict[tuple[int, int, str], int] = {}
+    slots = [
+        keys.setdefault((int(r), int(c), str(g)), len(keys))
+        for image_groups, image_rows, image_cols in zip(groups, rows, cols, strict=True)
+        for g, r, c in zip(image_groups, image_rows, image_cols, strict=True)
+    ]
+    flat = torch.cat([v.detach() for v in vectors]).double()  # [N, d]
+    slot = torch.tensor(slots, dtype=torch.long, device=flat.device)  # [N]
+    sums = torch.zeros(len(keys), flat.shape[1], dtype=torch.float64, device=flat.device).index_add_(0, slot, flat)
+    counts = torch.bincount(slot, minlength=len(keys))[slot]  # [N]: images with this (cell, group)
+    others = (sums[slot] - flat) / (counts - 1).clamp_min(1).unsqueeze(1).double()
+    scores = torch.where(counts > 1, cosine(flat, others), float("nan")).cpu().numpy()
+    return list(np.split(scores, np.cumsum([int(v.shape[0]) for v in vectors])[:-1]))
 
 
 def _vision_features(features: torch.Tensor | None, span: VisualSpan) -> torch.Tensor:
