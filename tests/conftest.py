@@ -124,3 +124,14 @@ def tiny_anchor_file(tiny, image_path, tmp_path_factory) -> Path:
         {"vit_sink": [top1[0]], "llm_sink": [top1[1]], "dead": [top1[2]]}, tiny.adapter.tokenizer, model="tiny"
     )
     return anchors.save(tmp_path_factory.mktemp("anchors") / "tiny-anchors.json")
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """A dataset folder: four noise images ``0.png`` .. ``3.png`` and ``9.png``, which is not an image."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        random_image(i).save(folder / f"{i}.png")
+    (folder / "9.png").write_bytes(b"broken")
+    return folder

@@ -37,6 +37,13 @@ RawPromptOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")]
 DtypeOpt = Annotated[str, typer.Option(help="auto, float32, float16 or bfloat16.")]
 RevisionOpt = Annotated[str | None, typer.Option(help="Hub revision of the model.")]
+AnchorsOpt = Annotated[
+    Path | None, typer.Option(help="Anchors JSON file (default: the model's built-in anchors, if any).")
+]
+RuleTopKOpt = Annotated[
+    int | None, typer.Option("--top-k", "-k", help="Nearest ids the rule looks at (default: the anchors', 3).")
+]
+DatasetArg = Annotated[Path, typer.Argument(help='Folder of images, or JSONL of {"image": PATH, "prompt": TEXT}.')]
 
 
 @app.callback()
@@ -133,12 +140,8 @@ def generate(
 def classify(
     image: ImageArg = None,
     model: ModelOpt = DEFAULT_MODEL,
-    anchors: Annotated[
-        Path | None, typer.Option(help="Anchors JSON file (default: the model's built-in anchors, if any).")
-    ] = None,
-    top_k: Annotated[
-        int | None, typer.Option("--top-k", "-k", help="Nearest ids the rule looks at (default: the anchors', 3).")
-    ] = None,
+    anchors: AnchorsOpt = None,
+    top_k: RuleTopKOpt = None,
     prompt: Annotated[
         str | None, typer.Option(help="Your question; the image is placed by the model's chat template.")
     ] = None,
@@ -178,15 +181,11 @@ def classify(
 
 @app.command()
 def stats(
-    dataset: Annotated[Path, typer.Argument(help='Folder of images, or JSONL of {"image": PATH, "prompt": TEXT}.')],
+    dataset: DatasetArg,
     out: Annotated[Path, typer.Option(help="Result directory (resumes the run it holds, if the settings match).")],
     model: ModelOpt = DEFAULT_MODEL,
-    anchors: Annotated[
-        Path | None, typer.Option(help="Anchors JSON file (default: the model's built-in anchors, if any).")
-    ] = None,
-    top_k: Annotated[
-        int | None, typer.Option("--top-k", "-k", help="Nearest ids the rule looks at (default: the anchors', 3).")
-    ] = None,
+    anchors: AnchorsOpt = None,
+    top_k: RuleTopKOpt = None,
     prompt: Annotated[str | None, typer.Option(help="Question for images without one in the dataset.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass and per committed batch.")] = 4,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of images for the intervals.")] = 1000,
@@ -284,7 +283,7 @@ def _print_stats(summary) -> None:
 
 @app.command("discover-anchors")
 def discover_anchors(
-    dataset: Annotated[Path, typer.Argument(help='Folder of images, or JSONL of {"image": PATH, "prompt": TEXT}.')],
+    dataset: DatasetArg,
     out: Annotated[Path, typer.Option(help="Anchors JSON file to write (read back by --anchors).")],
     model: ModelOpt = DEFAULT_MODEL,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Nearest ids looked at per token.")] = 3,

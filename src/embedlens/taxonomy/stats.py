@@ -28,7 +28,7 @@ import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -46,6 +46,8 @@ from embedlens.taxonomy.rule import check_precedence
 
 if TYPE_CHECKING:
     from embedlens.session import Session
+
+_T = TypeVar("_T")
 
 RUN_FILE = "run.json"
 PARTS_DIR = "parts"
@@ -574,24 +576,25 @@ def run_stats_distributed(
     options = options or StatsOptions()
     out = Path(out)
     chosen = resolve_anchors(session, anchors)
-    problem = [None]
-    if rank == 0:
-        try:
-            prepare_output(out, run_identity(session, dataset, chosen, options), restart=restart)
-        except InputError as exc:
-            problem[0] = str(exc)
-    dist.broadcast_object_list(problem, src=0)
-    if problem[0] is not None:
-        raise InputError(problem[0])
+    identity = run_identity(session, dataset, chosen, options)
+    _on_rank_zero(lambda: prepare_output(out, identity, restart=restart))
     collect(session, dataset, out, anchors=chosen, options=options, rank=rank, world=world, progress=progress)
     dist.barrier()
-    summary = None
-    if rank == 0:
+    return _on_rank_zero(lambda: merge(out, dataset, options, picture=picture))
+
+
+def _on_rank_zero(work: Callable[[], _T]) -> _T | None:
+    """Run ``work`` on rank 0 only and return its result there (None elsewhere); an :class:`InputError`
+    on rank 0 is raised on every rank, so that no process is left waiting for the others."""
+    import torch.distributed as dist
+
+    result, problem = None, [None]
+    if dist.get_rank() == 0:
         try:
-            summary = merge(out, dataset, options, picture=picture)
+            result = work()
         except InputError as exc:
             problem[0] = str(exc)
     dist.broadcast_object_list(problem, src=0)
     if problem[0] is not None:
         raise InputError(problem[0])
-    return summary
+    return result
