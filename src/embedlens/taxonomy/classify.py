@@ -41,6 +41,23 @@ def resolve_anchors(session: Session, anchors: AnchorsLike = None) -> Anchors:
     return anchors
 
 
+def rule_settings(
+    session: Session, anchors: AnchorsLike, top_k: int | None, precedence: Sequence[str] | None
+) -> tuple[tuple[str, ...], Anchors, int]:
+    """The checked precedence, anchors and top-k of one application of the rule.
+
+    Raises:
+        InputError: An unknown group in ``precedence``, unusable anchors, or a top-k that is not a
+            positive integer.
+    """
+    order = check_precedence(precedence)
+    chosen = resolve_anchors(session, anchors)
+    k = chosen.top_k if top_k is None else top_k
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise InputError(f"top-k must be a positive integer, got {k!r}")
+    return order, chosen, k
+
+
 def classify(
     session: Session,
     image: ImageLike,
@@ -88,11 +105,7 @@ def classify_batch(
     precedence: Sequence[str] | None = None,
 ) -> list[ClassifiedResult]:
     """:func:`classify` for several images in one forward pass."""
-    order = check_precedence(precedence)
-    chosen = resolve_anchors(session, anchors)
-    k = chosen.top_k if top_k is None else top_k
-    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-        raise InputError(f"top-k must be a positive integer, got {k!r}")
+    order, chosen, k = rule_settings(session, anchors, top_k, precedence)
     probes = session.probe_batch(images, prompts, raw_prompts=raw_prompts, layer=layer, top_k=k, lens="embedding")
     return [
         ClassifiedResult(

@@ -42,8 +42,8 @@ from embedlens.capture import run_captured
 from embedlens.errors import EmbedLensError, InputError
 from embedlens.images import ImageLike
 from embedlens.models.base import ModelAdapter, VisualSpan
-from embedlens.taxonomy.classify import AnchorsLike, resolve_anchors
-from embedlens.taxonomy.rule import check_precedence, classify_ids
+from embedlens.taxonomy.classify import AnchorsLike, rule_settings
+from embedlens.taxonomy.rule import classify_ids
 
 if TYPE_CHECKING:
     from embedlens.session import Session
@@ -238,11 +238,7 @@ def diagnose_batch(
     if not isinstance(cross_image, bool):
         raise InputError(f"cross_image must be True or False, got {cross_image!r}")
     adapter = session.adapter
-    order = check_precedence(precedence)
-    chosen = resolve_anchors(session, anchors)
-    k = chosen.top_k if top_k is None else top_k
-    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-        raise InputError(f"top-k must be a positive integer, got {k!r}")
+    order, chosen, k = rule_settings(session, anchors, top_k, precedence)
     other = adapter.check_layer(cross_layer) if cross_layer is not None else None
     attn = resolve_attention_layers(attention_layers, adapter.num_layers) if attention_layers is not None else []
     raw = raw_prompts is not None
