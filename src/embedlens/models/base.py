@@ -155,6 +155,35 @@ class ModelAdapter(ABC):
 
     @property
     @abstractmethod
+    def language_model(self) -> nn.Module:
+        """The decoder stack whose forward takes ``inputs_embeds``, ``attention_mask``, ``position_ids``
+        and ``cache`` (visual tokens already scattered in) and runs the decoder layers."""
+
+    @abstractmethod
+    def position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
+        """What the decoder layers receive as ``position_embeddings`` for these positions.
+
+        Args:
+            hidden: Any tensor with the hidden states' dtype and device, shape ``[B, T, d]``.
+            position_ids: Positions, shape ``[B, T]``.
+        """
+
+    @property
+    def attention_implementation(self) -> str:
+        """The LLM's attention implementation (``"sdpa"``, ``"eager"``, ...)."""
+        config = getattr(self.language_model, "config", None)
+        return str(getattr(config, "_attn_implementation", None) or "eager")
+
+    @abstractmethod
+    def image_grids(self, inputs: dict[str, Any]) -> list[tuple[int, int]]:
+        """``(rows, cols)`` of every image in a batch of model inputs (empty when there are none).
+
+        Args:
+            inputs: The model's forward keyword arguments (``pixel_values`` etc.).
+        """
+
+    @property
+    @abstractmethod
     def vision_tower(self) -> nn.Module:
         """The vision encoder."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,6 +58,32 @@ class LlavaAdapter(ModelAdapter):
     @property
     def lm_head(self) -> nn.Linear:
         return self.model.lm_head
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self._llm
+
+    def position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
+        return self._llm.rotary_emb(hidden, position_ids=position_ids)
+
+    def image_grids(self, inputs: dict[str, Any]) -> list[tuple[int, int]]:
+        pixel_values = inputs.get("pixel_values")
+        if pixel_values is not None:
+            height, width = pixel_values.shape[-2:]
+            return [(height // self.patch_size, width // self.patch_size)] * pixel_values.shape[0]
+        # ``generate`` encodes the images before the first forward and passes the projector outputs.
+        encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
+        if encoded is None:
+            return []
+        extra = 1 if getattr(self.model.config, "vision_feature_select_strategy", "default") == "full" else 0
+        grids = []
+        for features in encoded.pooler_output:
+            count = int(features.shape[-2]) - extra
+            side = math.isqrt(count)
+            if side * side != count:
+                raise InputError(f"cannot tell the patch grid of an image with {count} visual tokens")
+            grids.append((side, side))
+        return grids
 
     @property
     def vision_tower(self) -> nn.Module:
@@ -136,10 +163,7 @@ class LlavaAdapter(ModelAdapter):
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         pixel_values = encoded.get("pixel_values")
-        grids = []
-        if pixel_values is not None:
-            height, width = pixel_values.shape[-2:]
-            grids = [(height // self.patch_size, width // self.patch_size)] * pixel_values.shape[0]
+        grids = self.image_grids(encoded)
         spans = self.find_spans(encoded["input_ids"], grids)
         views = [self._view(pixel_values[i]) for i in range(len(grids))] if pixel_values is not None else []
         return PreparedBatch(inputs=inputs, spans=spans, texts=texts, views=views)
