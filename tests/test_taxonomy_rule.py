@@ -215,9 +215,15 @@ class TestBuiltinAnchors:
     def test_known_names(self, name):
         assert builtin_anchors(name) is LLAVA15_7B_ANCHORS
 
-    @pytest.mark.parametrize("name", ["tiny-llava", "embedlens-mini", "llava-hf/llava-1.5-13b-hf", ""])
+    @pytest.mark.parametrize("name", ["tiny-llava", "my-embedlens-mini", "llava-hf/llava-1.5-13b-hf", ""])
     def test_unknown_names(self, name):
         assert builtin_anchors(name) is None
+
+    @pytest.mark.parametrize("name", ["embedlens-mini", "/root/.cache/embedlens/embedlens-mini-v1"])
+    def test_mini_has_its_discovered_anchors(self, name):
+        anchors = builtin_anchors(name)
+        assert anchors is not None and anchors.model == "embedlens-mini"
+        assert anchors.groups["llm_sink"] == (17269,)
 
     def test_from_config(self):
         class Config:

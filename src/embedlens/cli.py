@@ -121,19 +121,85 @@ def generate(
     raw_prompt: RawPromptOpt = None,
     model: ModelOpt = DEFAULT_MODEL,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 64,
+    intervene: Annotated[
+        list[str],
+        typer.Option(
+            help="Intervention, repeatable: prune:dead, prune:sink+dead,positions=reindex, "
+            "prune:dead,select=matched_random,seed=1, prune:[0,5,7], skip:llm_sink@1.5, skip:visual@0-3.5, "
+            "inject@8, exit@12, scale:0.01."
+        ),
+    ] = [],  # noqa: B006  (typer reads the default; it is never mutated)
+    anchors: AnchorsOpt = None,
+    timing: Annotated[
+        bool, typer.Option("--timing", help="Also time the prefill, untouched and with the interventions.")
+    ] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     revision: RevisionOpt = None,
 ) -> None:
-    """Answer a question about an image (greedy decoding, the model's prompt format)."""
+    """Answer a question about an image (greedy decoding), optionally under interventions.
+
+    With --intervene (or --timing) it also prints the tokens entering each decoder layer and the
+    prefill FLOPs against the untouched model.
+    """
+    from embedlens.interventions import parse_all
+
     if max_new_tokens <= 0:
         raise InputError(f"--max-new-tokens must be a positive integer, got {max_new_tokens}")
     if (prompt is None) == (raw_prompt is None):
         raise InputError("give exactly one of --prompt or --raw-prompt")
-    session, image = _open_session(image, model, device, dtype, revision, raw_prompt=raw_prompt)
+    items = parse_all(intervene)
+    session, image = _open_session(image, model, device, dtype, revision, raw_prompt=raw_prompt, interventions=items)
     text = raw_prompt if raw_prompt is not None else prompt
-    answer = session.generate([image], [text], raw=raw_prompt is not None, max_new_tokens=max_new_tokens)[0]
-    typer.echo(answer)
+    batch = session.prepare([image], [text], raw=raw_prompt is not None)
+    answers, run = session.generate_batch(batch, max_new_tokens=max_new_tokens, interventions=items, anchors=anchors)
+    typer.echo(answers[0])
+    if items or timing:
+        _print_accounting(session, batch, run, items, anchors, timing)
+
+
+def _print_accounting(session, batch, run, items, anchors, timing: bool) -> None:
+    """Tokens per layer, what was removed, FLOPs (and latency) against the untouched model."""
+    from embedlens.bench.accounting import account
+    from embedlens.bench.flops import sample_flops
+
+    record = run.last.samples[0]
+    typer.echo(f"interventions: {run.describe()}")
+    typer.echo(f"tokens per layer: {_runs(record.tokens_per_layer)} (untouched: {record.length})")
+    if run.plan.prunes:
+        typer.echo(f"pruned: {len(record.pruned)} of {record.visual} visual tokens")
+    for name, seed in record.seeds.items():
+        typer.echo(f"seed of {name}: {seed}")
+    if record.skipped:
+        skipped = ", ".join(f"{rows} tokens at {where}" for where, rows in record.skipped.items())
+        typer.echo(f"skipped updates: {skipped}")
+    if timing:
+        found = account(session, batch, items, measure=True, anchors=anchors)
+        flops, baseline = found.flops, found.baseline
+    else:
+        flops, baseline = sample_flops(session.adapter, record), sample_flops(session.adapter, record, baseline=True)
+    typer.echo(
+        f"prefill FLOPs: {flops.total / 1e9:.2f} G (untouched {baseline.total / 1e9:.2f} G, "
+        f"predicted speedup {baseline.total / flops.total:.2f}x; vision {flops.vision / 1e9:.2f} G)"
+    )
+    if run.plan.skips:
+        typer.echo("note: skipped updates are computed and then zeroed, so their FLOP saving is not realised")
+    if timing:
+        typer.echo(
+            f"prefill time: {found.seconds:.3f} s (untouched {found.baseline_seconds:.3f} s, "
+            f"measured speedup {found.measured_speedup:.2f}x)"
+        )
+
+
+def _runs(values: list[int]) -> str:
+    """``[7, 7, 23, 23]`` -> ``"7 (layers 0-1), 23 (layers 2-3)"``."""
+    parts, start = [], 0
+    for index in range(1, len(values) + 1):
+        if index == len(values) or values[index] != values[start]:
+            where = f"layer {start}" if index - 1 == start else f"layers {start}-{index - 1}"
+            parts.append(f"{values[start]} ({where})")
+            start = index
+    return ", ".join(parts)
 
 
 @app.command()
@@ -380,6 +446,7 @@ def _open_session(
     *,
     raw_prompt: str | None = None,
     layer: int | None = None,
+    interventions: list | None = None,
 ):
     """Check the cheap things first (image, device, layer, placeholder), then load the model quietly.
 
@@ -390,7 +457,10 @@ def _open_session(
 
     image = image if image is not None else example_image()
     load_image(image)  # fail fast on a missing or unreadable image
-    return _load_session(model, device, dtype, revision, raw_prompt=raw_prompt, layer=layer), image
+    session = _load_session(
+        model, device, dtype, revision, raw_prompt=raw_prompt, layer=layer, interventions=interventions
+    )
+    return session, image
 
 
 def _load_session(
@@ -401,8 +471,9 @@ def _load_session(
     *,
     raw_prompt: str | None = None,
     layer: int | None = None,
+    interventions: list | None = None,
 ):
-    """Check the device, layer and placeholder against the config, then load the model quietly."""
+    """Check the device, layer, interventions and placeholder against the config, then load the model."""
     from embedlens.models.base import resolve_layer
     from embedlens.models.registry import (
         adapter_class_for,
@@ -421,6 +492,10 @@ def _load_session(
     adapter_cls = adapter_class_for(config)
     if layer is not None:
         resolve_layer(layer, adapter_cls.num_layers_from_config(config))
+    if interventions:
+        from embedlens.interventions import plan
+
+        plan(interventions, adapter_cls.num_layers_from_config(config))
     processor = load_processor(resolved)
     placeholder = getattr(processor, "image_token", "<image>")
     if raw_prompt is not None and placeholder not in raw_prompt:

@@ -20,6 +20,7 @@ from embedlens.models.registry import load_adapter
 from embedlens.result import ProbeResult, Provenance, config_hash
 
 if TYPE_CHECKING:
+    from embedlens.interventions import Intervention, InterventionRun
     from embedlens.taxonomy import Anchors, ClassifiedResult
 
 DEFAULT_PROMPT = "Describe the image."
@@ -116,22 +117,49 @@ class Session:
         *,
         raw: bool = False,
         max_new_tokens: int = 32,
+        interventions: Sequence[Intervention] = (),
+        anchors: Anchors | str | Path | None = None,
     ) -> list[str]:
         """Greedy answers, one per (image, prompt) pair, in the model's prompt format.
 
         Batches are left-padded with the attention mask and position ids following it, so a sample's
         answer does not depend on its neighbours (up to the rounding of batched kernels).
+
+        Args:
+            images: One image per sample.
+            prompts: One question per sample (or the model's full text with ``raw=True``).
+            raw: Use the prompts verbatim.
+            max_new_tokens: Longest answer, in tokens.
+            interventions: Prune / Skip / Inject / Exit / Scale objects applied while generating (see
+                :func:`embedlens.interventions.intervene`, which also returns what they did).
+            anchors: Anchors for group targets (default: the model's built-in anchors).
         """
+        batch = self.prepare(images, prompts, raw=raw)
+        answers, _ = self.generate_batch(
+            batch, max_new_tokens=max_new_tokens, interventions=interventions, anchors=anchors
+        )
+        return answers
+
+    def generate_batch(
+        self,
+        batch: PreparedBatch,
+        *,
+        max_new_tokens: int = 32,
+        interventions: Sequence[Intervention] = (),
+        anchors: Anchors | str | Path | None = None,
+    ) -> tuple[list[str], InterventionRun]:
+        """Greedy answers for a prepared batch, and the record of what the interventions did."""
         if max_new_tokens <= 0:
             raise InputError(f"max_new_tokens must be positive, got {max_new_tokens}")
-        batch = self.prepare(images, prompts, raw=raw)
-        with torch.inference_mode():
+        from embedlens.interventions import intervene
+
+        with intervene(self, interventions, anchors=anchors) as run, torch.inference_mode():
             output = self.adapter.model.generate(
                 **batch.inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1
             )
         new_tokens = output[:, batch.inputs["input_ids"].shape[1] :]
         texts = self.adapter.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        return [text.strip() for text in texts]
+        return [text.strip() for text in texts], run
 
     def probe(
         self,

@@ -54,6 +54,10 @@ class SampleRecord:
         seeds: Seed of each ``matched_random`` Prune, keyed by its notation.
         tokens_per_layer: Tokens entering each decoder layer (``num_layers`` entries).
         skipped: Tokens whose update each skipped sublayer zeroes, keyed by ``"n"`` / ``"n.5"``.
+        skipped_visible: For each skipped attention sublayer (``"n"``), ``(rows, keys)``: the rows
+            skipped and the sum of the keys each would have attended to (for FLOP accounting).
+        images: Images in the sample.
+        grid_tokens: Grid tokens per image.
     """
 
     sample_id: int
@@ -65,6 +69,9 @@ class SampleRecord:
     seeds: dict[str, int] = field(default_factory=dict)
     tokens_per_layer: list[int] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)
+    skipped_visible: dict[str, tuple[int, int]] = field(default_factory=dict)
+    images: int = 0
+    grid_tokens: int = 0
 
 
 @dataclass
@@ -331,6 +338,8 @@ class _Engine:
                 sample_id=int(ids[row]),
                 length=int(mask[row].sum()),
                 visual=int(sample.num_tokens + sample.extra.numel()),
+                images=len(spans[row]),
+                grid_tokens=int(spans[row][0].num_tokens) if spans[row] else 0,
             )
             if sample.labels is not None:
                 record.groups = {str(name): int((sample.labels == name).sum()) for name in sorted(set(sample.labels))}
@@ -391,10 +400,12 @@ class _Engine:
             state.skip_rows[pair] = cols.gather(1, phase.columns.clamp(min=0)) & phase.valid
         for row, record in enumerate(records):
             record.tokens_per_layer = [int(phases[index].valid[row].sum()) for index in state.phase_of_layer]
-            record.skipped = {
-                f"{layer}{'.5' if part == 'mlp' else ''}": int(rows[row].sum())
-                for (layer, part), rows in sorted(state.skip_rows.items())
-            }
+            for (layer, part), rows in sorted(state.skip_rows.items()):
+                name = f"{layer}{'.5' if part == 'mlp' else ''}"
+                record.skipped[name] = int(rows[row].sum())
+                if part == "attn":
+                    visible = phases[state.phase_of_layer[layer]].valid[row].long().cumsum(0)
+                    record.skipped_visible[name] = (int(rows[row].sum()), int(visible[rows[row]].sum()))
         self.state = state
         self.run.records.append(PrefillRecord(samples=records, output_positions=phases[-1].columns.cpu()))
 

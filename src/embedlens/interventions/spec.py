@@ -26,6 +26,7 @@ The text notation, used by the CLI (``--intervene``) and by evaluation presets, 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -184,7 +185,7 @@ def _as_sublayer(item: Any) -> tuple[int, str]:
     if isinstance(item, bool) or not isinstance(item, (int, float)):
         raise InputError(f"malformed sublayer {item!r}: use n (attention of layer n) or n.5 (its MLP)")
     doubled = float(item) * 2
-    if doubled != int(doubled) or item < 0:
+    if not math.isfinite(doubled) or doubled != int(doubled) or item < 0:
         raise InputError(f"malformed sublayer {item!r}: use n (attention of layer n) or n.5 (its MLP)")
     return int(item), ("mlp" if int(doubled) % 2 else "attn")
 
@@ -205,13 +206,13 @@ def from_dict(data: Any) -> Intervention:
         raise InputError(f"an intervention must be an object with a 'kind', got {data!r}")
     fields = dict(data)
     kind = fields.pop("kind")
-    cls = KINDS.get(kind)
+    cls = KINDS.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise InputError(f"unknown intervention kind {kind!r}; kinds are {', '.join(KINDS)}")
-    for key in ("indices", "sublayers"):
-        if fields.get(key) is not None:
-            fields[key] = tuple(tuple(v) if isinstance(v, list) else v for v in fields[key])
     try:
+        for key in ("indices", "sublayers"):
+            if fields.get(key) is not None:
+                fields[key] = tuple(tuple(v) if isinstance(v, list) else v for v in fields[key])
         return cls(**fields)
     except TypeError as exc:
         raise InputError(f"bad fields for a {kind} intervention: {sorted(fields)}") from exc
@@ -240,9 +241,13 @@ def _number(text: str, spec: str) -> float:
 
 def _layer(text: str, spec: str) -> int:
     value = _number(text, spec)
-    if value != int(value):
+    if not math.isfinite(value) or value != int(value):
         raise InputError(f"layer {text!r} must be a whole number in intervention {spec!r}")
     return int(value)
+
+
+#: Longest sublayer range the notation accepts (far above any real model's depth).
+_MAX_LAYERS = 1024
 
 
 def parse_sublayers(text: str, spec: str | None = None) -> tuple[tuple[int, str], ...]:
@@ -252,11 +257,15 @@ def parse_sublayers(text: str, spec: str | None = None) -> tuple[tuple[int, str]
     for chunk in filter(None, (c.strip() for c in text.split(","))):
         if "-" in chunk:
             start_text, _, stop_text = chunk.partition("-")
+            if not start_text.strip() or not stop_text.strip():
+                raise InputError(f"malformed sublayer {chunk!r} in intervention {spec!r}: use n, n.5 or a range a-b")
             start, stop = _number(start_text, spec), _number(stop_text, spec)
             _as_sublayer(start), _as_sublayer(stop)  # both ends must be valid sublayers
             if start > stop:
                 raise InputError(f"sublayer range {chunk!r} runs backwards in intervention {spec!r}")
             steps = round((stop - start) * 2)
+            if steps > 2 * _MAX_LAYERS:
+                raise InputError(f"sublayer range {chunk!r} is longer than any model's {_MAX_LAYERS} layers")
             pairs.extend(_as_sublayer(start + step / 2) for step in range(steps + 1))
         else:
             pairs.append(_as_sublayer(_number(chunk, spec)))
@@ -330,6 +339,12 @@ def parse_all(specs: Iterable[str]) -> list[Intervention]:
     return [parse(spec) for spec in specs]
 
 
+def _float_text(value: float) -> str:
+    """Short text for ``value`` (``0.01``, ``2``) that still parses back to exactly ``value``."""
+    text = f"{value:g}"
+    return text if float(text) == value else repr(value)
+
+
 def describe(item: Intervention) -> str:
     """The intervention in the text notation (round-trips through :func:`parse`)."""
     if isinstance(item, (Prune, Skip)):
@@ -342,10 +357,10 @@ def describe(item: Intervention) -> str:
         options += [f"positions={item.positions}"] if item.positions != "keep" else []
         return ",".join([f"prune:{target}", *options])
     if isinstance(item, Inject):
-        return f"inject@{item.layer}" + (f",scale={item.scale:g}" if item.scale != 1.0 else "")
+        return f"inject@{item.layer}" + (f",scale={_float_text(item.scale)}" if item.scale != 1.0 else "")
     if isinstance(item, Exit):
         return f"exit@{item.layer}"
-    return f"scale:{item.factor:g}"
+    return f"scale:{_float_text(item.factor)}"
 
 
 # --------------------------------------------------------------------------- checks against a model

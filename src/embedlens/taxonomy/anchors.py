@@ -271,13 +271,27 @@ def _model_name(model_name_or_config: Any) -> str:
     return ""
 
 
+#: The embedded mini model (by name or its cache directory ``embedlens-mini-v<N>``).
+_MINI_NAME = re.compile(r"(^|[/\\])embedlens-mini(-v\d+)?[/\\]?$")
+
+
+def mini_anchors() -> Anchors:
+    """The embedded mini model's anchors, found by ``embedlens discover-anchors`` (docs/results)."""
+    from importlib.resources import files
+
+    return Anchors.load(Path(str(files("embedlens") / "assets" / "anchors" / "embedlens-mini.json")))
+
+
 def builtin_anchors(model_name_or_config: Any) -> Anchors | None:
     """The built-in anchors for a model (by name, path or ``transformers`` config), or None.
 
-    Only LLaVA-1.5-7B has built-in anchors: the paper's ids 1141 / 26673 / 30296.
+    LLaVA-1.5-7B has the paper's ids 1141 / 26673 / 30296; the embedded mini model has the anchors
+    EmbedLens discovered for it (one LLM-sink id, no ViT-sink or dead ids).
     """
     name = _model_name(model_name_or_config)
-    return LLAVA15_7B_ANCHORS if _LLAVA15_7B_NAME.search(name) else None
+    if _LLAVA15_7B_NAME.search(name):
+        return LLAVA15_7B_ANCHORS
+    return mini_anchors() if _MINI_NAME.search(name) else None
 
 
 def no_builtin_message(model: str) -> str:

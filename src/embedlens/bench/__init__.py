@@ -1,0 +1,1 @@
+"""Measurement: FLOP accounting and prefill latency."""
