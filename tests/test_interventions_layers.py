@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from embedlens.interventions import Exit, Inject, Scale, Skip, intervene
+from embedlens.interventions import Exit, Inject, Prune, Scale, Skip, intervene
 from intervention_helpers import batch_of, cache_lengths, greedy, layer0_inputs, new_tokens, record_layer_calls
 
 
@@ -192,3 +192,24 @@ def test_inject_and_exit_under_both_attention_kinds(tiny_dir, attn):
         single = batch_of(session, [row], [prompt])
         with intervene(session, [Inject(1), Exit(3)]):
             assert torch.equal(new_tokens(greedy(session.model, **single.inputs), single)[0], together[row])
+
+
+@pytest.mark.parametrize(
+    "prompts",
+    [("what is this", "is there a red thing in the picture"), ("is there a red thing in the picture", "what is this")],
+)
+def test_ragged_prune_with_inject_and_exit_matches_single_samples(tiny, tiny_anchor_file, prompts):
+    """Samples that lose different numbers of tokens, re-laid at Inject and Exit, answer as alone.
+
+    Both prompt orders run, so in one of them the longer (unpadded) prompt loses more tokens and gets
+    padding slots of its own at every layout change.
+    """
+    items = [Prune(group="dead+sink"), Inject(1), Exit(3)]
+    batch = batch_of(tiny, [0, 5], list(prompts))
+    with intervene(tiny, items, anchors=tiny_anchor_file) as run:
+        together = new_tokens(greedy(tiny.model, **batch.inputs), batch)
+    assert len({len(sample.pruned) for sample in run.last.samples}) == 2
+    for row, (seed, prompt) in enumerate(zip([0, 5], prompts, strict=True)):
+        single = batch_of(tiny, [seed], [prompt])
+        with intervene(tiny, items, anchors=tiny_anchor_file):
+            assert torch.equal(new_tokens(greedy(tiny.model, **single.inputs), single)[0], together[row])

@@ -171,7 +171,9 @@ def _print_accounting(session, batch, run, items, anchors, timing: bool) -> None
     for name, seed in record.seeds.items():
         typer.echo(f"seed of {name}: {seed}")
     if record.skipped:
-        skipped = ", ".join(f"{rows} tokens at {where}" for where, rows in record.skipped.items())
+        skipped = ", ".join(
+            f"{rows} token{'' if rows == 1 else 's'} at {where}" for where, rows in record.skipped.items()
+        )
         typer.echo(f"skipped updates: {skipped}")
     if timing:
         found = account(session, batch, items, measure=True, anchors=anchors)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from embedlens.bench.flops import FlopCount, sample_flops
+from embedlens.errors import InputError
 from embedlens.interventions import Intervention, InterventionRun, describe, intervene
 from embedlens.models.base import PreparedBatch
 
@@ -86,6 +87,8 @@ def time_prefill(
 
     Returns the median and the run (its records tell the tokens per layer of the last prefill).
     """
+    if repeats < 1 or warmup < 0:
+        raise InputError(f"timing needs repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
     device = session.adapter.device
     times = []
     with intervene(session, interventions, anchors=anchors) as run:

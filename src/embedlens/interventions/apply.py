@@ -287,9 +287,9 @@ class _Engine:
             rows = state.skip_rows.get((layer, part))
             if rows is None or not bool(rows.any()):
                 return output
-            if isinstance(output, tuple):
-                return (output[0].masked_fill(rows[..., None], 0), *output[1:])
-            return output.masked_fill(rows[..., None], 0)
+            first = output[0] if isinstance(output, tuple) else output
+            zeroed = first.masked_fill(rows.to(first.device)[..., None], 0)
+            return (zeroed, *output[1:]) if isinstance(output, tuple) else zeroed
 
         return hook
 
@@ -300,6 +300,11 @@ class _Engine:
             raise InputError("interventions need the language model to receive inputs_embeds")
         batch, length, _ = embeds.shape
         device = embeds.device
+        if self.spans is None and not self.plan.empty:
+            raise InputError(
+                "interventions find the visual tokens from the whole model's input_ids; call the model, "
+                "not its language model alone"
+            )
         spans = self.spans if self.spans is not None else [[] for _ in range(batch)]
         self.spans = None
         if len(spans) != batch:
@@ -459,13 +464,17 @@ class _Engine:
 
     def _relayout(self, hidden: torch.Tensor, before: _Phase, after: _Phase, state: _Prefill) -> torch.Tensor:
         """Move the residual stream from one phase's slots to the next's; newcomers are visual embeddings."""
-        batch = hidden.shape[0]
-        slot_of = torch.full((batch, state.length), -1, dtype=torch.long, device=hidden.device)
-        slots = torch.arange(before.columns.shape[1], device=hidden.device).expand_as(before.columns)
-        slot_of.scatter_(1, before.columns.clamp(min=0), torch.where(before.valid, slots, -1))
-        source = torch.where(after.valid, slot_of.gather(1, after.columns.clamp(min=0)), -1)
+        device = hidden.device
+        old_columns, old_valid = before.columns.to(device), before.valid.to(device)
+        new_columns, new_valid = after.columns.to(device), after.valid.to(device)
+        # slot_of[b, c] = slot of original column c in the old layout (-1 if absent); padding slots write
+        # into a spare last column so they never collide with a real column.
+        slot_of = torch.full((hidden.shape[0], state.length + 1), -1, dtype=torch.long, device=device)
+        slots = torch.arange(old_columns.shape[1], device=device).expand_as(old_columns)
+        slot_of.scatter_(1, torch.where(old_valid, old_columns, state.length), torch.where(old_valid, slots, -1))
+        source = torch.where(new_valid, slot_of.gather(1, new_columns.clamp(min=0)), -1)
         carried = _gather_rows(hidden, source)
-        inserted = _gather_rows(state.embeds.to(hidden.dtype), after.columns)
+        inserted = _gather_rows(state.embeds.to(device, hidden.dtype), new_columns)
         return torch.where((source >= 0)[..., None], carried, inserted)
 
     # ------------------------------------------------------------------ decode
