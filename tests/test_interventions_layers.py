@@ -213,3 +213,21 @@ def test_ragged_prune_with_inject_and_exit_matches_single_samples(tiny, tiny_anc
         single = batch_of(tiny, [seed], [prompt])
         with intervene(tiny, items, anchors=tiny_anchor_file):
             assert torch.equal(new_tokens(greedy(tiny.model, **single.inputs), single)[0], together[row])
+
+
+def test_inject_composes_with_prune(tiny):
+    """Under Prune + Inject only the kept visual tokens enter at layer k, at their original positions."""
+    batch = batch_of(tiny, [0])
+    visual = _visual_rows(batch)
+    length = batch.inputs["input_ids"].shape[1]
+    pruned = (1, 2, 8)
+    kept_visual = [int(p) for i, p in enumerate(visual) if i not in pruned]
+    projected = layer0_inputs(tiny, batch)[0]
+    with intervene(tiny, [Prune(indices=pruned), Inject(2)]), record_layer_calls(tiny, 2) as at_k:
+        output = _forward(tiny, batch)
+    text = length - visual.numel()
+    assert cache_lengths(output) == [text, text, length - len(pruned), length - len(pruned)]
+    positions = at_k[0]["position_ids"][0].tolist()
+    assert positions == [p for p in range(length) if p not in {int(visual[i]) for i in pruned}]
+    slots = [positions.index(p) for p in kept_visual]
+    torch.testing.assert_close(at_k[0]["hidden"][0, slots], projected[kept_visual], rtol=0, atol=0)
