@@ -294,6 +294,117 @@ def stats(
         _print_stats(summary)
 
 
+@app.command(name="make-patchbench")
+def make_patchbench(
+    out: Annotated[Path, typer.Option(help="Directory for images/, items.jsonl, control.jsonl and meta.json.")],
+    model: ModelOpt = DEFAULT_MODEL,
+    per_category: Annotated[int, typer.Option(help="Items per category.")] = 200,
+    categories: Annotated[
+        str, typer.Option(help="Comma-separated: object, colour, count, ocr.")
+    ] = "object,colour,count,ocr",
+    seed: Annotated[int, typer.Option(help="Everything depends only on (seed, category, index).")] = 0,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+    revision: RevisionOpt = None,
+) -> None:
+    """Generate the patch-compression benchmark for a model: each target inside exactly one visual patch.
+
+    Only the model's processor and config are read (no weights). Every placement is verified by running
+    the processor with and without the target.
+    """
+    from embedlens.bench.patchbench import generate_benchmark
+    from embedlens.models.registry import load_config, load_processor, resolve
+
+    chosen = tuple(part.strip() for part in categories.split(",") if part.strip())
+    if per_category <= 0:
+        raise InputError(f"--per-category must be a positive integer, got {per_category}")
+    _quiet_transformers()
+    resolved = resolve(model, revision)
+    config = load_config(resolved)
+    patch = getattr(getattr(config, "vision_config", None), "patch_size", None)
+    if not patch:
+        raise InputError(f"cannot read the vision patch size from {model}'s config")
+    processor = load_processor(resolved)
+    meta = generate_benchmark(
+        out,
+        processor.image_processor,
+        int(patch),
+        per_category=per_category,
+        categories=chosen,
+        seed=seed,
+        model=model,
+        progress=progress,
+    )
+    geometry = meta["geometry"]
+    typer.echo(
+        f"wrote {meta['items']} items ({', '.join(f'{k} {v}' for k, v in meta['counts'].items())}) for a "
+        f"{geometry['rows']}x{geometry['cols']} grid of {geometry['patch']} px patches to {out}"
+    )
+    typer.echo(f"evaluate: embedlens eval {out} --out RESULTS --model {model} [--preset paper-pruning]")
+
+
+@app.command(name="eval")
+def eval_(
+    dataset: Annotated[
+        Path, typer.Argument(help="JSONL of {image, question, answers, type, category}, or a make-patchbench folder.")
+    ],
+    out: Annotated[Path, typer.Option(help="Result directory (resumes the run it holds, if the settings match).")],
+    model: ModelOpt = DEFAULT_MODEL,
+    intervention: Annotated[
+        list[str],
+        typer.Option(
+            help="A setting to compare with the baseline, repeatable: interventions separated by spaces "
+            "or ';', e.g. 'prune:dead' or 'prune:sink inject@8'."
+        ),
+    ] = [],  # noqa: B006  (typer reads the default; it is never mutated)
+    preset: Annotated[str | None, typer.Option(help="Named settings: paper-pruning.")] = None,
+    seeds: Annotated[str, typer.Option(help="Seeds of the preset's random control, comma-separated.")] = "0,1,2,3,4",
+    anchors: AnchorsOpt = None,
+    batch_size: Annotated[int, typer.Option(help="Questions per forward pass (left-padded).")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 16,
+    suffix: Annotated[str, typer.Option(help="Text appended to every question (e.g. an answer-format hint).")] = "",
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of questions for the intervals.")] = 1000,
+    restart: Annotated[bool, typer.Option(help="Discard what --out holds and start over.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    revision: RevisionOpt = None,
+) -> None:
+    """Evaluate the baseline and intervention settings side by side, in one run and code path; resumable."""
+    from embedlens.bench.runner import EvalOptions, parse_setting, run_eval
+    from embedlens.bench.runner import preset as preset_settings
+    from embedlens.bench.vqa import read_questions
+    from embedlens.datasets import describe_problems
+    from embedlens.interventions import plan
+
+    settings = [parse_setting(text) for text in intervention]
+    if preset is not None:
+        try:
+            seed_list = [int(part) for part in seeds.split(",") if part.strip()]
+        except ValueError:
+            raise InputError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+        settings = preset_settings(preset, seed_list) + settings
+    options = EvalOptions(
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        suffix=suffix.replace("\\n", "\n"),
+        anchors=str(anchors) if anchors is not None else None,
+        bootstrap=bootstrap,
+    )
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out must be a directory, but {out} is a file")
+    questions = read_questions(dataset)
+    if questions.skipped:
+        typer.echo(f"embedlens: warning: {questions.source}: {describe_problems(questions.skipped)}", err=True)
+    session = _load_session(model, device, dtype, revision, interventions=None)
+    for setting in settings:
+        plan(setting.interventions, session.num_layers)
+    table = run_eval(session, questions, settings, out, options=options, restart=restart, progress=progress)
+    from embedlens.bench.runner import render_markdown
+
+    typer.echo(render_markdown(table), nl=False)
+    typer.echo(f"wrote {out / 'items.parquet'}, {out / 'table.md'} and {out / 'table.json'}")
+
+
 @contextlib.contextmanager
 def _process_group(device: str):
     """Join the ``torch.distributed`` group that ``accelerate launch`` / ``torchrun`` describe in the

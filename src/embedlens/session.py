@@ -147,13 +147,21 @@ class Session:
         max_new_tokens: int = 32,
         interventions: Sequence[Intervention] = (),
         anchors: Anchors | str | Path | None = None,
+        sample_ids: Sequence[int] | None = None,
+        targets: Sequence[Sequence[int]] | None = None,
     ) -> tuple[list[str], InterventionRun]:
-        """Greedy answers for a prepared batch, and the record of what the interventions did."""
+        """Greedy answers for a prepared batch, and the record of what the interventions did.
+
+        ``sample_ids`` and ``targets`` are passed to :func:`embedlens.interventions.intervene`.
+        """
         if max_new_tokens <= 0:
             raise InputError(f"max_new_tokens must be positive, got {max_new_tokens}")
         from embedlens.interventions import intervene
 
-        with intervene(self, interventions, anchors=anchors) as run, torch.inference_mode():
+        with (
+            intervene(self, interventions, anchors=anchors, sample_ids=sample_ids, targets=targets) as run,
+            torch.inference_mode(),
+        ):
             output = self.adapter.model.generate(
                 **batch.inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1
             )

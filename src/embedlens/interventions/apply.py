@@ -209,6 +209,7 @@ class _Engine:
         run: InterventionRun,
         rule: tuple[tuple[str, ...], Anchors, int] | None,
         sample_ids: Sequence[int] | None,
+        targets: Sequence[Sequence[int]] | None = None,
     ) -> None:
         self.session = session
         self.adapter: ModelAdapter = session.adapter
@@ -216,6 +217,7 @@ class _Engine:
         self.run = run
         self.rule = rule
         self.sample_ids = list(sample_ids) if sample_ids is not None else None
+        self.targets = [tuple(int(c) for c in cells) for cells in targets] if targets is not None else None
         self.spans: list[list[VisualSpan]] | None = None
         self.state: _Prefill | None = None
 
@@ -326,6 +328,11 @@ class _Engine:
             else torch.arange(length, device=device).expand(batch, length)
         )
         tokens = [SampleTokens.from_spans(sample_spans) for sample_spans in spans]
+        if self.targets is not None:
+            if len(self.targets) < batch:
+                raise InputError(f"{len(self.targets)} target lists given for a batch of {batch}")
+            for sample, cells in zip(tokens, self.targets, strict=False):
+                sample.targets = cells
         if self.plan.needs_groups:
             self._label(embeds, tokens)
         ids = self.sample_ids or list(range(batch))
@@ -521,6 +528,7 @@ def intervene(
     anchors: Anchors | str | None = None,
     top_k: int | None = None,
     sample_ids: Sequence[int] | None = None,
+    targets: Sequence[Sequence[int]] | None = None,
 ) -> Iterator[InterventionRun]:
     """Apply ``interventions`` to every forward pass and ``generate`` call inside the ``with`` block.
 
@@ -531,6 +539,8 @@ def intervene(
         anchors: Anchors for group targets (default: the model's built-in anchors).
         top_k: Nearest ids the rule looks at (default: the anchors' ``top_k``).
         sample_ids: One id per batch row, from which ``matched_random`` seeds derive (default: the row).
+        targets: Grid cells of each batch row's ``"target"`` group (e.g. the patch-compression
+            benchmark's target patches); needed when a target names that group.
 
     Yields:
         An :class:`InterventionRun` recording, for every prefill, what was removed, the seeds drawn
@@ -546,8 +556,10 @@ def intervene(
         from embedlens.taxonomy.classify import rule_settings
 
         rule = rule_settings(session, anchors, top_k, None)
+    if checked.needs_targets and targets is None:
+        raise InputError("the group 'target' needs each sample's target cells (e.g. a benchmark's target_patches)")
     run = InterventionRun(checked, items)
-    engine = _Engine(session, checked, run, rule, sample_ids)
+    engine = _Engine(session, checked, run, rule, sample_ids, targets)
     with contextlib.ExitStack() as stack:
         engine.install(stack)
         yield run

@@ -23,6 +23,7 @@ class SampleTokens:
         cells_per_image: Grid size (``rows * cols``) of the image each token belongs to, ``[n]``.
         extra: Positions of visual tokens outside the grid (e.g. a CLS token), ``[e]``.
         labels: Each token's group after precedence, or None when no target names a group, ``[n]``.
+        targets: Cells of the sample's ``"target"`` group (per image), or None when not given.
     """
 
     positions: torch.Tensor
@@ -30,6 +31,7 @@ class SampleTokens:
     cells_per_image: torch.Tensor
     extra: torch.Tensor
     labels: np.ndarray | None = None
+    targets: tuple[int, ...] | None = None
 
     @classmethod
     def from_spans(cls, spans: Sequence[VisualSpan]) -> SampleTokens:
@@ -54,21 +56,37 @@ def target_mask(item: Prune | Skip, tokens: SampleTokens) -> torch.Tensor:
     """Bool ``[n]``: the grid tokens that ``item``'s group or indices name in this sample."""
     n = tokens.num_tokens
     if item.indices is not None:
-        wanted = torch.tensor(item.indices, dtype=torch.long)
-        if n and wanted.numel() and int(wanted.max()) >= int(tokens.cells_per_image.min()):
-            raise InputError(
-                f"token index {int(wanted.max())} is out of range for a grid of {int(tokens.cells_per_image.min())} "
-                "cells"
-            )
-        return torch.isin(tokens.cells, wanted)
+        return _cells(tokens, item.indices)
     names = check_group(item.group or "")
     if "visual" in names:
         return torch.ones(n, dtype=torch.bool)
-    if tokens.labels is None:
-        raise AssertionError("group labels were not computed")
-    wanted_labels = {("vit_sink", "llm_sink") if name == "sink" else (name,) for name in names}
-    flat = [label for group in wanted_labels for label in group]
-    return torch.from_numpy(np.isin(tokens.labels, flat)).reshape(n)
+    chosen = torch.zeros(n, dtype=torch.bool)
+    if "target" in names:
+        if tokens.targets is None:
+            raise InputError("the group 'target' needs each sample's target cells (e.g. a benchmark's target_patches)")
+        chosen |= _cells(tokens, tokens.targets)
+    labelled = [label for name in names if name != "target" for label in _LABELS.get(name, (name,))]
+    if labelled:
+        if tokens.labels is None:
+            raise AssertionError("group labels were not computed")
+        chosen |= torch.from_numpy(np.isin(tokens.labels, labelled)).reshape(n)
+    return chosen
+
+
+#: Labels of the rule that a group name stands for (names not listed stand for themselves).
+_LABELS = {"sink": ("vit_sink", "llm_sink")}
+
+
+def _cells(tokens: SampleTokens, cells: Sequence[int]) -> torch.Tensor:
+    """Bool ``[n]`` of the tokens at grid ``cells`` (of every image), with a range check."""
+    wanted = torch.tensor(list(cells), dtype=torch.long)
+    if tokens.num_tokens and wanted.numel() and int(wanted.max()) >= int(tokens.cells_per_image.min()):
+        raise InputError(
+            f"token index {int(wanted.max())} is out of range for a grid of {int(tokens.cells_per_image.min())} cells"
+        )
+    if wanted.numel() and int(wanted.min()) < 0:
+        raise InputError(f"token index {int(wanted.min())} is negative")
+    return torch.isin(tokens.cells, wanted)
 
 
 def sample_seed(seed: int, sample_id: int) -> int:

@@ -35,8 +35,11 @@ from typing import Any, ClassVar, Literal
 from embedlens.errors import InputError
 from embedlens.taxonomy.anchors import ALIVE, GROUPS
 
-#: Names a target may use: the rule's groups, "sink" (either sink) and "visual" (every visual token).
-TARGET_GROUPS: tuple[str, ...] = (*GROUPS, ALIVE, "sink", "visual")
+#: Names a target may use: the rule's groups, "sink" (either sink), "visual" (every visual token) and
+#: "target" (cells given per sample, e.g. the patch-compression benchmark's target patches).
+TARGET_GROUPS: tuple[str, ...] = (*GROUPS, ALIVE, "sink", "visual", "target")
+#: Groups that need no classification.
+_UNLABELLED = frozenset({"visual", "target"})
 SELECTS = ("group", "complement", "matched_random")
 POSITIONS = ("keep", "reindex")
 PARTS = ("attn", "mlp")
@@ -401,7 +404,14 @@ class Plan:
     def needs_groups(self) -> bool:
         """Whether any target is a group of the rule (the classifier must run)."""
         names = {name for item in (*self.prunes, *self.skips) if item.group for name in check_group(item.group)}
-        return bool(names - {"visual"})
+        return bool(names - _UNLABELLED)
+
+    @property
+    def needs_targets(self) -> bool:
+        """Whether any target is the per-sample ``"target"`` group."""
+        return any(
+            "target" in check_group(item.group) for item in (*self.prunes, *self.skips) if item.group is not None
+        )
 
 
 def plan(items: Iterable[Intervention], num_layers: int) -> Plan:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from embedlens.datasets import Dataset, DatasetItem
 from embedlens.errors import InputError
 from embedlens.images import load_image
 from embedlens.paths import atomic_path, atomic_write_text
+from embedlens.resume import PARTS_DIR, RUN_FILE, prepare_run_dir, read_parts
 from embedlens.taxonomy.anchors import ALIVE, Anchors
 from embedlens.taxonomy.classify import AnchorsLike, classify_batch, resolve_anchors
 from embedlens.taxonomy.pictures import ALL_GROUPS, save_group_heatmap
@@ -49,8 +49,6 @@ if TYPE_CHECKING:
 
 _T = TypeVar("_T")
 
-RUN_FILE = "run.json"
-PARTS_DIR = "parts"
 TOKENS_FILE = "tokens.parquet"
 IMAGES_FILE = "images.parquet"
 SUMMARY_FILE = "summary.json"
@@ -138,39 +136,15 @@ def run_identity(session: Session, dataset: Dataset, anchors: Anchors, options: 
 
 
 def prepare_output(out: Path, identity: dict[str, Any], *, restart: bool) -> None:
-    """Create ``out`` for a run, or check that what it holds is this run's (to resume it).
+    """Create ``out`` for a stats run, or check that what it holds is this run's (to resume it).
 
     Call from one process only (rank 0), before the others start.
 
     Raises:
         InputError: ``out`` holds a run with other settings (and ``restart`` is False), or is a file.
     """
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file, not a directory")
-    run_file = out / RUN_FILE
-    if restart:
-        for name in (PARTS_DIR, RUN_FILE, TOKENS_FILE, IMAGES_FILE, SUMMARY_FILE, HEATMAP_FILE):
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    elif run_file.exists():
-        try:
-            stored = json.loads(run_file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"{run_file} is unreadable ({exc}); pass --restart to start over") from exc
-        if stored != identity:
-            changed = sorted(key for key in identity if stored.get(key) != identity[key])
-            raise InputError(
-                f"{out} holds a stats run with other settings ({', '.join(changed)}); "
-                "pass --restart to replace it, or choose another --out"
-            )
-    elif (out / PARTS_DIR).exists():
-        raise InputError(f"{out} holds stats parts without {RUN_FILE}; pass --restart to start over")
-    (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
-    if not run_file.exists():
-        atomic_write_text(run_file, json.dumps(identity, ensure_ascii=False, indent=1))
+    outputs = (TOKENS_FILE, IMAGES_FILE, SUMMARY_FILE, HEATMAP_FILE)
+    prepare_run_dir(out, identity, restart=restart, kind="stats", outputs=outputs)
 
 
 # --------------------------------------------------------------------------- collecting
@@ -310,13 +284,7 @@ def _record(item: DatasetItem, **fields: Any) -> dict[str, Any]:
 
 def _read_records(parts: Path) -> list[dict[str, Any]]:
     """Every committed image record under ``parts`` (files that fail to parse are not committed)."""
-    records: list[dict[str, Any]] = []
-    for marker in sorted(parts.glob("r*-b*.json")):
-        try:
-            records.extend(json.loads(marker.read_text(encoding="utf-8")))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            continue
-    return records
+    return read_parts(parts, "r*-b*.json")
 
 
 def _next_sequence(parts: Path, rank: int) -> int:

@@ -1,0 +1,473 @@
+"""Evaluation with interventions side by side: baseline and every setting through one code path.
+
+``run_eval(session, questions, settings, out)`` answers every question under every setting (the
+baseline first), greedily, in left-padded batches whose samples do not influence each other, and
+commits each batch to ``out/parts`` as it goes, so an interrupted run resumes where it stopped. The
+merge writes:
+
+* ``items.parquet``: one row per (setting, question): prediction, score, tokens kept, FLOPs, seeds;
+* ``table.json`` / ``table.md``: per setting and category the score with a bootstrap confidence
+  interval (questions resampled), its difference from the baseline with a paired bootstrap interval,
+  yes/no accuracy and F1 where there are yes/no questions, and tokens kept and FLOPs per setting.
+  Settings that differ only by seed (the matched random controls) are also summarised together: the
+  mean over seeds and the spread (standard deviation) between them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from embedlens.bench.flops import sample_flops
+from embedlens.bench.vqa import Question, QuestionSet, score, yes_no, yes_no_f1
+from embedlens.errors import InputError
+from embedlens.images import load_image
+from embedlens.interventions import Intervention, Prune, describe, parse, plan
+from embedlens.paths import atomic_path, atomic_write_text
+from embedlens.resume import PARTS_DIR, prepare_run_dir, read_parts
+from embedlens.synth.qa import normalize_answer
+
+if TYPE_CHECKING:
+    from embedlens.session import Session
+
+EVAL_FORMAT = "embedlens-eval"
+ITEMS_FILE = "items.parquet"
+TABLE_JSON = "table.json"
+TABLE_MD = "table.md"
+BASELINE = "baseline"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One column of an evaluation: a name and the interventions applied.
+
+    Attributes:
+        name: Shown in tables (the interventions in the text notation, or a preset's label).
+        interventions: Applied together; empty for the baseline.
+        family: Settings sharing a family (a random control over several seeds) are also summarised
+            together; None for a setting of its own.
+    """
+
+    name: str
+    interventions: tuple[Intervention, ...] = ()
+    family: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (for ``run.json`` and the table)."""
+        return {"name": self.name, "interventions": [describe(i) for i in self.interventions], "family": self.family}
+
+
+def parse_setting(text: str) -> Setting:
+    """A setting from interventions in the text notation, separated by spaces or ``;``."""
+    specs = [part for part in re.split(r"[;\s]+", text.strip()) if part]
+    if not specs:
+        raise InputError("an --intervention setting needs at least one intervention")
+    items = tuple(parse(spec) for spec in specs)
+    return Setting(name=" ".join(describe(item) for item in items), interventions=items)
+
+
+def _seed_family(group: str, seeds: Sequence[int]) -> list[Setting]:
+    family = f"random control for {group}"
+    return [
+        Setting(
+            name=f"random({group}) seed {seed}",
+            interventions=(Prune(group=group, select="matched_random", seed=seed),),
+            family=family,
+        )
+        for seed in seeds
+    ]
+
+
+def preset(name: str, seeds: Sequence[int] = (0, 1, 2, 3, 4)) -> list[Setting]:
+    """The settings of a named preset (the baseline is added by :func:`with_baseline`).
+
+    ``paper-pruning`` (REFERENCE §4): remove ViT sinks, LLM sinks, both, dead tokens, sinks and dead
+    tokens; and, as the control, as many random alive tokens as sinks + dead tokens, over ``seeds``.
+    """
+    if name != "paper-pruning":
+        raise InputError(f"unknown preset {name!r}; presets: paper-pruning")
+    if not seeds:
+        raise InputError("the paper-pruning preset needs at least one seed for its random control")
+    groups = {"-vit_sink": "vit_sink", "-llm_sink": "llm_sink", "-sinks": "sink", "-dead": "dead"}
+    chosen = [Setting(label, (Prune(group=group),)) for label, group in groups.items()]
+    chosen.append(Setting("-sink+dead", (Prune(group="sink+dead"),)))
+    return chosen + _seed_family("sink+dead", seeds)
+
+
+def with_baseline(settings: Sequence[Setting], num_layers: int) -> list[Setting]:
+    """The baseline followed by ``settings``; each is checked against the model, names must differ."""
+    chosen = [Setting(BASELINE)]
+    for setting in settings:
+        plan(setting.interventions, num_layers)
+        chosen.append(setting)
+    names = [s.name for s in chosen]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise InputError(f"settings given twice: {', '.join(duplicates)}")
+    return chosen
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How questions are asked and results summarised.
+
+    Attributes:
+        batch_size: Questions per forward pass (left-padded; samples do not influence each other).
+        max_new_tokens: Longest answer.
+        suffix: Text appended to every question (e.g. LLaVA-1.5's
+            ``"\\nAnswer the question using a single word or phrase."``).
+        anchors: Anchors JSON for group targets (None: the model's built-in anchors).
+        bootstrap: Bootstrap resamples for confidence intervals.
+        confidence: Confidence level of the intervals.
+    """
+
+    batch_size: int = 8
+    max_new_tokens: int = 16
+    suffix: str = ""
+    anchors: str | None = None
+    bootstrap: int = 1000
+    confidence: float = 0.95
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_new_tokens", "bootstrap"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise InputError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if not 0 < self.confidence < 1:
+            raise InputError(f"confidence must be between 0 and 1, got {self.confidence!r}")
+
+
+def run_identity(
+    session: Session, questions: QuestionSet, settings: Sequence[Setting], options: EvalOptions
+) -> dict[str, Any]:
+    """Everything that decides the answers; a resumed run must match it exactly."""
+    digest = hashlib.sha256()
+    for q in questions.items:
+        digest.update(json.dumps([q.id, str(q.image), q.question, q.answers, q.type, q.prune_target]).encode())
+    return {
+        "format": EVAL_FORMAT + "-run",
+        "model": session.adapter.source,
+        "config_hash": session.config_hash,
+        "settings": [s.to_dict() for s in settings],
+        "questions": str(questions.source),
+        "items": len(questions.items),
+        "items_hash": digest.hexdigest(),
+        "max_new_tokens": options.max_new_tokens,
+        "suffix": options.suffix,
+        "anchors": options.anchors,
+    }
+
+
+def _batches(items: Sequence[Question], size: int) -> list[list[Question]]:
+    """Consecutive questions, at most ``size`` per batch, control rows never mixed with others."""
+    batches: list[list[Question]] = []
+    for q in items:
+        last = batches[-1] if batches else None
+        if last and len(last) < size and last[-1].prune_target == q.prune_target and last[-1].index + 1 == q.index:
+            last.append(q)
+        else:
+            batches.append([q])
+    return batches
+
+
+def _answer_batch(
+    session: Session, setting: Setting, batch: Sequence[Question], options: EvalOptions
+) -> list[dict[str, Any]]:
+    """Answer one batch under one setting; one record per question."""
+    records: list[dict[str, Any]] = []
+    readable: list[tuple[Question, Any]] = []
+    for q in batch:
+        try:
+            readable.append((q, load_image(q.image)))
+        except InputError as exc:
+            records.append({"index": q.index, "status": "unreadable", "reason": str(exc)})
+    if readable:
+        items = list(setting.interventions)
+        if readable[0][0].prune_target:
+            policy = plan(items, session.num_layers).positions
+            items.append(Prune(group="target", positions=policy))  # type: ignore[arg-type]
+        prepared = session.prepare([image for _, image in readable], [q.question + options.suffix for q, _ in readable])
+        answers, run = session.generate_batch(
+            prepared,
+            max_new_tokens=options.max_new_tokens,
+            interventions=items,
+            anchors=options.anchors,
+            sample_ids=[q.index for q, _ in readable],
+            targets=[q.target_patches or () for q, _ in readable],
+        )
+        for (q, _), answer, sample in zip(readable, answers, run.last.samples, strict=True):
+            records.append(
+                {
+                    "index": q.index,
+                    "status": "ok",
+                    "prediction": answer,
+                    "score": score(q, answer),
+                    "yesno": yes_no(answer) if q.type == "yesno" else None,
+                    "pruned": len(sample.pruned),
+                    "visual": sample.visual,
+                    "tokens_layer0": sample.tokens_per_layer[0],
+                    "tokens_mean": float(np.mean(sample.tokens_per_layer)),
+                    "gflops": sample_flops(session.adapter, sample).total / 1e9,
+                    "seeds": sample.seeds,
+                }
+            )
+    return sorted(records, key=lambda r: r["index"])
+
+
+def collect(
+    session: Session,
+    questions: QuestionSet,
+    settings: Sequence[Setting],
+    out: Path,
+    options: EvalOptions,
+    *,
+    progress: bool = True,
+) -> int:
+    """Answer every (setting, question) not yet committed under ``out/parts``; returns how many ran."""
+    parts = out / PARTS_DIR
+    done = {(r["setting"], r["index"]) for r in read_parts(parts, "s*-b*.json")}
+    total = len(settings) * len(questions.items)
+    bar = tqdm(total=total, initial=len(done), desc="eval", unit="answer", disable=not progress)
+    ran = 0
+    try:
+        for number, setting in enumerate(settings):
+            todo = [q for q in questions.items if (number, q.index) not in done]
+            for batch in _batches(todo, options.batch_size):
+                records = [{**r, "setting": number} for r in _answer_batch(session, setting, batch, options)]
+                atomic_write_text(parts / f"s{number:03d}-b{batch[0].index:07d}.json", json.dumps(records))
+                ran += len(batch)
+                bar.update(len(batch))
+    finally:
+        bar.close()
+    return ran
+
+
+# --------------------------------------------------------------------------- merging
+def _interval(values: np.ndarray, resamples: int, confidence: float, rng: np.random.Generator) -> list[float]:
+    """Percentile bootstrap interval of the mean of ``values`` (rows resampled)."""
+    if values.size == 0:
+        return [float("nan"), float("nan")]
+    picks = rng.integers(0, values.shape[0], size=(resamples, values.shape[0]))
+    means = values[picks].mean(axis=1)
+    tail = (1 - confidence) / 2 * 100
+    return [float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))]
+
+
+def merge(
+    out: Path, questions: QuestionSet, settings: Sequence[Setting], options: EvalOptions, *, seed: int = 0
+) -> dict[str, Any]:
+    """Write ``items.parquet``, ``table.json`` and ``table.md`` from the committed parts."""
+    records = {(r["setting"], r["index"]): r for r in read_parts(out / PARTS_DIR, "s*-b*.json")}
+    missing = len(settings) * len(questions.items) - len(records)
+    if missing:
+        raise InputError(f"{missing} answers are not committed yet; run the evaluation again to finish it")
+    rows = []
+    for number, setting in enumerate(settings):
+        for q in questions.items:
+            r = records[(number, q.index)]
+            rows.append(
+                {
+                    "setting": setting.name,
+                    "setting_index": number,
+                    "index": q.index,
+                    "id": q.id,
+                    "category": q.category,
+                    "type": q.type,
+                    "question": q.question,
+                    "answers": list(q.answers),
+                    "status": r["status"],
+                    "prediction": r.get("prediction"),
+                    "score": r.get("score"),
+                    "yesno": r.get("yesno"),
+                    "pruned": r.get("pruned"),
+                    "tokens_layer0": r.get("tokens_layer0"),
+                    "tokens_mean": r.get("tokens_mean"),
+                    "gflops": r.get("gflops"),
+                    "seeds": json.dumps(r.get("seeds") or {}),
+                }
+            )
+    with atomic_path(out / ITEMS_FILE) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+    table = summarise(rows, questions, settings, options, seed=seed)
+    atomic_write_text(out / TABLE_JSON, json.dumps(table, indent=1))
+    atomic_write_text(out / TABLE_MD, render_markdown(table))
+    return table
+
+
+def summarise(
+    rows: Sequence[dict[str, Any]],
+    questions: QuestionSet,
+    settings: Sequence[Setting],
+    options: EvalOptions,
+    *,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Per setting and category: scores with intervals, paired deltas, yes/no F1, tokens and FLOPs."""
+    rng = np.random.default_rng(seed)
+    ok_items = [
+        q.index
+        for q in questions.items
+        if all(r["status"] == "ok" for r in rows if r["index"] == q.index)  # answered in every setting
+    ]
+    by_setting: dict[int, dict[int, dict[str, Any]]] = defaultdict(dict)
+    for r in rows:
+        by_setting[r["setting_index"]][r["index"]] = r
+    categories = sorted({q.category for q in questions.items})
+    category_items = {
+        c: [q for q in questions.items if q.category == c and q.index in set(ok_items)] for c in categories
+    }
+    baseline = by_setting[0]
+    summary: dict[str, Any] = {
+        "format": EVAL_FORMAT,
+        "questions": str(questions.source),
+        "items": len(questions.items),
+        "answered_in_every_setting": len(ok_items),
+        "skipped_rows": len(questions.skipped),
+        "confidence": options.confidence,
+        "categories": categories,
+        "settings": [],
+        "families": [],
+    }
+    for number, setting in enumerate(settings):
+        mine = by_setting[number]
+        entry: dict[str, Any] = {**setting.to_dict(), "categories": {}}
+        for category in categories:
+            items = category_items[category]
+            scores = np.array([mine[q.index]["score"] for q in items], dtype=float)
+            base = np.array([baseline[q.index]["score"] for q in items], dtype=float)
+            cell: dict[str, Any] = {
+                "n": len(items),
+                "score": float(scores.mean()) if items else float("nan"),
+                "interval": _interval(scores, options.bootstrap, options.confidence, rng),
+            }
+            if number:
+                cell["delta"] = float((scores - base).mean()) if items else float("nan")
+                cell["delta_interval"] = _interval(scores - base, options.bootstrap, options.confidence, rng)
+            yes_items = [q for q in items if q.type == "yesno"]
+            if yes_items:
+                predicted = [mine[q.index]["yesno"] for q in yes_items]
+                truth = [normalize_answer(q.answers[0]) for q in yes_items]
+                cell["yesno_accuracy"] = float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)]))
+                cell["yesno_f1"] = yes_no_f1(predicted, truth)
+                cell["yesno_n"] = len(yes_items)
+            entry["categories"][category] = cell
+        answered = [mine[i] for i in ok_items]
+        entry["tokens_layer0"] = float(np.mean([r["tokens_layer0"] for r in answered])) if answered else None
+        entry["tokens_mean"] = float(np.mean([r["tokens_mean"] for r in answered])) if answered else None
+        entry["pruned"] = float(np.mean([r["pruned"] for r in answered])) if answered else None
+        entry["gflops"] = float(np.mean([r["gflops"] for r in answered])) if answered else None
+        all_scores = np.array([r["score"] for r in answered], dtype=float)
+        entry["overall"] = float(all_scores.mean()) if answered else float("nan")
+        entry["overall_interval"] = _interval(all_scores, options.bootstrap, options.confidence, rng)
+        summary["settings"].append(entry)
+    base_flops = summary["settings"][0]["gflops"]
+    for entry in summary["settings"]:
+        entry["flops_ratio"] = entry["gflops"] / base_flops if base_flops else None
+    families = sorted({s.family for s in settings if s.family})
+    for family in families:
+        members = [e for s, e in zip(settings, summary["settings"], strict=True) if s.family == family]
+        cell = {"name": family, "seeds": len(members), "categories": {}}
+        for category in [*categories, "overall"]:
+            values = [m["overall"] if category == "overall" else m["categories"][category]["score"] for m in members]
+            cell["categories"][category] = {"mean": float(np.mean(values)), "spread": float(np.std(values))}
+        cell["pruned"] = float(np.mean([m["pruned"] for m in members]))
+        summary["families"].append(cell)
+    return summary
+
+
+def _pct(value: float) -> str:
+    return "n/a" if value != value else f"{value * 100:.1f}"
+
+
+def render_markdown(table: dict[str, Any]) -> str:
+    """The summary as markdown tables: scores (with intervals and deltas), yes/no, tokens and FLOPs."""
+    categories = table["categories"]
+    level = round(table["confidence"] * 100)
+    lines = [
+        f"Scores in % ({level}% bootstrap intervals over questions); delta = setting - baseline, paired.",
+        f"{table['answered_in_every_setting']} of {table['items']} questions answered in every setting"
+        + (f"; {table['skipped_rows']} rows skipped" if table["skipped_rows"] else "")
+        + ".",
+        "",
+        "| setting | " + " | ".join(categories) + " | overall | pruned | tokens L0 | FLOPs |",
+        "|---" * (len(categories) + 5) + "|",
+    ]
+    for entry in table["settings"]:
+        cells = []
+        for category in categories:
+            cell = entry["categories"][category]
+            text = f"{_pct(cell['score'])} [{_pct(cell['interval'][0])}, {_pct(cell['interval'][1])}]"
+            if "delta" in cell:
+                low, high = cell["delta_interval"]
+                text += f"<br>Δ {cell['delta'] * 100:+.1f} [{low * 100:+.1f}, {high * 100:+.1f}]"
+            cells.append(text)
+        overall = f"{_pct(entry['overall'])}"
+        ratio = entry["flops_ratio"]
+        lines.append(
+            f"| {entry['name']} | " + " | ".join(cells) + f" | {overall} | {entry['pruned']:.1f} | "
+            f"{entry['tokens_layer0']:.1f} | {entry['gflops']:.3g} G ({ratio:.2f}x) |"
+        )
+    if table["families"]:
+        lines += ["", "| random control (over seeds) | " + " | ".join(categories) + " | overall | pruned |"]
+        lines.append("|---" * (len(categories) + 3) + "|")
+        for family in table["families"]:
+            cells = [
+                f"{_pct(family['categories'][c]['mean'])} ± {_pct(family['categories'][c]['spread'])}"
+                for c in [*categories, "overall"]
+            ]
+            lines.append(
+                f"| {family['name']} ({family['seeds']} seeds) | " + " | ".join(cells) + f" | {family['pruned']:.1f} |"
+            )
+    yes_rows = [
+        (entry["name"], c, entry["categories"][c])
+        for entry in table["settings"]
+        for c in categories
+        if "yesno_f1" in entry["categories"][c]
+    ]
+    if yes_rows:
+        lines += ["", "| setting | category | yes/no questions | accuracy | F1 (yes) |", "|---|---|---|---|---|"]
+        for name, category, cell in yes_rows:
+            accuracy, f1 = _pct(cell["yesno_accuracy"]), _pct(cell["yesno_f1"])
+            lines.append(f"| {name} | {category} | {cell['yesno_n']} | {accuracy} | {f1} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_eval(
+    session: Session,
+    questions: QuestionSet,
+    settings: Sequence[Setting],
+    out: str | Path,
+    *,
+    options: EvalOptions | None = None,
+    restart: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate the baseline and ``settings`` on ``questions``; resumable; returns the summary.
+
+    Args:
+        session: The loaded model.
+        questions: From :func:`embedlens.bench.vqa.read_questions`.
+        settings: The settings besides the baseline (it is always evaluated first).
+        out: Output directory.
+        options: Batching, decoding and summary options.
+        restart: Discard an earlier run in ``out`` instead of resuming it.
+        progress: Show a progress bar.
+    """
+    options = options or EvalOptions()
+    chosen = with_baseline(settings, session.num_layers)
+    out = Path(out)
+    identity = run_identity(session, questions, chosen, options)
+    prepare_run_dir(out, identity, restart=restart, kind="eval", outputs=(ITEMS_FILE, TABLE_JSON, TABLE_MD))
+    collect(session, questions, chosen, out, options, progress=progress)
+    return merge(out, questions, chosen, options)
