@@ -43,6 +43,8 @@ AnchorsOpt = Annotated[
 RuleTopKOpt = Annotated[
     int | None, typer.Option("--top-k", "-k", help="Nearest ids the rule looks at (default: the anchors', 3).")
 ]
+RestartOpt = Annotated[bool, typer.Option(help="Discard what --out holds and start over.")]
+ProgressOpt = Annotated[bool, typer.Option(help="Show a progress bar on stderr.")]
 DatasetArg = Annotated[Path, typer.Argument(help='Folder of images, or JSONL of {"image": PATH, "prompt": TEXT}.')]
 
 
@@ -257,8 +259,8 @@ def stats(
     prompt: Annotated[str | None, typer.Option(help="Question for images without one in the dataset.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass and per committed batch.")] = 4,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of images for the intervals.")] = 1000,
-    restart: Annotated[bool, typer.Option(help="Discard what --out holds and start over.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+    restart: RestartOpt = False,
+    progress: ProgressOpt = True,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     revision: RevisionOpt = None,
@@ -303,7 +305,7 @@ def make_patchbench(
         str, typer.Option(help="Comma-separated: object, colour, count, ocr.")
     ] = "object,colour,count,ocr",
     seed: Annotated[int, typer.Option(help="Everything depends only on (seed, category, index).")] = 0,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+    progress: ProgressOpt = True,
     revision: RevisionOpt = None,
 ) -> None:
     """Generate the patch-compression benchmark for a model: each target inside exactly one visual patch.
@@ -363,8 +365,8 @@ def eval_(
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 16,
     suffix: Annotated[str, typer.Option(help="Text appended to every question (e.g. an answer-format hint).")] = "",
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of questions for the intervals.")] = 1000,
-    restart: Annotated[bool, typer.Option(help="Discard what --out holds and start over.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+    restart: RestartOpt = False,
+    progress: ProgressOpt = True,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     revision: RevisionOpt = None,
@@ -471,7 +473,7 @@ def discover_anchors(
     ] = 0.5,
     prompt: Annotated[str | None, typer.Option(help="Question for images without one in the dataset.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 4,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+    progress: ProgressOpt = True,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     revision: RevisionOpt = None,

@@ -288,7 +288,7 @@ def make_item(
         )
         return item, image
     raise InputError(
-        f"could not keep a {category} target inside one patch after {attempts} tries; does the processor "
+        f"could not keep the {category} item's targets inside their patches after {attempts} tries; does the processor "
         "resample the picture?"
     )
 
@@ -324,6 +324,7 @@ def generate_benchmark(
     """
     if isinstance(per_category, bool) or not isinstance(per_category, int) or per_category <= 0:
         raise InputError(f"items per category must be a positive integer, got {per_category!r}")
+    categories = tuple(dict.fromkeys(categories))  # a category named twice is made once
     unknown = [c for c in categories if c not in CATEGORIES]
     if unknown or not categories:
         raise InputError(f"unknown categories {unknown}; choose from {', '.join(CATEGORIES)}")

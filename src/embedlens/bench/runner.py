@@ -194,6 +194,12 @@ def _answer_batch(
             records.append({"index": q.index, "status": "unreadable", "reason": str(exc)})
     if readable:
         items = list(setting.interventions)
+        if plan(items, session.num_layers).needs_targets:
+            lacking = [q.id for q, _ in readable if q.target_patches is None]
+            if lacking:
+                raise InputError(
+                    f"setting {setting.name!r} prunes 'target' but question {lacking[0]} has no target_patches"
+                )
         if readable[0][0].prune_target:
             policy = plan(items, session.num_layers).positions
             items.append(Prune(group="target", positions=policy))  # type: ignore[arg-type]
@@ -297,6 +303,12 @@ def merge(
                     "seeds": json.dumps(r.get("seeds") or {}),
                 }
             )
+    failed = [r for r in rows if r["status"] != "ok"]
+    if not {r["index"] for r in rows} - {r["index"] for r in failed}:
+        reason = records[(failed[0]["setting_index"], failed[0]["index"])].get("reason", failed[0]["status"])
+        raise InputError(
+            f"none of the {len(questions.items)} questions was answered in every setting; first problem: {reason}"
+        )
     with atomic_path(out / ITEMS_FILE) as tmp:
         pq.write_table(pa.Table.from_pylist(rows), tmp)
     table = summarise(rows, questions, settings, options, seed=seed)

@@ -84,13 +84,20 @@ def _row_problem(row: object, folder: Path) -> str | None:
         answers = [answers]
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
         return "answers must be a non-empty list of text"
-    if row.get("type", "exact") not in TYPES:
-        return f"type must be one of {', '.join(TYPES)}, got {row.get('type')!r}"
+    if any(not normalize_answer(a) for a in answers):
+        return "an answer is empty once case, punctuation and spaces are dropped (it would credit empty replies)"
+    kind = row.get("type")  # null: inferred, like a missing type
+    if kind is not None and kind not in TYPES:
+        return f"type must be one of {', '.join(TYPES)}, got {kind!r}"
+    if kind == "yesno" and any(normalize_answer(a) not in ("yes", "no") for a in answers):
+        return "yesno answers must be yes or no"
     image = folder / str(row["image"])
     if not image.is_file():
         return f"image not found: {image}"
     cells = row.get("target_patches")
-    if cells is not None and (not isinstance(cells, list) or not all(isinstance(c, int) for c in cells)):
+    if cells is not None and (
+        not isinstance(cells, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in cells)
+    ):
         return "target_patches must be a list of integers"
     if row.get("prune_target") and not cells:
         return "prune_target needs target_patches"
@@ -109,7 +116,7 @@ def read_questions(source: str | Path) -> QuestionSet:
     if not path.is_file():
         raise InputError(f"question file not found: {path}")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read {path}: {exc}") from exc
     items: list[Question] = []
