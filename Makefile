@@ -9,6 +9,10 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test lint format bench clean
 
+# LMMS_EVAL: the lmms-eval the plugin tests run against, installed without its dependencies plus the
+# lean set its import and a local task need (requirements/lmms-lean.txt explains why).
+LMMS_EVAL ?= lmms-eval==0.7.3
+
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
@@ -16,10 +20,16 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
+# Only the tests need lmms-eval; `make demo` stays without it.
+$(BIN)/.lmms-installed: $(BIN)/.installed requirements/lmms-lean.txt
+	$(BIN)/python -m pip install -q --no-deps "$(LMMS_EVAL)"
+	$(BIN)/python -m pip install -q -r requirements/lmms-lean.txt
+	touch $@
+
 demo: $(BIN)/.installed
 	$(BIN)/embedlens probe --out demo
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed $(BIN)/.lmms-installed
 	$(BIN)/python -m pytest -q
 
 lint: $(BIN)/.installed
