@@ -527,6 +527,151 @@ def _print_discovery(found, out: Path) -> None:
     typer.echo(f"wrote {out}")
 
 
+def parse_layer_list(text: str | None, option: str) -> tuple[int, ...] | None:
+    """``"0,4,8"`` or ``"0-8"`` or ``"0-8:2"`` (every 2nd) -> layer numbers; None for None or ``"all"``."""
+    if text is None or text.strip() == "all":
+        return None
+    layers: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            span, _, step = part.partition(":")
+            low, dash, high = span.partition("-")
+            first, last = int(low), int(high) if dash else int(low)
+            stride = int(step) if step else 1
+        except ValueError:
+            raise InputError(f"{option} takes layers like 0,4,8 or 0-8 or 0-30:2, got {text!r}") from None
+        if stride <= 0 or last < first or first < 0:
+            raise InputError(f"{option}: bad layer range {part!r}")
+        layers += range(first, last + 1, stride)
+    if not layers:
+        raise InputError(f"{option} names no layers")
+    return tuple(sorted(set(layers)))
+
+
+@app.command()
+def align(
+    dataset: DatasetArg,
+    out: Annotated[Path, typer.Option(help="Result directory (resumes the run it holds, if the settings match).")],
+    model: ModelOpt = DEFAULT_MODEL,
+    anchors: AnchorsOpt = None,
+    top_k: RuleTopKOpt = None,
+    lens_top_k: Annotated[int, typer.Option(help="Lens neighbours read for readability.")] = 5,
+    lens_layers: Annotated[
+        str, typer.Option(help="Layers whose readability is measured: all, or e.g. 0,8,16 or 0-30:2.")
+    ] = "all",
+    text: Annotated[
+        Path | None, typer.Option(help="Reference passages, one per line (default: the packaged sentences).")
+    ] = None,
+    prompt: Annotated[str | None, typer.Option(help="Question for images without one in the dataset.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass and per committed batch.")] = 4,
+    restart: RestartOpt = False,
+    progress: ProgressOpt = True,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    revision: RevisionOpt = None,
+) -> None:
+    """Where visual tokens belong in the LLM: norms, alignment to text states and readability per layer."""
+    from embedlens.analysis.alignment import AlignOptions, run_align
+    from embedlens.datasets import describe_problems, open_dataset
+
+    if top_k is not None and top_k <= 0:
+        raise InputError(f"--top-k must be a positive integer, got {top_k}")
+    options = AlignOptions(
+        prompt=prompt,
+        anchors=str(anchors) if anchors is not None else None,
+        rule_top_k=top_k,
+        lens_top_k=lens_top_k,
+        lens_layers=parse_layer_list(lens_layers, "--lens-layers"),
+        text=str(text) if text is not None else None,
+        batch_size=batch_size,
+    )
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out must be a directory, but {out} is a file")
+    data = open_dataset(dataset)
+    if data.malformed:
+        typer.echo(f"embedlens: warning: {dataset}: {describe_problems(data.malformed)}", err=True)
+    session = _load_session(model, device, dtype, revision)
+    result = run_align(session, data, out, options=options, restart=restart, progress=progress)
+    typer.echo((out / "table.md").read_text(encoding="utf-8"), nl=False)
+    if result.unreadable:
+        typer.echo(f"skipped {len(result.unreadable)} unreadable image(s), first: {result.unreadable[0]}")
+    typer.echo(f"wrote {out}/layers.parquet, summary.json, table.md, norms.png, alignment.png, readability.png")
+
+
+@app.command("inject-sweep")
+def inject_sweep(
+    datasets: Annotated[
+        list[Path],
+        typer.Argument(help="One or more JSONL question files or make-patchbench folders, each evaluated in full."),
+    ],
+    out: Annotated[Path, typer.Option(help="Result directory (resumes the evaluations it holds).")],
+    model: ModelOpt = DEFAULT_MODEL,
+    layers: Annotated[str, typer.Option(help="Injection layers: all, or e.g. 0,4,8 or 0-28:4.")] = "all",
+    skip_until: Annotated[
+        int | None,
+        typer.Option(help="Comparison row: skip visual attention+MLP in layers below this (default: half; 0: none)."),
+    ] = None,
+    scales: Annotated[str, typer.Option(help="Norm-scaling experiment: comma-separated scales ('' for none).")] = (
+        "0.01,0.1,1"
+    ),
+    best_layer: Annotated[
+        int | None, typer.Option(help="Injection layer of the scaling experiment (default: the sweep's best).")
+    ] = None,
+    timing_items: Annotated[int, typer.Option(help="Questions whose prefill is timed per setting (0: none).")] = 4,
+    timing_repeats: Annotated[int, typer.Option(help="Timed rounds per question and setting (median).")] = 3,
+    anchors: AnchorsOpt = None,
+    batch_size: Annotated[int, typer.Option(help="Questions per forward pass (left-padded).")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 16,
+    suffix: Annotated[str, typer.Option(help="Text appended to every question (e.g. an answer-format hint).")] = "",
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of questions for the intervals.")] = 1000,
+    restart: RestartOpt = False,
+    progress: ProgressOpt = True,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    revision: RevisionOpt = None,
+) -> None:
+    """Accuracy, FLOPs and prefill time for every injection layer, with the baseline; then norm scaling."""
+    from embedlens.analysis.sweep import SweepOptions, run_inject_sweep
+    from embedlens.bench.runner import EvalOptions
+    from embedlens.bench.vqa import read_questions
+    from embedlens.datasets import describe_problems
+
+    try:
+        scale_list = tuple(float(part) for part in scales.split(",") if part.strip())
+    except ValueError:
+        raise InputError(f"--scales must be comma-separated numbers, got {scales!r}") from None
+    options = SweepOptions(
+        layers=parse_layer_list(layers, "--layers"),
+        skip_until=skip_until,
+        scales=scale_list,
+        best_layer=best_layer,
+        timing_items=timing_items,
+        timing_repeats=timing_repeats,
+        eval=EvalOptions(
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            suffix=suffix.replace("\\n", "\n"),
+            anchors=str(anchors) if anchors is not None else None,
+            bootstrap=bootstrap,
+        ),
+    )
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out must be a directory, but {out} is a file")
+    question_sets = [read_questions(path) for path in datasets]
+    for questions in question_sets:
+        if questions.skipped:
+            typer.echo(f"embedlens: warning: {questions.source}: {describe_problems(questions.skipped)}", err=True)
+    session = _load_session(model, device, dtype, revision)
+    result = run_inject_sweep(session, question_sets, out, options=options, restart=restart, progress=progress)
+    typer.echo((out / "sweep.md").read_text(encoding="utf-8"), nl=False)
+    if result.scaling_rows:
+        typer.echo("")
+        typer.echo((out / "scaling.md").read_text(encoding="utf-8"), nl=False)
+    typer.echo(
+        f"wrote {out}/sweep.parquet, sweep.md, sweep.json, sweep.png" + (", scaling.md" if result.scaling_rows else "")
+    )
+
+
 @app.command("train-mini")
 def train_mini(
     out: Annotated[Path, typer.Option(help="Run directory: projector, log, checkpoint (resumes if present).")],

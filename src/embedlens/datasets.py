@@ -1,11 +1,12 @@
-"""Image datasets for the dataset-level commands (``stats``, ``discover-anchors``).
+"""Image datasets for the dataset-level commands (``stats``, ``discover-anchors``, ``align``).
 
 A dataset is either
 
 * a **folder**: every image file below it (recursively, hidden files and folders skipped), in sorted
   order of the path relative to the folder; or
 * a **JSONL file**: one JSON object per line, ``{"image": PATH, "prompt": TEXT}`` with ``prompt``
-  optional and ``PATH`` relative to the JSONL file's folder (or absolute). Blank lines are ignored.
+  optional and ``PATH`` relative to the JSONL file's folder (or absolute); a line without ``prompt``
+  but with a ``question`` (an evaluation JSONL) uses the question. Blank lines are ignored.
   Malformed lines are not fatal: they are skipped and reported with their line numbers.
 
 Items keep their position in that order (``index``) and a stable ``key`` (the relative path for a
@@ -149,6 +150,8 @@ def _parse_line(line: str) -> tuple[str, str | None]:
     prompt = record.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise ValueError('"prompt" must be a string')
+    if prompt is None and isinstance(record.get("question"), str):
+        prompt = record["question"]
     return image, prompt
 
 

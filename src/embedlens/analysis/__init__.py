@@ -1,0 +1,1 @@
+"""Analyses over datasets: layer alignment of visual tokens and the injection-layer sweep."""

@@ -1,0 +1,132 @@
+"""PNG plots of the alignment analysis and the injection sweep (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from embedlens.paths import atomic_path
+
+_STYLE = {
+    "visual": ("#555555", "-"),
+    "alive": ("#1b9e77", "-"),
+    "vit_sink": ("#d95f02", "-"),
+    "llm_sink": ("#7570b3", "-"),
+    "dead": ("#e7298a", "-"),
+    "text": ("#000000", "--"),
+    "prompt": ("#999999", ":"),
+}
+
+
+def _save(figure: Any, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def _series(rows: Sequence[dict[str, Any]], group: str, key: str) -> tuple[list[int], list[float]]:
+    mine = sorted((r for r in rows if r["group"] == group and r.get(key) is not None), key=lambda r: r["layer"])
+    return [r["layer"] for r in mine], [r[key] for r in mine]
+
+
+def _groups(rows: Sequence[dict[str, Any]], visual_only: bool = True) -> list[str]:
+    present = list(dict.fromkeys(r["group"] for r in rows))
+    return [g for g in present if not visual_only or g not in ("text", "prompt")]
+
+
+def plot_alignment(rows: Sequence[dict[str, Any]], summary: dict[str, Any], out: Path) -> list[Path]:
+    """``norms.png``, ``alignment.png`` and ``readability.png`` from the layer table."""
+    title = f"{summary['model']} · {summary['images']} images"
+    written = []
+    figure, axis = plt.subplots(figsize=(7, 4.2))
+    for group in _groups(rows, visual_only=False):
+        colour, style = _STYLE.get(group, ("#333333", "-"))
+        layers, values = _series(rows, group, "norm_mean")
+        axis.plot(layers, values, style, color=colour, label=group, marker="." if group not in ("text",) else None)
+    for group, info in summary["groups"].items():
+        if info["norm_matched_layer"] is not None and group == summary["focus_group"]:
+            axis.axhline(info["norm_layer0"], color=_STYLE[group][0], linewidth=0.8, alpha=0.6)
+            axis.axvline(info["norm_matched_layer"], color=_STYLE[group][0], linewidth=0.8, alpha=0.6)
+    axis.set_yscale("log")
+    axis.set_xlabel("layer (0 = decoder input)")
+    axis.set_ylabel("mean L2 norm")
+    axis.set_title(f"Norm per layer ({title}); lines: {summary['focus_group']} at layer 0 and its matched layer")
+    axis.legend(fontsize=8)
+    written.append(_save(figure, out / "norms.png"))
+
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    measures = (
+        ("best_cos", "mean best cosine to text states at l (higher = closer)"),
+        ("norm_w1", "W1 of log-norms vs text at l (lower = closer)"),
+        ("direction_distance", "mean-direction distance to text at l (lower = closer)"),
+    )
+    for axis, (key, label) in zip(axes, measures, strict=True):
+        for group in _groups(rows):
+            layers, values = _series(rows, group, key)
+            axis.plot(layers, values, color=_STYLE.get(group, ("#333333", "-"))[0], marker=".", label=group)
+        axis.set_xlabel("text layer l")
+        axis.set_title(label, fontsize=9)
+    axes[0].legend(fontsize=8)
+    figure.suptitle(f"Layer-0 visual tokens against the text hidden states of each layer ({title})")
+    written.append(_save(figure, out / "alignment.png"))
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for group in _groups(rows):
+        colour = _STYLE.get(group, ("#333333", "-"))[0]
+        for key, style in (("readable_embedding", "-"), ("readable_logit", "--")):
+            layers, values = _series(rows, group, key)
+            if layers:
+                axes[0].plot(layers, values, style, color=colour, marker=".", label=f"{group} ({key.split('_')[1]})")
+        layers, values = _series(rows, group, "cross_layer_cos")
+        axes[1].plot(layers, values, color=colour, marker=".", label=group)
+    axes[0].set_title("share of tokens whose top-1 is a whole word", fontsize=9)
+    axes[0].set_xlabel("layer")
+    axes[0].legend(fontsize=7)
+    axes[1].set_title("cos(token at layer 0, token at layer l)", fontsize=9)
+    axes[1].set_xlabel("layer")
+    axes[1].legend(fontsize=8)
+    figure.suptitle(f"Readability and cross-layer change ({title})")
+    written.append(_save(figure, out / "readability.png"))
+    return written
+
+
+def plot_sweep(rows: Sequence[dict[str, Any]], out: Path, *, title: str) -> Path:
+    """``sweep.png``: accuracy and FLOPs (and measured prefill time) against the injection layer.
+
+    ``rows`` are the sweep table's rows: ``kind`` is ``"inject"`` (with ``layer``), ``"baseline"`` or
+    ``"skip"``; ``datasets`` maps a dataset name to its overall score.
+    """
+    inject = sorted((r for r in rows if r["kind"] == "inject"), key=lambda r: r["layer"])
+    others = [r for r in rows if r["kind"] in ("baseline", "skip")]
+    names = list(dict.fromkeys(name for r in rows for name in r["scores"]))
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    layers = [r["layer"] for r in inject]
+    for name in names:
+        line = axes[0].plot(layers, [r["scores"][name] * 100 for r in inject], marker="o", label=f"inject@k · {name}")
+        for r in others:
+            style = "--" if r["kind"] == "baseline" else ":"
+            axes[0].axhline(r["scores"][name] * 100, linestyle=style, color=line[0].get_color(), linewidth=0.9)
+    axes[0].set_xlabel("injection layer k")
+    axes[0].set_ylabel("score (%)")
+    axes[0].set_title("accuracy (dashed: baseline; dotted: early-layer skip)", fontsize=9)
+    axes[0].legend(fontsize=8)
+    axes[1].plot(layers, [r["flops_ratio"] for r in inject], marker="o", label="FLOPs / baseline")
+    timed = [(r["layer"], r["time_ratio"]) for r in inject if r.get("time_ratio") is not None]
+    if timed:
+        axes[1].plot([t[0] for t in timed], [t[1] for t in timed], marker="s", label="prefill time / baseline")
+    for r in others:
+        if r["kind"] == "skip":
+            axes[1].axhline(r["flops_ratio"], linestyle=":", color="#555555", label=f"{r['setting']} (FLOPs)")
+    axes[1].set_xlabel("injection layer k")
+    axes[1].set_ylim(bottom=0)
+    axes[1].set_title("prefill cost relative to the baseline", fontsize=9)
+    axes[1].legend(fontsize=8)
+    figure.suptitle(title)
+    return _save(figure, out / "sweep.png")
