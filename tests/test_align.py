@@ -143,6 +143,8 @@ class TestRun:
         assert visual["cross_layer_cos"].iloc[0] == pytest.approx(1.0)
         for column in ("readable_embedding", "readable_logit", "word_share_embedding", "word_share_logit"):
             assert visual[column].between(0, 1).all(), column
+        prompt = table[table["group"] == "prompt"]
+        assert prompt["best_cos"].between(-1, 1).all() and (prompt["direction_distance"] >= 0).all()
         summary = json.loads((out / "summary.json").read_text())
         assert summary["images"] == 5 and summary["focus_group"] == "visual"
         assert "no anchors" in summary["groups_from"]

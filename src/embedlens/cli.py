@@ -45,6 +45,12 @@ RuleTopKOpt = Annotated[
 ]
 RestartOpt = Annotated[bool, typer.Option(help="Discard what --out holds and start over.")]
 ProgressOpt = Annotated[bool, typer.Option(help="Show a progress bar on stderr.")]
+QuestionBatchOpt = Annotated[int, typer.Option("--batch-size", help="Questions per forward pass (left-padded).")]
+MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", help="Longest answer, in tokens.")]
+SuffixOpt = Annotated[
+    str, typer.Option("--suffix", help="Text appended to every question (e.g. an answer-format hint).")
+]
+BootstrapOpt = Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples of questions for the intervals.")]
 DatasetArg = Annotated[Path, typer.Argument(help='Folder of images, or JSONL of {"image": PATH, "prompt": TEXT}.')]
 
 
@@ -344,6 +350,19 @@ def make_patchbench(
     typer.echo(f"evaluate: embedlens eval {out} --out RESULTS --model {model} [--preset paper-pruning]")
 
 
+def _eval_options(batch_size: int, max_new_tokens: int, suffix: str, anchors: Path | None, bootstrap: int):
+    """The evaluation options of ``eval`` and ``inject-sweep`` (a literal ``\\n`` in the suffix is a newline)."""
+    from embedlens.bench.runner import EvalOptions
+
+    return EvalOptions(
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        suffix=suffix.replace("\\n", "\n"),
+        anchors=str(anchors) if anchors is not None else None,
+        bootstrap=bootstrap,
+    )
+
+
 @app.command(name="eval")
 def eval_(
     dataset: Annotated[
@@ -361,10 +380,10 @@ def eval_(
     preset: Annotated[str | None, typer.Option(help="Named settings: paper-pruning.")] = None,
     seeds: Annotated[str, typer.Option(help="Seeds of the preset's random control, comma-separated.")] = "0,1,2,3,4",
     anchors: AnchorsOpt = None,
-    batch_size: Annotated[int, typer.Option(help="Questions per forward pass (left-padded).")] = 8,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 16,
-    suffix: Annotated[str, typer.Option(help="Text appended to every question (e.g. an answer-format hint).")] = "",
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of questions for the intervals.")] = 1000,
+    batch_size: QuestionBatchOpt = 8,
+    max_new_tokens: MaxNewTokensOpt = 16,
+    suffix: SuffixOpt = "",
+    bootstrap: BootstrapOpt = 1000,
     restart: RestartOpt = False,
     progress: ProgressOpt = True,
     device: DeviceOpt = "auto",
@@ -372,7 +391,7 @@ def eval_(
     revision: RevisionOpt = None,
 ) -> None:
     """Evaluate the baseline and intervention settings side by side, in one run and code path; resumable."""
-    from embedlens.bench.runner import EvalOptions, parse_setting, run_eval
+    from embedlens.bench.runner import parse_setting, run_eval
     from embedlens.bench.runner import preset as preset_settings
     from embedlens.bench.vqa import read_questions
     from embedlens.datasets import describe_problems
@@ -385,13 +404,7 @@ def eval_(
         except ValueError:
             raise InputError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
         settings = preset_settings(preset, seed_list) + settings
-    options = EvalOptions(
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        suffix=suffix.replace("\\n", "\n"),
-        anchors=str(anchors) if anchors is not None else None,
-        bootstrap=bootstrap,
-    )
+    options = _eval_options(batch_size, max_new_tokens, suffix, anchors, bootstrap)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out must be a directory, but {out} is a file")
     questions = read_questions(dataset)
@@ -620,10 +633,10 @@ def inject_sweep(
     timing_items: Annotated[int, typer.Option(help="Questions whose prefill is timed per setting (0: none).")] = 4,
     timing_repeats: Annotated[int, typer.Option(help="Timed rounds per question and setting (median).")] = 3,
     anchors: AnchorsOpt = None,
-    batch_size: Annotated[int, typer.Option(help="Questions per forward pass (left-padded).")] = 8,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 16,
-    suffix: Annotated[str, typer.Option(help="Text appended to every question (e.g. an answer-format hint).")] = "",
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of questions for the intervals.")] = 1000,
+    batch_size: QuestionBatchOpt = 8,
+    max_new_tokens: MaxNewTokensOpt = 16,
+    suffix: SuffixOpt = "",
+    bootstrap: BootstrapOpt = 1000,
     restart: RestartOpt = False,
     progress: ProgressOpt = True,
     device: DeviceOpt = "auto",
@@ -632,7 +645,6 @@ def inject_sweep(
 ) -> None:
     """Accuracy, FLOPs and prefill time for every injection layer, with the baseline; then norm scaling."""
     from embedlens.analysis.sweep import SweepOptions, run_inject_sweep
-    from embedlens.bench.runner import EvalOptions
     from embedlens.bench.vqa import read_questions
     from embedlens.datasets import describe_problems
 
@@ -647,13 +659,7 @@ def inject_sweep(
         best_layer=best_layer,
         timing_items=timing_items,
         timing_repeats=timing_repeats,
-        eval=EvalOptions(
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            suffix=suffix.replace("\\n", "\n"),
-            anchors=str(anchors) if anchors is not None else None,
-            bootstrap=bootstrap,
-        ),
+        eval=_eval_options(batch_size, max_new_tokens, suffix, anchors, bootstrap),
     )
     if out.exists() and not out.is_dir():
         raise InputError(f"--out must be a directory, but {out} is a file")

@@ -23,7 +23,10 @@ Text hidden states come from text-only forward passes over reference passages (b
 sixty sentences of ``embedlens/assets/reference_text.txt``; ``--text FILE`` for your own, one per
 line), without the first position of each passage (the ``<bos>`` or first token, whose hidden state
 carries the attention-sink's massive activations). The text tokens of the image prompts themselves
-are profiled too (group ``prompt``), with the same exclusion. Layer numbering is EmbedLens' (0 = the
+are profiled too (group ``prompt``), with the same exclusion, and measured against the reference *at
+their own layer* (``best_cos``, ``norm_w1``, ``direction_distance`` of the prompt's layer-``l`` states
+against the reference's layer-``l`` states): the text-to-text figures that tell what "aligned" looks
+like for this model and reference. Layer numbering is EmbedLens' (0 = the
 decoder input, ``l`` = the output of decoder layer ``l``, the last layer before the final norm).
 
 The run streams the dataset in batches and commits each batch's totals to ``out/parts``; an
@@ -60,6 +63,8 @@ if TYPE_CHECKING:
     from embedlens.session import Session
 
 ALIGN_FORMAT = "embedlens-align"
+#: Layout of the committed parts; a run with parts of another layout is refused (pass --restart).
+PARTS_VERSION = 2
 #: Visual groups, in table order; ``visual`` is every visual token.
 VISUAL_GROUPS: tuple[str, ...] = ("visual", ALIVE, *GROUPS)
 #: Rows of the layer table that describe text.
@@ -196,6 +201,9 @@ class Totals:
             and the rule's groups; ``visual`` is their union).
         prompt_count / prompt_norm / prompt_sq: Prompt text tokens, the sum of their norms and of their
             squared norms, ``[L1]``.
+        prompt_best_cos / prompt_unit: Sum of the prompt tokens' best cosine to the reference at their
+            own layer ``[L1]``, and of their unit vectors ``[L1, d]``.
+        prompt_log_norm: Every prompt token's log-norm per layer, ``[L1, prompt_count]``.
         images: Images counted.
     """
 
@@ -212,6 +220,9 @@ class Totals:
     prompt_count: int
     prompt_norm: np.ndarray
     prompt_sq: np.ndarray
+    prompt_best_cos: np.ndarray
+    prompt_unit: np.ndarray
+    prompt_log_norm: np.ndarray
     images: int = 0
 
     @classmethod
@@ -231,6 +242,9 @@ class Totals:
             prompt_count=0,
             prompt_norm=np.zeros(layers),
             prompt_sq=np.zeros(layers),
+            prompt_best_cos=np.zeros(layers),
+            prompt_unit=np.zeros((layers, hidden)),
+            prompt_log_norm=np.zeros((layers, 0)),
         )
 
     def add(self, other: Totals) -> None:
@@ -242,6 +256,9 @@ class Totals:
         self.prompt_count += other.prompt_count
         self.prompt_norm = self.prompt_norm + other.prompt_norm
         self.prompt_sq = self.prompt_sq + other.prompt_sq
+        self.prompt_best_cos = self.prompt_best_cos + other.prompt_best_cos
+        self.prompt_unit = self.prompt_unit + other.prompt_unit
+        self.prompt_log_norm = np.concatenate([self.prompt_log_norm, other.prompt_log_norm], axis=1)
         self.images += other.images
 
     def save(self, path: Path) -> None:
@@ -339,10 +356,19 @@ def _batch_totals(context: _Context, items: Sequence[DatasetItem], images: list[
             totals.word_share[lens_index] += _group_sum(share.T, labels, groups)
         totals.log_norm0 = np.concatenate([totals.log_norm0, np.log(norms[0].double().clamp_min(_EPS).cpu().numpy())])
         totals.log_norm0_group = np.concatenate([totals.log_norm0_group, labels])
-        text_norms = torch.stack([hidden[layer][row, text].float().norm(dim=-1) for layer in range(layers)])
+        text_states = torch.stack([hidden[layer][row, text].float() for layer in range(layers)])  # [L1, m, d]
+        text_norms = text_states.norm(dim=-1)
+        text_unit = text_states / text_norms.clamp_min(_EPS)[..., None]
         totals.prompt_count += int(text.sum())
         totals.prompt_norm += text_norms.double().sum(dim=1).cpu().numpy()
         totals.prompt_sq += (text_norms.double() ** 2).sum(dim=1).cpu().numpy()
+        if text_unit.shape[1]:
+            own_layer = torch.bmm(text_unit, reference.transpose(1, 2)).max(dim=2).values  # [L1, m]
+            totals.prompt_best_cos += own_layer.double().sum(dim=1).cpu().numpy()
+        totals.prompt_unit += text_unit.double().sum(dim=1).cpu().numpy()
+        totals.prompt_log_norm = np.concatenate(
+            [totals.prompt_log_norm, np.log(text_norms.double().clamp_min(_EPS).cpu().numpy())], axis=1
+        )
     return totals
 
 
@@ -394,21 +420,31 @@ def layer_rows(totals: Totals, reference: TextReference, lens_layers: Sequence[i
                     "word_share_logit": float(totals.word_share[1, g, layer] / n) if measured[layer] else None,
                 }
             )
-    count = np.full(layers, totals.prompt_count, dtype=float)
-    prompt_mean = _safe_div(totals.prompt_norm, count)
-    prompt_std = np.sqrt(np.maximum(_safe_div(totals.prompt_sq, count) - prompt_mean**2, 0))
-    for group, tokens, mean, std in (
-        ("text", reference.tokens, reference.norms.mean(axis=1), reference.norms.std(axis=1)),
-        ("prompt", totals.prompt_count, prompt_mean, prompt_std),
-    ):
+    for layer in range(layers):
+        rows.append(
+            {
+                "group": "text",
+                "layer": layer,
+                "tokens": reference.tokens,
+                "norm_mean": float(reference.norms[layer].mean()),
+                "norm_std": float(reference.norms[layer].std()),
+            }
+        )
+    n = totals.prompt_count
+    if n:
+        mean = totals.prompt_norm / n
+        std = np.sqrt(np.maximum(totals.prompt_sq / n - mean**2, 0))
         for layer in range(layers):
             rows.append(
                 {
-                    "group": group,
+                    "group": "prompt",
                     "layer": layer,
-                    "tokens": int(tokens),
+                    "tokens": int(n),
                     "norm_mean": float(mean[layer]),
                     "norm_std": float(std[layer]),
+                    "best_cos": float(totals.prompt_best_cos[layer] / n),
+                    "norm_w1": wasserstein_1d(totals.prompt_log_norm[layer], text_log[layer]),
+                    "direction_distance": float(np.linalg.norm(totals.prompt_unit[layer] / n - text_mean_unit[layer])),
                 }
             )
     return rows
@@ -469,15 +505,16 @@ def render_markdown(summary: dict[str, Any], rows: Sequence[dict[str, Any]]) -> 
         f"Per layer, group {focus!r} (layer-0 tokens against the text states of each layer; readability of "
         "the tokens' own states at each layer):",
         "",
-        "| layer | text norm | prompt norm | visual norm | best cos | norm W1 | direction dist. | cos(0, l) "
-        "| readable (emb.) | readable (logit) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| layer | text norm | prompt norm | visual norm | best cos | prompt's best cos | norm W1 "
+        "| direction dist. | cos(0, l) | readable (emb.) | readable (logit) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted((r for r in rows if r["group"] == focus), key=lambda r: r["layer"]):
         layer = r["layer"]
         lines.append(
-            f"| {layer} | {_fmt(text[layer]['norm_mean'])} | {_fmt(prompt[layer]['norm_mean'])} | "
-            f"{_fmt(r['norm_mean'])} | {_fmt(r['best_cos'])} | {_fmt(r['norm_w1'])} | "
+            f"| {layer} | {_fmt(text[layer]['norm_mean'])} | {_fmt(prompt.get(layer, {}).get('norm_mean'))} | "
+            f"{_fmt(r['norm_mean'])} | {_fmt(r['best_cos'])} | {_fmt(prompt.get(layer, {}).get('best_cos'))} | "
+            f"{_fmt(r['norm_w1'])} | "
             f"{_fmt(r['direction_distance'])} | {_fmt(r['cross_layer_cos'])} | {_fmt(r['readable_embedding'])} | "
             f"{_fmt(r['readable_logit'])} |"
         )
@@ -525,6 +562,7 @@ def run_identity(session: Session, dataset: Dataset, options: AlignOptions, pass
     """Everything that decides the result; a resumed run must match it."""
     return {
         "format": ALIGN_FORMAT + "-run",
+        "parts_version": PARTS_VERSION,
         "model": session.adapter.source,
         "config_hash": session.config_hash,
         "dataset": str(dataset.source),

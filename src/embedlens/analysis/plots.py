@@ -71,6 +71,9 @@ def plot_alignment(rows: Sequence[dict[str, Any]], summary: dict[str, Any], out:
         for group in _groups(rows):
             layers, values = _series(rows, group, key)
             axis.plot(layers, values, color=_STYLE.get(group, ("#333333", "-"))[0], marker=".", label=group)
+        layers, values = _series(rows, "prompt", key)
+        if layers:  # the text-to-text reference: prompt tokens at their own layer
+            axis.plot(layers, values, ":", color=_STYLE["prompt"][0], label="prompt text at layer l (reference)")
         axis.set_xlabel("text layer l")
         axis.set_title(label, fontsize=9)
     axes[0].legend(fontsize=8)
