@@ -12,8 +12,10 @@ from conftest import random_image
 from embedlens import InputError
 from embedlens.bench.vqa import (
     Question,
+    contains_answer,
     exact_match,
     read_questions,
+    relaxed_score,
     score,
     vqa_accuracy,
     yes_no,
@@ -23,6 +25,39 @@ from embedlens.bench.vqa import (
 
 def question(answers: tuple[str, ...], kind: str) -> Question:
     return Question(index=0, id="q", image=Path("x.png"), question="?", answers=answers, type=kind)
+
+
+class TestRelaxed:
+    """Chatty replies ("The shape is a triangle.") get relaxed credit when the answer is in them as whole
+    words; letters and yes/no stay strict, because nearly every sentence contains the word "a"."""
+
+    @pytest.mark.parametrize(
+        ("prediction", "answers", "expected"),
+        [
+            ("The shape is a triangle.", ["triangle"], 1.0),
+            ("triangles everywhere", ["triangle"], 0.0),  # whole words only
+            ("It is dark blue, I think", ["dark blue"], 1.0),
+            ("blue and dark", ["dark blue"], 0.0),
+            ("There are 2 of them", ["two"], 1.0),  # normalised first
+            ("", ["cat"], 0.0),
+        ],
+    )
+    def test_contains(self, prediction, answers, expected):
+        assert contains_answer(prediction, answers) == expected
+
+    @pytest.mark.parametrize(
+        ("prediction", "answers", "kind", "expected"),
+        [
+            ("The shape is a triangle.", ("triangle",), "exact", 1.0),
+            ("The letter is a B", ("a",), "exact", 0.0),  # one character: strict
+            ("A", ("a",), "exact", 1.0),
+            ("Yes, there is a no-entry sign", ("no",), "yesno", 0.0),  # yes/no: the first word
+            ("It is a cat", ("cat", "cat", "dog", "cat"), "vqa", 1.0),
+            ("It is a dog", ("cat", "cat", "dog", "cat"), "vqa", 1 / 3),
+        ],
+    )
+    def test_relaxed_score(self, prediction, answers, kind, expected):
+        assert relaxed_score(question(answers, kind), prediction) == pytest.approx(expected)
 
 
 class TestExactMatch:

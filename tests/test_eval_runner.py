@@ -388,12 +388,15 @@ class TestTable:
         for number, entry in enumerate(table["settings"]):
             mine = frame[frame["setting_index"] == number]
             assert entry["overall"] == pytest.approx(mine["score"].mean())
+            assert entry["overall_relaxed"] == pytest.approx(mine["relaxed"].mean())
             assert contains(entry["overall_interval"], entry["overall"])
             for category, cell in entry["categories"].items():
                 scores = mine[mine["category"] == category]["score"]
                 assert cell["n"] == len(scores) == (6 if category == "a" else 4)
                 assert cell["score"] == pytest.approx(scores.mean())
                 assert contains(cell["interval"], cell["score"])
+                relaxed = mine[mine["category"] == category]["relaxed"]
+                assert cell["relaxed"] == pytest.approx(relaxed.mean()) and cell["relaxed"] >= cell["score"]
                 if number == 0:
                     assert "delta" not in cell and "delta_interval" not in cell
                 else:

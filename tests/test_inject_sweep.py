@@ -129,12 +129,12 @@ class TestRun:
 
     def test_rows(self, swept, tiny):
         rows = {r["setting"]: r for r in swept.rows}
-        assert list(rows) == ["baseline", "inject@0", "inject@2", "inject@3", "skip:visual@0,0.5,1,1.5"]
+        assert list(rows) == ["baseline", "inject@0", "inject@2", "inject@3", "skip:visual@0-1.5"]
         # later injection: fewer tokens per layer on average, fewer FLOPs
         means = [rows[f"inject@{k}"]["tokens_mean"] for k in (0, 2, 3)]
         assert means[0] > means[1] > means[2]
         assert rows["inject@3"]["flops_ratio"] < rows["inject@2"]["flops_ratio"] < 1
-        assert rows["skip:visual@0,0.5,1,1.5"]["flops_ratio"] < 1
+        assert rows["skip:visual@0-1.5"]["flops_ratio"] < 1
         assert all(r["prefill_ms"] > 0 and r["time_ratio"] > 0 for r in swept.rows)
         assert rows["baseline"]["time_ratio"] == 1.0
         assert swept.best_layer in (2, 3)
@@ -202,9 +202,11 @@ class TestRun:
             {"kind": "scale", "layer": 3, "scale": 0.1, "scores": {"d": 0.5}, "deltas": {"d": 0.0}},
             {"kind": "scale", "layer": 3, "scale": 1.0, "scores": {"d": 0.75}, "deltas": {"d": 0.25}},
         ]
+        for row in rows:
+            row["relaxed"] = {"d": row["scores"]["d"] + 0.125}
         text = render_scaling(rows, ["d"], 3, (0.1, 1.0))
-        assert "| 0.1 | 25.0 (Δ -25.0) | 50.0 (Δ +0.0) |" in text
-        assert "| 1 | 50.0 (Δ +0.0) | 75.0 (Δ +25.0) |" in text
+        assert "| 0.1 | 25.0 (Δ -25.0; relaxed 37.5) | 50.0 (Δ +0.0; relaxed 62.5) |" in text
+        assert "| 1 | 50.0 (Δ +0.0; relaxed 62.5) | 75.0 (Δ +25.0; relaxed 87.5) |" in text
 
 
 class TestCli:

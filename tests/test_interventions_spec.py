@@ -151,6 +151,21 @@ class TestRoundTrips:
         assert describe(Inject(8)) == "inject@8"
         assert describe(Prune(group="dead")) == "prune:dead"
 
+    @pytest.mark.parametrize(
+        ("where", "expected"),
+        [
+            ("0-14.5", "0-14.5"),
+            ("1.5,2", "1.5,2"),
+            ("0,0.5,1", "0-1"),
+            ("0-1,3.5,5,5.5,6", "0-1,3.5,5-6"),
+            ("2,4", "2,4"),
+        ],
+    )
+    def test_describe_writes_runs_of_sublayers_as_ranges(self, where, expected):
+        item = parse(f"skip:visual@{where}")
+        assert describe(item) == f"skip:visual@{expected}"
+        assert parse(describe(item)) == item
+
     def test_dumps_is_a_list_of_kinded_dicts(self):
         data = json.loads(dumps(VARIED))
         assert isinstance(data, list) and len(data) == len(VARIED)

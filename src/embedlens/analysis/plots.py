@@ -113,12 +113,15 @@ def plot_sweep(rows: Sequence[dict[str, Any]], out: Path, *, title: str) -> Path
     layers = [r["layer"] for r in inject]
     for name in names:
         line = axes[0].plot(layers, [r["scores"][name] * 100 for r in inject], marker="o", label=f"inject@k · {name}")
+        if all("relaxed" in r for r in inject):
+            relaxed = [r["relaxed"][name] * 100 for r in inject]
+            axes[0].plot(layers, relaxed, "-.", marker="x", color=line[0].get_color(), label=f"relaxed · {name}")
         for r in others:
             style = "--" if r["kind"] == "baseline" else ":"
             axes[0].axhline(r["scores"][name] * 100, linestyle=style, color=line[0].get_color(), linewidth=0.9)
     axes[0].set_xlabel("injection layer k")
     axes[0].set_ylabel("score (%)")
-    axes[0].set_title("accuracy (dashed: baseline; dotted: early-layer skip)", fontsize=9)
+    axes[0].set_title("accuracy (dash-dot: relaxed; dashed: baseline; dotted: early-layer skip)", fontsize=9)
     axes[0].legend(fontsize=8)
     axes[1].plot(layers, [r["flops_ratio"] for r in inject], marker="o", label="FLOPs / baseline")
     timed = [(r["layer"], r["time_ratio"]) for r in inject if r.get("time_ratio") is not None]

@@ -179,6 +179,7 @@ def sweep_rows(
         mine = {e["name"]: e for e in first["settings"]}[name]
         scores = {d: entries[d][name]["overall"] for d in tables}
         deltas = {d: entries[d][name]["overall"] - entries[d][BASELINE]["overall"] for d in tables}
+        relaxed = {d: entries[d][name]["overall_relaxed"] for d in tables}
         rows.append(
             {
                 "setting": name,
@@ -187,6 +188,7 @@ def sweep_rows(
                 "scale": item.scale,
                 "scores": scores,
                 "deltas": deltas,
+                "relaxed": relaxed,
                 "mean_score": sum(scores.values()) / len(scores),
                 "gflops": mine["gflops"],
                 "flops_ratio": mine["flops_ratio"],
@@ -215,14 +217,20 @@ def render_sweep(rows: Sequence[dict[str, Any]], names: Sequence[str], best: int
     lines = [
         title,
         "",
-        "Scores in % (the runner's overall score per dataset); Δ = setting - baseline. FLOPs: theoretical "
-        "prefill FLOPs / baseline's; time: measured prefill / baseline's (median of interleaved rounds).",
+        "Scores in % (the runner's overall score per dataset); Δ = setting - baseline; relaxed: the answer "
+        "appears in the reply. FLOPs: theoretical prefill FLOPs / baseline's; time: measured prefill / "
+        "baseline's (median of interleaved rounds).",
         "",
-        "| setting | " + " | ".join(names) + " | mean | mean tokens per layer | FLOPs | prefill ms | time |",
-        "|---" * (len(names) + 6) + "|",
+        "| setting | "
+        + " | ".join(names)
+        + " | "
+        + " | ".join(f"{n} relaxed" for n in names)
+        + " | mean | mean tokens per layer | FLOPs | prefill ms | time |",
+        "|---" * (2 * len(names) + 6) + "|",
     ]
     for r in rows:
         cells = [f"{_pct(r['scores'][n])} (Δ {r['deltas'][n] * 100:+.1f})" for n in names]
+        cells += [_pct(r["relaxed"][n]) for n in names]
         ms = "–" if r["prefill_ms"] is None else f"{r['prefill_ms']:.1f}"
         ratio = "–" if r["time_ratio"] is None else f"{r['time_ratio']:.2f}x"
         label = r["setting"] + (" (best)" if r["kind"] == "inject" and r["layer"] == best else "")
@@ -252,7 +260,10 @@ def render_scaling(rows: Sequence[dict[str, Any]], names: Sequence[str], best: i
         cells = []
         for layer in (0, best):
             r = by.get((layer, s))
-            cells += [f"{_pct(r['scores'][n])} (Δ {r['deltas'][n] * 100:+.1f})" if r else "–" for n in names]
+            cells += [
+                f"{_pct(r['scores'][n])} (Δ {r['deltas'][n] * 100:+.1f}; relaxed {_pct(r['relaxed'][n])})" if r else "–"
+                for n in names
+            ]
         lines.append(f"| {s:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -304,9 +315,10 @@ def _evaluate(
 def _write_rows(rows: Sequence[dict[str, Any]], path: Path) -> None:
     flat = [
         {
-            **{k: v for k, v in r.items() if k not in ("scores", "deltas")},
+            **{k: v for k, v in r.items() if k not in ("scores", "deltas", "relaxed")},
             **{f"score[{d}]": s for d, s in r["scores"].items()},
             **{f"delta[{d}]": s for d, s in r["deltas"].items()},
+            **{f"relaxed[{d}]": s for d, s in r["relaxed"].items()},
         }
         for r in rows
     ]

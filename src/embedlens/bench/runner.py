@@ -5,9 +5,11 @@ baseline first), greedily, in left-padded batches whose samples do not influence
 commits each batch to ``out/parts`` as it goes, so an interrupted run resumes where it stopped. The
 merge writes:
 
-* ``items.parquet``: one row per (setting, question): prediction, score, tokens kept, FLOPs, seeds;
+* ``items.parquet``: one row per (setting, question): prediction, score, relaxed score, tokens kept,
+  FLOPs, seeds;
 * ``table.json`` / ``table.md``: per setting and category the score with a bootstrap confidence
   interval (questions resampled), its difference from the baseline with a paired bootstrap interval,
+  the relaxed score (the answer appears in the reply, see :func:`embedlens.bench.vqa.relaxed_score`),
   yes/no accuracy and F1 where there are yes/no questions, and tokens kept and FLOPs per setting.
   Settings that differ only by seed (the matched random controls) are also summarised together: the
   mean over seeds and the spread (standard deviation) between them.
@@ -30,7 +32,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from embedlens.bench.flops import sample_flops
-from embedlens.bench.vqa import Question, QuestionSet, score, yes_no, yes_no_f1
+from embedlens.bench.vqa import Question, QuestionSet, relaxed_score, score, yes_no, yes_no_f1
 from embedlens.errors import InputError
 from embedlens.images import load_image
 from embedlens.interventions import Intervention, Prune, describe, parse, plan
@@ -295,6 +297,7 @@ def merge(
                     "status": r["status"],
                     "prediction": r.get("prediction"),
                     "score": r.get("score"),
+                    "relaxed": relaxed_score(q, r["prediction"]) if r["status"] == "ok" else None,
                     "yesno": r.get("yesno"),
                     "pruned": r.get("pruned"),
                     "tokens_layer0": r.get("tokens_layer0"),
@@ -358,10 +361,12 @@ def summarise(
             items = category_items[category]
             scores = np.array([mine[q.index]["score"] for q in items], dtype=float)
             base = np.array([baseline[q.index]["score"] for q in items], dtype=float)
+            relaxed = np.array([mine[q.index]["relaxed"] for q in items], dtype=float)
             cell: dict[str, Any] = {
                 "n": len(items),
                 "score": float(scores.mean()) if items else float("nan"),
                 "interval": _interval(scores, options.bootstrap, options.confidence, rng),
+                "relaxed": float(relaxed.mean()) if items else float("nan"),
             }
             if number:
                 cell["delta"] = float((scores - base).mean()) if items else float("nan")
@@ -381,6 +386,7 @@ def summarise(
         entry["gflops"] = float(np.mean([r["gflops"] for r in answered])) if answered else None
         all_scores = np.array([r["score"] for r in answered], dtype=float)
         entry["overall"] = float(all_scores.mean()) if answered else float("nan")
+        entry["overall_relaxed"] = float(np.mean([r["relaxed"] for r in answered])) if answered else float("nan")
         entry["overall_interval"] = _interval(all_scores, options.bootstrap, options.confidence, rng)
         summary["settings"].append(entry)
     base_flops = summary["settings"][0]["gflops"]
@@ -441,6 +447,16 @@ def render_markdown(table: dict[str, Any]) -> str:
             lines.append(
                 f"| {family['name']} ({family['seeds']} seeds) | " + " | ".join(cells) + f" | {family['pruned']:.1f} |"
             )
+    lines += [
+        "",
+        "Relaxed scores in % (the answer appears as whole words in the reply; letters and yes/no still strict):",
+        "",
+        "| setting | " + " | ".join(categories) + " | overall |",
+        "|---" * (len(categories) + 2) + "|",
+    ]
+    for entry in table["settings"]:
+        cells = [_pct(entry["categories"][c]["relaxed"]) for c in categories]
+        lines.append(f"| {entry['name']} | " + " | ".join(cells) + f" | {_pct(entry['overall_relaxed'])} |")
     yes_rows = [
         (entry["name"], c, entry["categories"][c])
         for entry in table["settings"]

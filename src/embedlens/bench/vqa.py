@@ -14,6 +14,12 @@ Metrics, per item (all answers normalised by :func:`embedlens.synth.qa.normalize
   annotations, repeated as given);
 * ``yesno``: 1 if the prediction's first word is the answer (``yes``/``no``); per category also
   accuracy and F1 with ``yes`` as the positive class (POPE style).
+
+Beside each score the runner reports a **relaxed** score (:func:`relaxed_score`): credit when an
+answer appears as whole words anywhere in the reply ("The shape is a triangle." for ``triangle``).
+It tells a model that knows the answer but words it as a sentence from one that does not know it;
+single-character answers (letters) and yes/no items still need the strict match, since a sentence
+almost always contains the word "a".
 """
 
 from __future__ import annotations
@@ -181,6 +187,29 @@ def score(question: Question, prediction: str) -> float:
     if question.type == "yesno":
         return float(yes_no(prediction) == normalize_answer(question.answers[0]))
     return exact_match(prediction, question.answers)
+
+
+def contains_answer(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 if a normalised answer occurs as a run of whole words in the normalised prediction."""
+    words = normalize_answer(prediction).split()
+    for answer in answers:
+        wanted = normalize_answer(answer).split()
+        if wanted and any(words[i : i + len(wanted)] == wanted for i in range(len(words) - len(wanted) + 1)):
+            return 1.0
+    return 0.0
+
+
+def relaxed_score(question: Question, prediction: str) -> float:
+    """The relaxed score (see the module docs): containment, except for yes/no and one-character answers."""
+    if question.type == "yesno" or all(len(normalize_answer(a)) <= 1 for a in question.answers):
+        return score(question, prediction)
+    if question.type == "vqa":
+        predicted = normalize_answer(prediction)
+        matches = sum(
+            predicted == normalize_answer(a) or bool(contains_answer(prediction, [a])) for a in question.answers
+        )
+        return min(matches / 3.0, 1.0)
+    return contains_answer(prediction, question.answers)
 
 
 def yes_no_f1(predicted: Sequence[str], truth: Sequence[str]) -> float:

@@ -348,13 +348,31 @@ def _float_text(value: float) -> str:
     return text if float(text) == value else repr(value)
 
 
+def _sublayer_text(pairs: Sequence[tuple[int, str]]) -> str:
+    """Sublayers in the notation, runs of three or more consecutive sublayers as ranges (``0-3.5``)."""
+    steps = sorted({2 * layer + (part == "mlp") for layer, part in pairs})
+    runs: list[list[int]] = []
+    for step in steps:
+        if runs and step == runs[-1][-1] + 1:
+            runs[-1].append(step)
+        else:
+            runs.append([step])
+
+    def name(step: int) -> str:
+        return f"{step // 2}{'.5' if step % 2 else ''}"
+
+    parts = []
+    for run in runs:
+        parts += [f"{name(run[0])}-{name(run[-1])}"] if len(run) >= 3 else [name(step) for step in run]
+    return ",".join(parts)
+
+
 def describe(item: Intervention) -> str:
     """The intervention in the text notation (round-trips through :func:`parse`)."""
     if isinstance(item, (Prune, Skip)):
         target = item.group if item.group is not None else "[" + ",".join(map(str, item.indices or ())) + "]"
         if isinstance(item, Skip):
-            where = ",".join(f"{layer}{'.5' if part == 'mlp' else ''}" for layer, part in item.sublayers)
-            return f"skip:{target}@{where}"
+            return f"skip:{target}@{_sublayer_text(item.sublayers)}"
         options = [f"select={item.select}"] if item.select != "group" else []
         options += [f"seed={item.seed}"] if item.select == "matched_random" else []
         options += [f"positions={item.positions}"] if item.positions != "keep" else []
