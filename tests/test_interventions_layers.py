@@ -231,3 +231,33 @@ def test_inject_composes_with_prune(tiny):
     assert positions == [p for p in range(length) if p not in {int(visual[i]) for i in pruned}]
     slots = [positions.index(p) for p in kept_visual]
     torch.testing.assert_close(at_k[0]["hidden"][0, slots], projected[kept_visual], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        [Inject(2)],
+        [Exit(2)],
+        [Inject(1), Exit(3)],
+        [Prune(indices=(0, 5, 6)), Inject(2)],
+        [Skip(group="visual", sublayers=((0, "attn"), (1, "mlp")))],
+    ],
+    ids=["inject", "exit", "inject+exit", "prune+inject", "skip"],
+)
+def test_cached_decoding_equals_rerunning_the_whole_sequence(tiny, items):
+    """The KV-cache decode path (its own masks and positions per phase) must give what a fresh prefill of
+    the prompt plus the tokens so far gives, step by step; otherwise generate under an intervention
+    would answer differently from the intervention itself."""
+    batch = batch_of(tiny, [3], ["is there a red thing in the picture"])
+    with intervene(tiny, items):
+        cached = new_tokens(greedy(tiny.model, **batch.inputs), batch)[0].tolist()
+    inputs = dict(batch.inputs)
+    rerun = []
+    for _ in cached:
+        with intervene(tiny, items), torch.no_grad():
+            logits = tiny.model(**inputs, use_cache=False).logits[0, -1]
+        rerun.append(int(logits.argmax()))
+        step = torch.tensor([[rerun[-1]]])
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], step], dim=1)
+        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(step)], dim=1)
+    assert cached and rerun == cached
