@@ -111,7 +111,7 @@ class AlignOptions:
 def reference_passages(path: str | Path | None) -> list[str]:
     """The reference passages: the file's non-empty lines, or the packaged sentences."""
     if path is None:
-        text = resources.files("embedlens.assets").joinpath("reference_text.txt").read_text(encoding="utf-8")
+        text = (resources.files("embedlens") / "assets" / "reference_text.txt").read_text(encoding="utf-8")
     else:
         file = Path(path).expanduser()
         if not file.is_file():
