@@ -281,6 +281,7 @@ class _Context:
 
     session: Session
     reference: TextReference
+    reference_unit: torch.Tensor  # reference.unit on the model's device, moved there once
     rule: tuple[tuple[str, ...], Any, int] | None
     words: torch.Tensor
     lens_layers: tuple[int, ...]
@@ -334,7 +335,7 @@ def _batch_totals(context: _Context, items: Sequence[DatasetItem], images: list[
         norms = per_layer.norm(dim=-1)  # [L1, n]
         unit = per_layer / norms.clamp_min(_EPS)[..., None]
         labels = _labels(context, per_layer[0])
-        reference = context.reference.unit.to(unit.device)  # [L1, N, d]
+        reference = context.reference_unit  # [L1, N, d]
         best = torch.stack([(unit[0] @ reference[layer].T).max(dim=1).values for layer in range(layers)])
         cross = (unit * unit[0:1]).sum(dim=-1)  # [L1, n]
         totals.count += _group_sum(torch.ones(norms.shape[1]), labels, groups)
@@ -603,7 +604,8 @@ def run_align(
     reference = text_reference(session, passages)
     rows = max(int(session.adapter.input_embeddings.weight.shape[0]), int(session.adapter.lm_head.weight.shape[0]))
     words = torch.from_numpy(word_table(session.adapter.tokenizer, rows))
-    context = _Context(session, reference, rule, words, lens_layers, options)
+    unit_on_device = reference.unit.to(session.adapter.device)
+    context = _Context(session, reference, unit_on_device, rule, words, lens_layers, options)
     parts = out / PARTS_DIR
     done = {int(r["first"]): r for r in read_parts(parts, "b*.json")}
     items = dataset.items
