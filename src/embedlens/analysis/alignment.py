@@ -382,11 +382,6 @@ def wasserstein_1d(a: np.ndarray, b: np.ndarray, points: int = 1000) -> float:
     return float(np.mean(np.abs(np.quantile(a, q) - np.quantile(b, q))))
 
 
-def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(b > 0, a / np.where(b > 0, b, 1), np.nan)
-
-
 def layer_rows(totals: Totals, reference: TextReference, lens_layers: Sequence[int]) -> list[dict[str, Any]]:
     """The long layer table: one row per (group, layer), visual groups then ``text`` and ``prompt``."""
     layers = totals.norm_sum.shape[1]

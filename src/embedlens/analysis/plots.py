@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from embedlens.analysis.alignment import TEXT_GROUPS
 from embedlens.paths import atomic_path
 
 _STYLE = {
@@ -38,7 +39,7 @@ def _series(rows: Sequence[dict[str, Any]], group: str, key: str) -> tuple[list[
 
 def _groups(rows: Sequence[dict[str, Any]], visual_only: bool = True) -> list[str]:
     present = list(dict.fromkeys(r["group"] for r in rows))
-    return [g for g in present if not visual_only or g not in ("text", "prompt")]
+    return [g for g in present if not visual_only or g not in TEXT_GROUPS]
 
 
 def plot_alignment(rows: Sequence[dict[str, Any]], summary: dict[str, Any], out: Path) -> list[Path]:
