@@ -32,13 +32,23 @@ from embedlens.nearest import ExactSearch
 
 def best_time(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
     """Minimum wall time over ``repeats`` calls (after one warm-up) and the last result."""
-    result = fn()
-    times = []
+    return best_times({"fn": fn}, repeats)["fn"]
+
+
+def best_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, object]]:
+    """Minimum wall time of each function over ``repeats`` rounds, and its last result.
+
+    Every round calls each function once, in turn (after one warm-up call each), so that a slow spell of
+    a shared machine falls on all of them alike and the ratios between them stay fair.
+    """
+    results = {name: fn() for name, fn in fns.items()}
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), result
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: (min(times[name]), results[name]) for name in fns}
 
 
 def normalise(x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +131,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=4096, help="hidden size")
     parser.add_argument("--table-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (each method once per round)")
     parser.add_argument("--per-token-sample", type=int, default=3, help="tokens timed for the per-token loop")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", help="use this model's real input embedding table (e.g. embedlens-mini)")
@@ -150,7 +160,30 @@ def main() -> None:
     start = time.perf_counter()
     search = ExactSearch(table, normalize=True)
     prep = time.perf_counter() - start
-    t, found = best_time(lambda: search.search(queries, k), args.repeats)
+
+    q16, t16 = q32.half(), t32.half()
+    qb, tb = q32.bfloat16(), t32.bfloat16()
+    timed: dict[str, Callable[[], object]] = {
+        "ours": lambda: search.search(queries, k),
+        "ref-fp16": lambda: torch.topk(q16 @ t16.T, k, dim=1).indices,
+    }
+    faiss_note = "not installed (pip install faiss-cpu)"
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        index = faiss.IndexFlatIP(dim)
+        index.add(t32.numpy())
+        qn = q32.numpy()
+        timed["faiss"] = lambda: torch.from_numpy(index.search(qn, k)[1])
+        faiss_note = f"faiss {faiss.__version__} IndexFlatIP"
+    except ImportError:
+        pass
+    timed["fp32-mm"] = lambda: q32 @ t32.T
+    timed["bf16-mm"] = lambda: qb @ tb.T
+    best = best_times(timed, args.repeats)
+
+    t, found = best["ours"]
     rows.append(("ours", t, found.ids, f"short={str(search.short_dtype).removeprefix('torch.')}"))
     candidates = found.candidates.float()
 
@@ -168,27 +201,14 @@ def main() -> None:
     rows.append(("per-token", t_tok * n / sample, None, f"{t_tok / sample:.2f} s/token x {n}, sample {sample}"))
     per_token_exact = torch.equal(ids_tok, ref32[:sample])
 
-    q16, t16 = q32.half(), t32.half()
-    t_ref, ids_ref = best_time(lambda: torch.topk(q16 @ t16.T, k, dim=1).indices, args.repeats)
-    rows.append(("ref-fp16", t_ref, ids_ref, "fp16 matmul + topk (reference rule)"))
-
-    try:
-        import faiss
-
-        faiss.omp_set_num_threads(torch.get_num_threads())
-        index = faiss.IndexFlatIP(dim)
-        index.add(t32.numpy())
-        qn = q32.numpy()
-        t_faiss, (_, ids_faiss) = best_time(lambda: index.search(qn, k), args.repeats)
-        rows.append(("faiss", t_faiss, torch.from_numpy(ids_faiss), f"faiss {faiss.__version__} IndexFlatIP"))
-    except ImportError:
-        rows.append(("faiss", float("nan"), None, "not installed (pip install faiss-cpu)"))
-
-    t_mm32, _ = best_time(lambda: q32 @ t32.T, args.repeats)
+    rows.append(("ref-fp16", *best["ref-fp16"], "fp16 matmul + topk (reference rule)"))
+    if "faiss" in best:
+        rows.append(("faiss", *best["faiss"], faiss_note))
+    else:
+        rows.append(("faiss", float("nan"), None, faiss_note))
+    t_mm32 = best["fp32-mm"][0]
     rows.append(("fp32-mm", t_mm32, None, "bare matmul, no top-k"))
-    qb, tb = q32.bfloat16(), t32.bfloat16()
-    t_mmb, _ = best_time(lambda: qb @ tb.T, args.repeats)
-    rows.append(("bf16-mm", t_mmb, None, "bare matmul, no top-k"))
+    rows.append(("bf16-mm", best["bf16-mm"][0], None, "bare matmul, no top-k"))
 
     print()
     print(f"{'method':<10} {'time s':>9} {'GFLOP/s':>8} {'vs fp32-mm':>10}  {'= fp32 bf':>9} {'= fp64 bf':>9}  note")
@@ -221,10 +241,11 @@ def main() -> None:
     )
     cache_mib = (search.short.numel() * search.short.element_size() + 2 * vocab * 8) / 2**20
     print(f"table preparation (once per model and lens): {prep:.2f} s; cached table {cache_mib:.0f} MiB")
-    bound = (search.chunk_bytes + search.rerank_rows * dim * 8) / 2**20
+    bound = search.search_memory_bound / 2**20
     print(
-        f"search peak extra memory bound: chunk_bytes {search.chunk_bytes / 2**20:.0f} MiB + re-rank "
-        f"{search.rerank_rows * dim * 8 / 2**20:.0f} MiB = {bound:.0f} MiB"
+        f"search peak extra memory bound: {bound:.0f} MiB (score blocks of {search.block_queries} queries in "
+        f"{search.chunk_bytes / 2**20:.0f} MiB, their copies, re-rank rows); buffers kept between searches: "
+        f"{search._workspace.nbytes / 2**20:.0f} MiB"
     )
     if not args.model:
         prep_peak, _kept, search_peak = measure_memory(vocab, dim, n, k, args.table_dtype)

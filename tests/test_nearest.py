@@ -95,11 +95,12 @@ class TestMatchesBruteForce:
     @pytest.mark.parametrize("short_dtype", SHORT_DTYPES, ids=str)
     @pytest.mark.parametrize(("normalize", "with_bias"), SCORINGS, ids=SCORING_IDS)
     def test_tiny_blocks_change_nothing(self, normalize, with_bias, short_dtype):
-        """Memory knobs (query blocks, re-rank gathers) must never change a result, not even a bit."""
+        """Memory knobs (query blocks, re-rank gathers, table slices) must never change a result, not even a bit."""
         table, queries, bias = make_case(3, torch.bfloat16)
         bias = bias if with_bias else None
         reference = ExactSearch(table, normalize=normalize, bias=bias, short_dtype=short_dtype).search(queries, 10)
-        for chunk_bytes, rerank_rows in [(1, 1), (1, 3), (V * 7 * 3, 2), (10**9, 1)]:
+        knobs = [(1, 1, V), (1, 3, V), (V * 7 * 3, 2, V), (10**9, 1, V), (10**9, 2048, 7), (V * 7 * 3, 5, 64)]
+        for chunk_bytes, rerank_rows, shortlist_rows in knobs:
             search = ExactSearch(
                 table,
                 normalize=normalize,
@@ -107,11 +108,48 @@ class TestMatchesBruteForce:
                 short_dtype=short_dtype,
                 chunk_bytes=chunk_bytes,
                 rerank_rows=rerank_rows,
+                shortlist_rows=shortlist_rows,
             )
             found = search.search(queries, 10)
             assert torch.equal(found.ids, reference.ids)
             assert torch.equal(found.scores, reference.scores)
         assert_matches(reference, *brute_force(table, queries, 10, normalize=normalize, bias=bias))
+
+    @pytest.mark.parametrize("shortlist_rows", [7, 64, 10**6])
+    def test_candidates_past_the_shortlist_in_table_slices(self, shortlist_rows):
+        """Many near-equal rows push a query's candidates past the k + 32 shortlist: the rest of the
+        table is scanned, whether its approximate scores were kept (one slice) or must be recomputed."""
+        g = torch.Generator().manual_seed(12)
+        base = torch.randn(D, generator=g)
+        table = base + 1e-3 * torch.randn(V, D, generator=g)  # every row within bf16 rounding of the others
+        queries = base[None] + 1e-3 * torch.randn(4, D, generator=g)
+        search = ExactSearch(table, normalize=True, short_dtype=torch.bfloat16, shortlist_rows=shortlist_rows)
+        found = search.search(queries, 10)
+        assert int(found.candidates.min()) > 10 + 32  # the scan beyond the shortlist really ran
+        assert_matches(found, *brute_force(table, queries, 10, normalize=True))
+
+    def test_reused_buffers_leave_earlier_results_alone(self):
+        """The search keeps scratch buffers between calls: results must not alias them."""
+        table, queries, _ = make_case(8, torch.float32)
+        search = ExactSearch(table, normalize=True, short_dtype=torch.bfloat16)
+        first = search.search(queries, 5)
+        kept_ids, kept_scores = first.ids.clone(), first.scores.clone()
+        other = search.search(torch.randn(2 * N, D), 7)  # a larger block through the same buffers
+        assert torch.equal(first.ids, kept_ids) and torch.equal(first.scores, kept_scores)
+        again = search.search(queries, 5)
+        assert torch.equal(again.ids, kept_ids) and torch.equal(again.scores, kept_scores)
+        assert other.ids.shape == (2 * N, 7)
+        assert search._workspace.nbytes > 0
+
+    def test_buffers_made_in_inference_mode_serve_later_calls(self):
+        table, queries, _ = make_case(9, torch.float32)
+        search = ExactSearch(table, normalize=True, short_dtype=torch.bfloat16)
+        with torch.inference_mode():
+            inside = search.search(queries, 4)
+        outside = search.search(queries, 4)
+        with torch.no_grad():
+            again = search.search(queries, 4)
+        assert torch.equal(inside.ids, outside.ids) and torch.equal(outside.ids, again.ids)
 
     def test_many_queries_in_many_blocks(self):
         g = torch.Generator().manual_seed(11)

@@ -28,14 +28,18 @@ margin ``m`` per query. Then, per query:
 4. all exactly scored rows are sorted with ties broken by lower id.
 
 Memory: the cache holds the short table (``V * d * 2`` bytes in bfloat16) plus three float64 vectors of
-length ``V``. A search adds at most ``chunk_bytes`` for score blocks (default 256 MiB; queries are
-processed in blocks sized to fit) plus ``rerank_rows * d * 8`` bytes for the float64 re-rank (default
-2048 rows: 64 MiB at ``d = 4096``), whatever the number of queries.
+length ``V``. Queries are processed in blocks sized so that one block's approximate scores fit in
+``chunk_bytes`` (default 64 MiB); a search adds at most ``chunk_bytes`` for them, ``block * d * 18``
+bytes for the block's float64 copy, rounded copy and rounding residual, and ``rerank_rows * d * 14``
+bytes for the rows being re-ranked (half, single and double precision), whatever the number of queries
+(:attr:`ExactSearch.search_memory_bound`: 197 MiB at 32000 x 4096). Buffers up to ``chunk_bytes / 2``
+are kept between searches and reused (:class:`_Workspace`), since fresh large buffers page-fault anew.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +83,42 @@ def default_short_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+class _Workspace:
+    """Grow-only scratch buffers that one search object reuses from call to call.
+
+    Large temporaries allocated afresh page-fault on first touch (on this project's 2-core machine a
+    new 37 MB buffer costs about 12 ms), so the query block, its rounded copy, the approximate scores
+    and the re-rank rows live in buffers that are kept and reused. A request above ``limit_bytes`` gets
+    a fresh tensor instead and is not kept, so the buffers never hold more than a few times that.
+    """
+
+    def __init__(self, device: torch.device, limit_bytes: int) -> None:
+        self.device = device
+        self.limit_bytes = limit_bytes
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A tensor of ``shape`` and ``dtype`` (uninitialised) backed by the buffer called ``name``.
+
+        Buffers and their views are made outside inference mode, so that a buffer first made under
+        ``torch.inference_mode()`` can still be written by a later call that runs without it.
+        """
+        numel = math.prod(shape)
+        with torch.inference_mode(False):
+            if numel * torch.empty(0, dtype=dtype).element_size() > self.limit_bytes:
+                return torch.empty(shape, dtype=dtype, device=self.device)
+            buffer = self._buffers.get(name)
+            if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
+                buffer = torch.empty(numel, dtype=dtype, device=self.device)
+                self._buffers[name] = buffer
+            return buffer[:numel].view(shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the kept buffers."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+
 class ExactSearch:
     """Exact top-k rows of a table by inner product or cosine similarity.
 
@@ -89,8 +129,10 @@ class ExactSearch:
         bias: Optional per-row bias added to inner-product scores, shape ``[V]`` (LM heads with bias).
         allowed: Optional sorted ids of the rows that may be returned (others are excluded).
         short_dtype: Type of the shortlist matmul; ``None`` picks :func:`default_short_dtype`.
-        chunk_bytes: Bound on the memory of one block of approximate scores.
+        chunk_bytes: Bound on the memory of one block of approximate scores (sets the query block size).
         rerank_rows: Rows gathered at once for the float64 re-rank.
+        shortlist_rows: Table rows multiplied at once for the shortlist (each slice's scores are reduced
+            to their top rows while still in cache).
     """
 
     def __init__(
@@ -101,8 +143,9 @@ class ExactSearch:
         bias: torch.Tensor | None = None,
         allowed: torch.Tensor | None = None,
         short_dtype: torch.dtype | None = None,
-        chunk_bytes: int = 256 * 2**20,
+        chunk_bytes: int = 64 * 2**20,
         rerank_rows: int = 2048,
+        shortlist_rows: int = 65536,
     ) -> None:
         if table.ndim != 2:
             raise ValueError(f"table must be [V, d], got shape {tuple(table.shape)}")
@@ -114,6 +157,9 @@ class ExactSearch:
         self.short_dtype = short_dtype or default_short_dtype(table.device)
         self.chunk_bytes = chunk_bytes
         self.rerank_rows = rerank_rows
+        self.shortlist_rows = shortlist_rows
+        self._workspace = _Workspace(table.device, max(chunk_bytes // 2, 1))
+        self._lock = threading.Lock()  # the workspace is shared by calls: one search at a time
         self._all_rows = allowed is None
         if allowed is None:
             allowed = torch.arange(table.shape[0], device=table.device)
@@ -160,6 +206,17 @@ class ExactSearch:
             return torch.ones(rows64.shape[0], dtype=torch.float64, device=rows64.device)
         return _inverse(rows64.norm(dim=1))
 
+    @property
+    def block_queries(self) -> int:
+        """Queries searched at once: as many as keep one block's approximate scores within ``chunk_bytes``."""
+        per_query = min(self.size, self.shortlist_rows) * (self.short.element_size() + 4 + 1)
+        return max(1, self.chunk_bytes // per_query)
+
+    @property
+    def search_memory_bound(self) -> int:
+        """Bytes a search may add to the cache at most, whatever the number of queries (see the module doc)."""
+        return self.chunk_bytes + self.block_queries * self.dim * 18 + self.rerank_rows * self.dim * 14
+
     def search(self, queries: torch.Tensor, k: int) -> TopK:
         """Exact top-``k`` rows for each query.
 
@@ -174,11 +231,11 @@ class ExactSearch:
             raise ValueError(f"queries must be [n, {self.dim}], got {tuple(queries.shape)}")
         if not 1 <= k <= self.size:
             raise ValueError(f"k must be between 1 and {self.size}, got {k}")
-        per_query = self.size * (self.short.element_size() + 4 + 1)
-        block = max(1, self.chunk_bytes // per_query)
+        block = self.block_queries
         ids, scores, counts = [], [], []
         for start in range(0, queries.shape[0], block):
-            result = self._search_block(queries[start : start + block], k)
+            with self._lock:
+                result = self._search_block(queries[start : start + block], k)
             ids.append(result.ids)
             scores.append(result.scores)
             counts.append(result.candidates)
@@ -188,32 +245,32 @@ class ExactSearch:
         return TopK(torch.cat(ids), torch.cat(scores), torch.cat(counts))
 
     def _search_block(self, queries: torch.Tensor, k: int) -> TopK:
-        q64 = queries.detach().to(self.device, torch.float64)
+        shape = tuple(queries.shape)
+        q64 = self._workspace.get("q64", shape, torch.float64).copy_(queries.detach())
         raw_norm = q64.norm(dim=1)
         if not bool(torch.isfinite(raw_norm).all()) and not bool(torch.isfinite(queries).all()):
             raise ValueError("queries contain NaN or infinite values")  # a finite norm means finite values
         if self.normalize:
-            q64 = q64 * _inverse(raw_norm)[:, None]
+            q64.mul_(_inverse(raw_norm)[:, None])
             q_norm = q64.norm(dim=1)
         else:
             q_norm = raw_norm
-        q_short = q64.to(self.short_dtype)
-        q_residual = (q_short.to(torch.float64) - q64).norm(dim=1)
+        q_short = self._workspace.get("q_short", shape, self.short_dtype).copy_(q64)
+        residual = self._workspace.get("q_residual", shape, torch.float64).copy_(q_short).sub_(q64)
+        q_residual = residual.norm(dim=1)
 
-        approx = q_short @ self.short.T  # [n, V] in the short dtype
         margin = self._input_margin(q_norm, q_residual)
         u_out = 0.0 if self.short_dtype == torch.float32 else _UNIT_ROUNDOFF[self.short_dtype]
+        # The best approximate rows, best first. Every row that can be in the exact top-k is almost always
+        # among them; a query whose candidates run past them is scanned in full (``_rows_beyond``).
+        width = min(self.size, k + _SHORTLIST_EXTRA)
+        values, top, largest, approx = self._shortlist(q_short, width)
         if self.bias64 is not None:
             # The bias is added in float32 after the rounded product: bound that step with the row maximum.
-            approx = approx.to(torch.float32) + self.bias32
-            largest = approx.abs().amax(dim=1).double() + float(self.bias64.abs().max())
+            largest = largest + float(self.bias64.abs().max())
             margin = margin + u_out * largest / (1 - u_out) + self.bias_residual + _U32 * largest
             u_out = 0.0
         n = queries.shape[0]
-        # The best approximate rows, best first. Every row that can be in the exact top-k is almost always
-        # among them; a query whose candidates run past them is scanned in full (``_scan_beyond``).
-        width = min(self.size, k + _SHORTLIST_EXTRA)
-        values, top = torch.topk(approx, width, dim=1, sorted=True)
         # Stage 1: the rows down to one margin below the k-th approximate score, scored exactly. The k-th
         # best of those exact scores is a floor under the true k-th best score.
         guess = _candidate_cutoff(values[:, k - 1].double(), margin, u_out)
@@ -230,13 +287,54 @@ class ExactSearch:
         cols, scores = top[keep], exact[keep]
         overflow = torch.nonzero((needed == width) & (width < self.size)).flatten().tolist()
         if overflow:
-            extra_rows, extra_cols = self._rows_beyond(approx, top, floor, margin, u_out, overflow)
+            extra_rows, extra_cols = self._rows_beyond(q_short, approx, top, floor, margin, u_out, overflow)
             extra = torch.cat([self._exact_scores(q64[r], extra_cols[extra_rows == r]) for r in overflow])
             order = torch.argsort(torch.cat([rows, extra_rows]), stable=True)
             rows = torch.cat([rows, extra_rows])[order]
             cols = torch.cat([cols, extra_cols])[order]
             scores = torch.cat([scores, extra])[order]
         return self._select(rows, cols, self._finish(scores, cols), n, k)
+
+    def _approx(self, q_short: torch.Tensor, first: int, last: int, *, scratch: bool = False) -> torch.Tensor:
+        """Approximate scores of queries ``q_short`` (shape ``[n, d]``) against searchable rows
+        ``first:last``: shape ``[n, last - first]``, in the short dtype, or float32 with a bias.
+
+        With ``scratch`` the product is written to a workspace buffer, valid until the next call.
+        """
+        shape = (q_short.shape[0], last - first)
+        out = self._workspace.get("approx", shape, self.short_dtype) if scratch else None
+        scores = torch.mm(q_short, self.short[first:last].T, out=out)
+        if self.bias64 is not None:
+            scores = scores.to(torch.float32) + self.bias32[first:last]
+        return scores
+
+    def _shortlist(
+        self, q_short: torch.Tensor, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The ``width`` best rows per query by approximate score, best first.
+
+        The table is multiplied in slices of ``shortlist_rows`` rows, each reduced to its own top
+        ``width`` while it is still in cache, then the slices' winners are merged.
+
+        Returns:
+            ``values`` and ``ids`` of shape ``[n, width]`` (sorted descending), the largest absolute
+            approximate score per query (float64, shape ``[n]``; used by the bias bound), and all the
+            approximate scores (``[n, V]``) when the table fits in one slice, else ``None``.
+        """
+        values, ids, largest = [], [], []
+        for first in range(0, self.size, self.shortlist_rows):
+            last = min(first + self.shortlist_rows, self.size)
+            scores = self._approx(q_short, first, last, scratch=True)
+            best = torch.topk(scores, min(width, last - first), dim=1, sorted=False)
+            values.append(best.values)
+            ids.append(best.indices + first)
+            if self.bias64 is not None:
+                largest.append(scores.abs().amax(dim=1))
+        merged = torch.topk(torch.cat(values, dim=1), width, dim=1, sorted=True)
+        top = torch.gather(torch.cat(ids, dim=1), 1, merged.indices)
+        peak = torch.stack(largest).amax(dim=0).double() if largest else merged.values.new_zeros(0).double()
+        whole = scores if self.size <= self.shortlist_rows else None
+        return merged.values, top, peak, whole
 
     def _finish(self, raw: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Scores from raw inner products (any shape) of searchable rows ``cols`` (the same shape):
@@ -246,7 +344,8 @@ class ExactSearch:
 
     def _rows_beyond(
         self,
-        approx: torch.Tensor,
+        q_short: torch.Tensor,
+        approx: torch.Tensor | None,
         top: torch.Tensor,
         floor: torch.Tensor,
         margin: torch.Tensor,
@@ -258,7 +357,8 @@ class ExactSearch:
         For the listed queries only; returned as two flat tensors, query-ascending.
         """
         pick = torch.tensor(queries, device=self.device)
-        lines = approx[pick]
+        # The queries' approximate scores again: kept from the shortlist, or computed anew for them alone.
+        lines = approx[pick] if approx is not None else self._approx(q_short[pick], 0, self.size)
         lines.scatter_(1, top[pick], -math.inf)  # already scored
         cutoff = _candidate_cutoff(floor[pick], margin[pick], u_out)
         where, cols = torch.nonzero(lines >= _round_down(cutoff, lines.dtype)[:, None], as_tuple=True)
@@ -292,17 +392,23 @@ class ExactSearch:
 
         Unscaled: the caller multiplies by ``scale64[cols]`` (cosine) and adds the bias.
         """
-        rows = self.table.detach().index_select(0, cols if self._all_rows else self.allowed[cols])
+        ids = cols if self._all_rows else self.allowed[cols]
+        shape, table = (cols.numel(), self.dim), self.table.detach()
+        rows = torch.index_select(table, 0, ids, out=self._workspace.get("rows", shape, table.dtype))
         if rows.dtype in (torch.float16, torch.bfloat16):
-            rows = rows.to(torch.float32)  # exact, and two vectorised conversions beat one slow one
-        return torch.mv(rows.to(torch.float64), query64)
+            # exact, and two vectorised conversions beat one slow one
+            rows = self._workspace.get("rows32", shape, torch.float32).copy_(rows)
+        rows64 = self._workspace.get("rows64", shape, torch.float64).copy_(rows).mul_(query64)
+        # Multiply, then reduce each row on its own: unlike a matrix-vector product, whose kernel can sum
+        # a row differently with its place in the block, equal rows get bit-equal scores.
+        return rows64.sum(dim=1)
 
     def _select(self, rows: torch.Tensor, cols: torch.Tensor, exact: torch.Tensor, n: int, k: int) -> TopK:
         """Per query, the k best candidates by (score desc, id asc). Candidates arrive id-ascending.
 
         Scores that differ only by float64 rounding (``TIE_ULPS`` units in the last place) count as equal, so
         rows that are exact ties in real numbers (e.g. a row and a scaled copy under cosine) come out
-        lower id first even when their computed scores differ in the last bits.
+        lower id first, with one score, even when their computed scores differ in the last bits.
         """
         counts = torch.bincount(rows, minlength=n)
         width = int(counts.max())
@@ -323,7 +429,12 @@ class ExactSearch:
         group = torch.cumsum(new_group.long(), dim=1)
         regroup = torch.argsort(group * (self.size + 1) + ids, dim=1, stable=True)[:, :k]
         top_ids = self.allowed[torch.gather(ids, 1, regroup)]
-        return TopK(top_ids, torch.gather(scores, 1, regroup), counts)
+        # Every member of a group reports the group's best score, so that ties read as ties (a row and its
+        # scaled copy can differ in the last bits after normalisation).
+        positions = torch.arange(width, device=self.device).expand(n, width)
+        head = torch.where(new_group, positions, torch.zeros_like(positions)).cummax(dim=1).values
+        group_scores = torch.gather(scores, 1, head)
+        return TopK(top_ids, torch.gather(group_scores, 1, regroup), counts)
 
 
 def _candidate_cutoff(floor: torch.Tensor, margin: torch.Tensor, u_out: float) -> torch.Tensor:
