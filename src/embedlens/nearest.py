@@ -50,6 +50,8 @@ _EPS64 = 2.0**-52
 TIE_ULPS = 8
 #: Rows beyond k, ranked by approximate score, kept as the shortlist for exact scoring.
 _SHORTLIST_EXTRA = 32
+#: Float64 bytes of the rows one group of queries gathers for its exact scores (stays in cache).
+_RERANK_BLOCK_BYTES = 4 * 2**20
 #: Unit roundoff (round to nearest) of each short type.
 _UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
 
@@ -288,7 +290,9 @@ class ExactSearch:
         overflow = torch.nonzero((needed == width) & (width < self.size)).flatten().tolist()
         if overflow:
             extra_rows, extra_cols = self._rows_beyond(q_short, approx, top, floor, margin, u_out, overflow)
-            extra = torch.cat([self._exact_scores(q64[r], extra_cols[extra_rows == r]) for r in overflow])
+            extra = torch.cat(
+                [self._exact_scores(q64[r : r + 1], extra_cols[extra_rows == r][None])[0] for r in overflow]
+            )
             order = torch.argsort(torch.cat([rows, extra_rows]), stable=True)
             rows = torch.cat([rows, extra_rows])[order]
             cols = torch.cat([cols, extra_cols])[order]
@@ -378,30 +382,53 @@ class ExactSearch:
         """Fill ``out[i, start[i]:stop[i]]`` with the exact scores of rows ``top[i, start[i]:stop[i]]``.
 
         ``top`` and ``out`` have shape ``[n, width]``; ``start`` and ``stop`` shape ``[n]``. The scores
-        are unscaled (see :meth:`_exact_scores`). One small gather and matrix-vector product per query:
-        small gathers stay in cache, which makes their float64 conversion far cheaper than one large batch.
+        are unscaled (see :meth:`_exact_scores`). Queries are scored in small groups whose gathered rows
+        fit in about ``_RERANK_BLOCK_BYTES`` of float64, so the conversion stays in cache while short
+        prefixes (small ``d``, few candidates) do not pay one round of calls per query. A group scores
+        the union of its queries' ranges; the extra entries are exact scores of shortlist rows too,
+        equal to the bit wherever they are computed, so writing them changes nothing the caller reads.
         """
-        spans = zip(q64.unbind(0), top.unbind(0), out.unbind(0), start.tolist(), stop.tolist(), strict=True)
-        for query, ids, line, first, last in spans:
-            for offset in range(first, last, self.rerank_rows):
-                end = min(offset + self.rerank_rows, last)
-                line[offset:end] = self._exact_scores(query, ids[offset:end])
+        budget = max(1, min(self.rerank_rows, _RERANK_BLOCK_BYTES // (self.dim * 8)))
+        firsts, lasts = start.tolist(), stop.tolist()
+        active = [i for i in range(len(firsts)) if firsts[i] < lasts[i]]
+        position = 0
+        while position < len(active):
+            group, low, high = [active[position]], firsts[active[position]], lasts[active[position]]
+            position += 1
+            while position < len(active):
+                i = active[position]
+                wider_low, wider_high = min(low, firsts[i]), max(high, lasts[i])
+                if (len(group) + 1) * (wider_high - wider_low) > budget:
+                    break
+                group.append(i)
+                low, high = wider_low, wider_high
+                position += 1
+            if len(group) == 1:
+                row = group[0]
+                for offset in range(low, high, self.rerank_rows):
+                    end = min(offset + self.rerank_rows, high)
+                    out[row, offset:end] = self._exact_scores(q64[row : row + 1], top[row : row + 1, offset:end])[0]
+            else:
+                pick = torch.tensor(group, device=self.device)
+                out[pick, low:high] = self._exact_scores(q64[pick], top[pick, low:high])
 
-    def _exact_scores(self, query64: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """Float64 inner products of one query (shape ``[d]``) with searchable rows ``cols`` (shape ``[m]``).
+    def _exact_scores(self, queries64: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Float64 inner products of queries (shape ``[b, d]``) with their searchable rows ``cols``
+        (shape ``[b, m]``): shape ``[b, m]``.
 
         Unscaled: the caller multiplies by ``scale64[cols]`` (cosine) and adds the bias.
         """
-        ids = cols if self._all_rows else self.allowed[cols]
-        shape, table = (cols.numel(), self.dim), self.table.detach()
+        ids = (cols if self._all_rows else self.allowed[cols]).reshape(-1)
+        shape, table = (ids.numel(), self.dim), self.table.detach()
         rows = torch.index_select(table, 0, ids, out=self._workspace.get("rows", shape, table.dtype))
         if rows.dtype in (torch.float16, torch.bfloat16):
             # exact, and two vectorised conversions beat one slow one
             rows = self._workspace.get("rows32", shape, torch.float32).copy_(rows)
-        rows64 = self._workspace.get("rows64", shape, torch.float64).copy_(rows).mul_(query64)
+        rows64 = self._workspace.get("rows64", shape, torch.float64).copy_(rows).view(*cols.shape, self.dim)
+        rows64.mul_(queries64[:, None, :])
         # Multiply, then reduce each row on its own: unlike a matrix-vector product, whose kernel can sum
         # a row differently with its place in the block, equal rows get bit-equal scores.
-        return rows64.sum(dim=1)
+        return rows64.sum(dim=2)
 
     def _select(self, rows: torch.Tensor, cols: torch.Tensor, exact: torch.Tensor, n: int, k: int) -> TopK:
         """Per query, the k best candidates by (score desc, id asc). Candidates arrive id-ascending.
