@@ -175,7 +175,7 @@ def main() -> None:
             print(f"{size:>7} {figures['peak']:>9.0f} {figures['loaded_peak']:>17.0f} {added:>10.0f}")
         sizes = sorted(peaks)
         growth = peaks[sizes[-1]] - peaks[sizes[0]]
-        print(f"peak growth from {sizes[0]} to {sizes[-1]} images: {growth:+.0f} MiB (target: within 50 MB)")
+        print(f"peak growth from {sizes[0]} to {sizes[-1]} images: {round(growth):+d} MiB (target: within 50 MB)")
     print(f"\nscratch files in {work}")
 
 
