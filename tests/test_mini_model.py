@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import embedlens
@@ -124,12 +125,17 @@ class TestCache:
 class TestTraining:
     """``train-mini`` runs end to end on a handful of images and resumes where it stopped."""
 
-    def test_interrupted_run_resumes_to_the_same_weights(self, mini_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    @pytest.mark.parametrize("lora_rank", [0, 2], ids=["projector", "projector+lora"])
+    def test_interrupted_run_resumes_to_the_same_weights(
+        self, mini_dir: Path, tmp_path: Path, monkeypatch, lora_rank: int
+    ) -> None:
         from safetensors.torch import load_file
 
         from embedlens.mini.train import ProjectorTrainer
 
-        config = TrainConfig(seed=3, images=6, steps=3, batch_size=2, checkpoint_every=1, minutes=10)
+        config = TrainConfig(
+            seed=3, images=6, steps=3, batch_size=2, checkpoint_every=1, minutes=10, lora_rank=lora_rank
+        )
         straight = run_training(tmp_path / "straight", config)
         assert straight["finished"] and straight["steps_done"] == 3
         assert all(loss == loss for loss in straight["loss_every_50"])  # no NaN
@@ -149,11 +155,32 @@ class TestTraining:
         monkeypatch.setattr(ProjectorTrainer, "loss", original)
         resumed = run_training(tmp_path / "resumed", config)
         assert resumed["finished"] and resumed["steps_done"] == 3
-        a = load_file(str(tmp_path / "straight" / "projector.safetensors"))
-        b = load_file(str(tmp_path / "resumed" / "projector.safetensors"))
-        assert a.keys() == b.keys()
-        for key in a:
-            assert a[key].equal(b[key]), key
+        files = ["projector.safetensors"] + (["lora.safetensors"] if lora_rank else [])
+        assert (tmp_path / "straight" / "lora.safetensors").is_file() == bool(lora_rank)
+        for name in files:
+            a = load_file(str(tmp_path / "straight" / name))
+            b = load_file(str(tmp_path / "resumed" / name))
+            assert a.keys() == b.keys()
+            for key in a:
+                assert a[key].equal(b[key]), f"{name}: {key}"
+
+    def test_lora_run_trains_adapters_that_the_build_merges(self, mini_dir: Path, tmp_path: Path) -> None:
+        from safetensors.torch import load_file
+
+        from embedlens.mini.assemble import build_mini
+
+        config = TrainConfig(seed=5, images=4, steps=2, batch_size=2, minutes=10, lora_rank=2, lora_lr=1e-2)
+        run_training(tmp_path, config)
+        adapters = load_file(str(tmp_path / "lora.safetensors"))
+        ups = [tensor for key, tensor in adapters.items() if key.endswith("lora_b")]
+        assert len(ups) == 7 * 30 and any(bool(up.abs().sum() > 0) for up in ups)  # trained away from zero
+        base, _ = build_mini(tmp_path / "projector.safetensors")
+        merged, _ = build_mini(tmp_path / "projector.safetensors", lora=tmp_path / "lora.safetensors")
+        name = "layers.0.self_attn.q_proj.weight"
+        before = base.model.language_model.state_dict()[name]
+        after = merged.model.language_model.state_dict()[name]
+        assert before.shape == after.shape and not torch.equal(before, after)
+        assert type(merged.model.language_model.layers[0].self_attn.q_proj) is torch.nn.Linear
 
     def test_changed_settings_refuse_to_resume(self, mini_dir: Path, tmp_path: Path) -> None:
         run_training(tmp_path, TrainConfig(seed=3, images=6, steps=1, batch_size=2, minutes=10))

@@ -686,21 +686,35 @@ def train_mini(
     steps: Annotated[int, typer.Option(help="Optimiser steps (batch of 4 sequences each).")] = 1600,
     minutes: Annotated[float, typer.Option(help="Time budget for the optimisation; stops early if reached.")] = 55.0,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    lora_rank: Annotated[
+        int, typer.Option(help="Also train low-rank adapters of this rank on the LLM (0: projector only).")
+    ] = 0,
+    lora_lr: Annotated[float, typer.Option(help="Peak learning rate of the LLM adapters.")] = 2e-4,
 ) -> None:
-    """Train the embedded mini model's projector on generated images (frozen vision tower and LLM)."""
-    from embedlens.mini.train import TrainConfig, run_training
+    """Train the embedded mini model's projector on generated images (frozen vision tower and LLM).
 
-    for name, value in (("--images", images), ("--steps", steps), ("--minutes", minutes), ("--lr", lr)):
+    With --lora-rank the LLM also gets trainable low-rank adapters; they are saved beside the projector
+    as lora.safetensors and merged into the LLM's weights when a model is built from them.
+    """
+    from embedlens.mini.train import LORA, PROJECTOR, TrainConfig, run_training
+
+    checks = (("--images", images), ("--steps", steps), ("--minutes", minutes), ("--lr", lr), ("--lora-lr", lora_lr))
+    for name, value in checks:
         if value <= 0:
             raise InputError(f"{name} must be positive, got {value}")
+    if lora_rank < 0:
+        raise InputError(f"--lora-rank must be 0 (off) or positive, got {lora_rank}")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out must be a directory, but {out} is a file")
     _quiet_transformers()
-    config = TrainConfig(seed=seed, images=images, steps=steps, minutes=minutes, lr=lr)
+    config = TrainConfig(
+        seed=seed, images=images, steps=steps, minutes=minutes, lr=lr, lora_rank=lora_rank, lora_lr=lora_lr
+    )
     log = run_training(out, config)
     state = "finished" if log["finished"] else f"stopped by the time budget at step {log['steps_done']}"
     typer.echo(f"{state}: loss {log['loss_first_50']} -> {log['loss_last_50']}")
-    typer.echo(f"wrote {out / 'projector.safetensors'} and {out / 'train_log.json'}")
+    written = [out / PROJECTOR] + ([out / LORA] if lora_rank else [])
+    typer.echo(f"wrote {' and '.join(map(str, written))} and {out / 'train_log.json'}")
 
 
 def _open_session(

