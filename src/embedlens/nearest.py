@@ -19,7 +19,8 @@ with ``dq = round(q) - q``, ``de_j = round(e_j) - e_j`` (their norms are compute
 ``gamma_d = d u32 / (1 - d u32)``. Using the table-wide maxima of ``|e_j|`` and ``|de_j|`` gives one
 margin ``m`` per query. Then, per query:
 
-1. the ``k + 32`` rows with the best approximate scores are taken, best first (one ``topk``);
+1. the ``k + 32`` rows with the best approximate scores are taken, best first (a ``topk`` per slice of
+   ``shortlist_rows`` table rows, then one over the slices' winners);
 2. stage 1 re-scores in float64 the rows whose approximate score is within about one margin of the k-th
    best approximate score; the k-th best of those exact scores is a floor under the true k-th best;
 3. stage 2: any row whose approximate score is below ``floor - m`` cannot be in the top-k; the other rows
@@ -290,9 +291,7 @@ class ExactSearch:
         overflow = torch.nonzero((needed == width) & (width < self.size)).flatten().tolist()
         if overflow:
             extra_rows, extra_cols = self._rows_beyond(q_short, approx, top, floor, margin, u_out, overflow)
-            extra = torch.cat(
-                [self._exact_scores(q64[r : r + 1], extra_cols[extra_rows == r][None])[0] for r in overflow]
-            )
+            extra = torch.cat([self._scores_of(q64[r], extra_cols[extra_rows == r]) for r in overflow])
             order = torch.argsort(torch.cat([rows, extra_rows]), stable=True)
             rows = torch.cat([rows, extra_rows])[order]
             cols = torch.cat([cols, extra_cols])[order]
@@ -404,13 +403,19 @@ class ExactSearch:
                 low, high = wider_low, wider_high
                 position += 1
             if len(group) == 1:
-                row = group[0]
-                for offset in range(low, high, self.rerank_rows):
-                    end = min(offset + self.rerank_rows, high)
-                    out[row, offset:end] = self._exact_scores(q64[row : row + 1], top[row : row + 1, offset:end])[0]
+                out[group[0], low:high] = self._scores_of(q64[group[0]], top[group[0], low:high])
             else:
                 pick = torch.tensor(group, device=self.device)
                 out[pick, low:high] = self._exact_scores(q64[pick], top[pick, low:high])
+
+    def _scores_of(self, query64: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Unscaled exact scores of one query (``[d]``) with any number of rows ``cols`` (``[m]``), gathered
+        ``rerank_rows`` at a time: shape ``[m]``."""
+        parts = [
+            self._exact_scores(query64[None], cols[None, first : first + self.rerank_rows])[0]
+            for first in range(0, cols.numel(), self.rerank_rows)
+        ]
+        return torch.cat(parts) if parts else cols.new_zeros(0, dtype=torch.float64)
 
     def _exact_scores(self, queries64: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Float64 inner products of queries (shape ``[b, d]``) with their searchable rows ``cols``
