@@ -108,7 +108,7 @@ class _Workspace:
         """
         numel = math.prod(shape)
         with torch.inference_mode(False):
-            if numel * torch.empty(0, dtype=dtype).element_size() > self.limit_bytes:
+            if numel * dtype.itemsize > self.limit_bytes:
                 return torch.empty(shape, dtype=dtype, device=self.device)
             buffer = self._buffers.get(name)
             if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
