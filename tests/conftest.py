@@ -93,6 +93,12 @@ def grid6(tmp_path_factory: pytest.TempPathFactory) -> embedlens.Session:
     return embedlens.load(str(_save(tmp_path_factory, "grid6", TinySpec(image_size=84))), device="cpu")
 
 
+@pytest.fixture(scope="session")
+def with_cls(tmp_path_factory: pytest.TempPathFactory) -> embedlens.Session:
+    """Tiny LLaVA whose projector also sees the CLS token ('full' feature selection): 1 + 16 visual tokens."""
+    return embedlens.load(str(_save(tmp_path_factory, "cls", TinySpec(strategy="full"))), device="cpu")
+
+
 # --------------------------------------------------------------------------- images
 def random_image(seed: int, width: int = 56, height: int = 56) -> Image.Image:
     """A reproducible RGB noise image."""

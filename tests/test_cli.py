@@ -244,6 +244,14 @@ class TestBadInput:
         assert_user_error(*run_cli(capsys, *args))
         assert_user_error(*run_cli(capsys, *args, "--json"))
 
+    @pytest.mark.parametrize(("option", "value"), [("--loss-per", "sentence"), ("--lora-rank", "-1"), ("--steps", "0")])
+    def test_train_mini_options(self, capsys, tmp_path, option, value):
+        """Checked before anything is built or trained."""
+        code, out, err = run_cli(capsys, "train-mini", "--out", tmp_path / "run", option, value)
+        assert_user_error(code, out, err)
+        assert option in err
+        assert not (tmp_path / "run").exists()
+
     def test_messages_name_the_problem(self, capsys, tiny_dir, image_path, tmp_path):
         _, _, err = run_cli(capsys, *_missing(tmp_path, tiny_dir, image_path))
         assert "image not found" in err and "nope.png" in err

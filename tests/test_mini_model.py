@@ -182,6 +182,46 @@ class TestTraining:
         assert before.shape == after.shape and not torch.equal(before, after)
         assert type(merged.model.language_model.layers[0].self_attn.q_proj) is torch.nn.Linear
 
+    @pytest.mark.parametrize(("strategy", "tokens"), [("full", 257), ("default", 256)])
+    def test_projector_records_the_features_it_was_trained_on(
+        self, mini_dir: Path, tmp_path: Path, strategy: str, tokens: int
+    ) -> None:
+        """A model built from a trained projector feeds the LLM the same visual tokens as training did."""
+        from embedlens.mini.assemble import build_mini, projector_strategy
+        from embedlens.mini.packages import MiniBuildError
+
+        run_training(tmp_path, TrainConfig(seed=2, images=4, steps=1, batch_size=2, minutes=10, strategy=strategy))
+        projector = tmp_path / "projector.safetensors"
+        assert projector_strategy(projector) == strategy
+        features = torch.load(tmp_path / "features.pt", weights_only=True)
+        assert features.shape[1] == tokens
+        model, processor = build_mini(projector)
+        assert model.config.vision_feature_select_strategy == strategy
+        assert model.config.image_seq_length == tokens
+        prompt = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
+            add_generation_prompt=True,
+        )
+        ids = processor(images=easy_shape("red", "star"), text=prompt, return_tensors="pt")["input_ids"]
+        assert int((ids == model.config.image_token_id).sum()) == tokens
+        other = "default" if strategy == "full" else "full"
+        with pytest.raises(MiniBuildError, match="was trained with"):
+            build_mini(projector, strategy=other)
+
+    def test_answer_weighting_trains_and_differs_from_token_mean(self, mini_dir: Path, tmp_path: Path) -> None:
+        from safetensors.torch import load_file
+
+        runs = {}
+        for weighting in ("token", "answer"):
+            config = TrainConfig(seed=6, images=4, steps=2, batch_size=2, minutes=10, loss_weighting=weighting)
+            log = run_training(tmp_path / weighting, config)
+            assert log["finished"] and all(loss == loss for loss in log["loss_every_50"])
+            assert log["config"]["loss_weighting"] == weighting
+            runs[weighting] = load_file(str(tmp_path / weighting / "projector.safetensors"))
+        assert not torch.equal(runs["token"]["linear_2.weight"], runs["answer"]["linear_2.weight"])
+        with pytest.raises(ValueError, match="loss_weighting"):
+            TrainConfig(loss_weighting="sentence")
+
     def test_changed_settings_refuse_to_resume(self, mini_dir: Path, tmp_path: Path) -> None:
         run_training(tmp_path, TrainConfig(seed=3, images=6, steps=1, batch_size=2, minutes=10))
         with pytest.raises(ValueError, match="another configuration"):

@@ -101,6 +101,39 @@ def _warnings(caplog: pytest.LogCaptureFixture) -> str:
     return "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
 
 
+class TestProjectorStrategy:
+    """A projector file says which vision features it was trained on; old files mean the patch tokens."""
+
+    def _write(self, path: Path, metadata: dict[str, str] | None) -> Path:
+        from safetensors.torch import save_file
+
+        save_file({"linear_1.weight": torch.zeros(2, 2)}, str(path), metadata=metadata)
+        return path
+
+    def test_recorded_strategy_is_read(self, tmp_path: Path) -> None:
+        from embedlens.mini.assemble import STRATEGY_KEY, projector_strategy
+
+        path = self._write(tmp_path / "p.safetensors", {"format": "pt", STRATEGY_KEY: "full"})
+        assert projector_strategy(path) == "full"
+
+    def test_file_without_a_record_means_default(self, tmp_path: Path) -> None:
+        from embedlens.mini.assemble import projector_strategy
+
+        assert projector_strategy(self._write(tmp_path / "p.safetensors", {"format": "pt"})) == "default"
+        assert projector_strategy(self._write(tmp_path / "q.safetensors", None)) == "default"
+
+    def test_unknown_strategy_or_unreadable_file_is_a_build_error(self, tmp_path: Path) -> None:
+        from embedlens.mini.assemble import STRATEGY_KEY, projector_strategy
+
+        odd = self._write(tmp_path / "p.safetensors", {STRATEGY_KEY: "cls-only"})
+        with pytest.raises(MiniBuildError, match="unknown"):
+            projector_strategy(odd)
+        junk = tmp_path / "junk.safetensors"
+        junk.write_bytes(b"not a safetensors file")
+        with pytest.raises(MiniBuildError, match="cannot read"):
+            projector_strategy(junk)
+
+
 class TestCacheDir:
     """Where files go decides whether a second run is fast and whether CI can redirect it."""
 

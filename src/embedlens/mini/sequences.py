@@ -88,3 +88,28 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.
         labels[row, :n] = item.labels
         mask[row, :n] = 1
     return ids, mask, labels
+
+
+def answer_weights(targets: torch.Tensor) -> torch.Tensor:
+    """Loss weights that make every answer count once, however many tokens it has.
+
+    An answer is a run of consecutive labelled positions in a row. Each of its tokens gets
+    ``1 / (run length * number of answers in the batch)``, so the weights sum to 1 and a 20-token
+    caption weighs as much as a one-word answer (a plain token mean lets captions dominate).
+
+    Args:
+        targets: Labels, shape ``[B, T]`` (``IGNORE`` where there is no loss).
+
+    Returns:
+        Weights of the labelled positions in row-major order, shape ``[number of labelled positions]``.
+    """
+    keep = targets != IGNORE
+    before = torch.zeros_like(keep)
+    before[:, 1:] = keep[:, :-1]
+    starts = (keep & ~before)[keep]
+    answer = torch.cumsum(starts.long(), dim=0) - 1
+    answers = int(starts.sum())
+    if answers == 0:
+        return torch.zeros(0)
+    lengths = torch.bincount(answer, minlength=answers).float()
+    return 1.0 / (lengths[answer] * answers)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from embedlens.capture import capture
 from embedlens.mini.lora import load_lora_tensors, lora_attached, lora_tensors, save_lora
-from embedlens.mini.sequences import IGNORE, Encoded, SequenceBuilder, Turn, collate
+from embedlens.mini.sequences import IGNORE, Encoded, SequenceBuilder, Turn, answer_weights, collate
 from embedlens.paths import atomic_path, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,11 @@ class TrainConfig:
         lora_rank: Rank of low-rank adapters on the LLM's attention and MLP layers, trained beside the
             projector (:mod:`embedlens.mini.lora`); 0 trains the projector alone (the shipped recipe).
         lora_lr: Peak learning rate of the adapters (same schedule as the projector's).
+        strategy: Vision features the projector sees: ``"default"`` (the patch tokens only, as LLaVA-1.5
+            and the shipped v1 weights) or ``"full"`` (the CLS token, then the 256 patch tokens). Recorded in
+            the projector file, so a model built from it uses the same.
+        loss_weighting: ``"token"`` averages the loss over all answer tokens of a batch (long captions
+            weigh most); ``"answer"`` weighs every answer equally (:func:`~embedlens.mini.sequences.answer_weights`).
     """
 
     seed: int = 0
@@ -71,6 +76,18 @@ class TrainConfig:
     checkpoint_every: int = 100
     lora_rank: int = 0
     lora_lr: float = 2e-4
+    strategy: str = "default"
+    loss_weighting: str = "token"
+
+    def __post_init__(self) -> None:
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
+        if self.strategy not in ("default", "full"):
+            raise ValueError(f"strategy must be 'default' or 'full', got {self.strategy!r}")
+
+
+#: Values of :attr:`TrainConfig.loss_weighting`.
+LOSS_WEIGHTINGS = ("token", "answer")
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -181,6 +198,9 @@ class ProjectorTrainer:
         targets = labels[:, 1:]
         keep = targets != IGNORE
         logits = self.lm_head(hidden[:, :-1][keep])
+        if self.config.loss_weighting == "answer":
+            losses = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="none")
+            return (losses * answer_weights(targets)).sum()
         return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
 
     def train(self, until: int, deadline: float, on_step: Callable[[int, float], None] | None = None) -> bool:
@@ -237,11 +257,13 @@ def _result_settings(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in ("minutes", "checkpoint_every")}
 
 
-def save_projector(projector: torch.nn.Module, path: Path) -> None:
-    """Write the projector's weights (float32 safetensors) atomically."""
+def save_projector(projector: torch.nn.Module, path: Path, strategy: str) -> None:
+    """Write the projector's weights (float32 safetensors) atomically, recording its vision ``strategy``."""
+    from embedlens.mini.assemble import STRATEGY_KEY
+
     tensors = {k: v.detach().float().contiguous() for k, v in projector.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        save_file(tensors, str(tmp), metadata={"format": "pt", STRATEGY_KEY: strategy})
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -282,7 +304,7 @@ def run_training(out: Path, config: TrainConfig, *, wheels_dir: str | Path | Non
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     torch.manual_seed(config.seed)
-    model, processor = build_mini(projector=None, seed=config.seed, wheels_dir=wheels_dir)
+    model, processor = build_mini(projector=None, seed=config.seed, wheels_dir=wheels_dir, strategy=config.strategy)
     samples = training_samples(config)
     llm = model.model.language_model
     with lora_attached(llm, config.lora_rank, seed=config.seed) if config.lora_rank else nullcontext({}) as adapters:
@@ -322,7 +344,7 @@ def _train(
 
     finished = trainer.train(config.steps, deadline, on_step=save_checkpoint)
     save_checkpoint(config.steps, 0.0)  # also on an early stop, so a later run can resume
-    save_projector(trainer.projector, out / PROJECTOR)
+    save_projector(trainer.projector, out / PROJECTOR, config.strategy)
     if adapters:
         save_lora(adapters, out / LORA)
     kinds: dict[str, int] = {}

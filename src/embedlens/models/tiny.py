@@ -167,7 +167,11 @@ _WORDS = [
 
 @dataclass(frozen=True)
 class TinySpec:
-    """Sizes of the tiny model. Defaults: 56 px images, 14 px patches -> a 4 x 4 grid (16 tokens)."""
+    """Sizes of the tiny model. Defaults: 56 px images, 14 px patches -> a 4 x 4 grid (16 tokens).
+
+    ``strategy`` is the vision feature selection: ``"default"`` drops the CLS token (16 visual tokens),
+    ``"full"`` keeps it in front of the patch tokens (17).
+    """
 
     image_size: int = 56
     patch_size: int = 14
@@ -177,6 +181,7 @@ class TinySpec:
     text_layers: int = 4
     vocab_size: int = 1000
     seed: int = 0
+    strategy: str = "default"
 
 
 def build_tiny_tokenizer(vocab_size: int = 1000) -> PreTrainedTokenizerFast:
@@ -235,8 +240,8 @@ def build_tiny_llava(
         text_config=text,
         image_token_id=spec.vocab_size - 1,
         vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=grid * grid,
+        vision_feature_select_strategy=spec.strategy,
+        image_seq_length=grid * grid + (1 if spec.strategy == "full" else 0),
     )
     torch.manual_seed(spec.seed)
     model = LlavaForConditionalGeneration(config).eval()
@@ -249,7 +254,7 @@ def build_tiny_llava(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=spec.patch_size,
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy=spec.strategy,
         num_additional_image_tokens=1,
         chat_template=chat_template,
     )
