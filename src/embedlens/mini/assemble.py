@@ -24,6 +24,7 @@ from embedlens.mini.llm import load_smollm2
 from embedlens.mini.lora import merge_lora
 from embedlens.mini.packages import LLM_FILE, VISION_FILE, MiniBuildError
 from embedlens.mini.vision import IMAGENET_MEAN, IMAGENET_STD, load_dinov2
+from embedlens.models.llava import extra_image_tokens
 from embedlens.paths import cache_dir, ensure_built, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ def build_mini(
         vision_feature_layer=-2,
         vision_feature_select_strategy=strategy,
         projector_hidden_act="gelu",
-        image_seq_length=grid * grid + (1 if strategy == "full" else 0),
+        image_seq_length=grid * grid + extra_image_tokens(strategy),
         tie_word_embeddings=True,
     )
     config.vision_config.model_type = "dinov2"

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from embedlens.capture import capture
+from embedlens.mini.assemble import STRATEGIES, STRATEGY_KEY
 from embedlens.mini.lora import load_lora_tensors, lora_attached, lora_tensors, save_lora
 from embedlens.mini.sequences import IGNORE, Encoded, SequenceBuilder, Turn, answer_weights, collate
 from embedlens.paths import atomic_path, atomic_write_text
@@ -82,8 +83,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
-        if self.strategy not in ("default", "full"):
-            raise ValueError(f"strategy must be 'default' or 'full', got {self.strategy!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
 
 
 #: Values of :attr:`TrainConfig.loss_weighting`.
@@ -259,8 +260,6 @@ def _result_settings(config: dict[str, Any]) -> dict[str, Any]:
 
 def save_projector(projector: torch.nn.Module, path: Path, strategy: str) -> None:
     """Write the projector's weights (float32 safetensors) atomically, recording its vision ``strategy``."""
-    from embedlens.mini.assemble import STRATEGY_KEY
-
     tensors = {k: v.detach().float().contiguous() for k, v in projector.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", STRATEGY_KEY: strategy})

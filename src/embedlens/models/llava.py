@@ -17,6 +17,12 @@ from embedlens.models.base import ModelAdapter, PreparedBatch, VisualSpan
 from embedlens.models.registry import register_adapter
 
 
+def extra_image_tokens(strategy: str | None) -> int:
+    """Visual tokens per image besides the patch grid under a LLaVA ``vision_feature_select_strategy``:
+    1 for ``"full"`` (the CLS token, placed first), 0 for ``"default"``."""
+    return 1 if strategy == "full" else 0
+
+
 @register_adapter
 class LlavaAdapter(ModelAdapter):
     """LLaVA-1.5 layout: one image -> one run of ``rows * cols`` image tokens (plus CLS if "full")."""
@@ -75,7 +81,7 @@ class LlavaAdapter(ModelAdapter):
         encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
         if encoded is None:
             return []
-        extra = 1 if getattr(self.model.config, "vision_feature_select_strategy", "default") == "full" else 0
+        extra = extra_image_tokens(getattr(self.model.config, "vision_feature_select_strategy", "default"))
         grids = []
         for features in encoded.pooler_output:
             count = int(features.shape[-2]) - extra
@@ -179,8 +185,7 @@ class LlavaAdapter(ModelAdapter):
         return Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8))
 
     def find_spans(self, input_ids: torch.Tensor, image_grids: Sequence[tuple[int, int]]) -> list[list[VisualSpan]]:
-        strategy = getattr(self.model.config, "vision_feature_select_strategy", "default")
-        extra = 1 if strategy == "full" else 0
+        extra = extra_image_tokens(getattr(self.model.config, "vision_feature_select_strategy", "default"))
         spans: list[list[VisualSpan]] = []
         next_image = 0
         for sample, row in enumerate(input_ids.cpu()):

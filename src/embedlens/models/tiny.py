@@ -24,6 +24,8 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from embedlens.models.llava import extra_image_tokens
+
 #: LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT:").
 LLAVA_15_TEMPLATE = (
     "{% for message in messages %}"
@@ -241,7 +243,7 @@ def build_tiny_llava(
         image_token_id=spec.vocab_size - 1,
         vision_feature_layer=-2,
         vision_feature_select_strategy=spec.strategy,
-        image_seq_length=grid * grid + (1 if spec.strategy == "full" else 0),
+        image_seq_length=grid * grid + extra_image_tokens(spec.strategy),
     )
     torch.manual_seed(spec.seed)
     model = LlavaForConditionalGeneration(config).eval()
