@@ -244,7 +244,10 @@ class TestBadInput:
         assert_user_error(*run_cli(capsys, *args))
         assert_user_error(*run_cli(capsys, *args, "--json"))
 
-    @pytest.mark.parametrize(("option", "value"), [("--loss-per", "sentence"), ("--lora-rank", "-1"), ("--steps", "0")])
+    @pytest.mark.parametrize(
+        ("option", "value"),
+        [("--loss-per", "sentence"), ("--lora-rank", "-1"), ("--steps", "0"), ("--llm-dtype", "float16")],
+    )
     def test_train_mini_options(self, capsys, tmp_path, option, value):
         """Checked before anything is built or trained."""
         code, out, err = run_cli(capsys, "train-mini", "--out", tmp_path / "run", option, value)

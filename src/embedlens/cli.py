@@ -700,13 +700,20 @@ def train_mini(
     loss_per: Annotated[
         str, typer.Option(help="Average the loss per answer token ('token') or weigh every answer once ('answer').")
     ] = "token",
+    llm_dtype: Annotated[
+        str,
+        typer.Option(
+            help="Type of the frozen LLM while training: auto (bfloat16 where the CPU/GPU computes it fast, "
+            "else float32), float32 or bfloat16."
+        ),
+    ] = "auto",
 ) -> None:
     """Train the embedded mini model's projector on generated images (frozen vision tower and LLM).
 
     With --lora-rank the LLM also gets trainable low-rank adapters; they are saved beside the projector
     as lora.safetensors and merged into the LLM's weights when a model is built from them.
     """
-    from embedlens.mini.train import LORA, LOSS_WEIGHTINGS, PROJECTOR, TrainConfig, run_training
+    from embedlens.mini.train import LLM_DTYPES, LORA, LOSS_WEIGHTINGS, PROJECTOR, TrainConfig, run_training
 
     checks = (("--images", images), ("--steps", steps), ("--minutes", minutes), ("--lr", lr), ("--lora-lr", lora_lr))
     for name, value in checks:
@@ -718,6 +725,8 @@ def train_mini(
         raise InputError(f"--out must be a directory, but {out} is a file")
     if loss_per not in LOSS_WEIGHTINGS:
         raise InputError(f"--loss-per must be one of {', '.join(LOSS_WEIGHTINGS)}, got {loss_per!r}")
+    if llm_dtype not in LLM_DTYPES:
+        raise InputError(f"--llm-dtype must be one of {', '.join(LLM_DTYPES)}, got {llm_dtype!r}")
     _quiet_transformers()
     config = TrainConfig(
         seed=seed,
@@ -729,6 +738,7 @@ def train_mini(
         lora_lr=lora_lr,
         strategy="full" if cls_token else "default",
         loss_weighting=loss_per,
+        llm_dtype=llm_dtype,
     )
     log = run_training(out, config)
     state = "finished" if log["finished"] else f"stopped by the time budget at step {log['steps_done']}"

@@ -45,6 +45,8 @@ from dataclasses import dataclass
 
 import torch
 
+from embedlens.dtypes import fast_dtype
+
 _U32 = 2.0**-24
 _EPS64 = 2.0**-52
 #: Scores closer than this many float64 units in the last place (relative) are ties.
@@ -70,20 +72,6 @@ class TopK:
     ids: torch.Tensor
     scores: torch.Tensor
     candidates: torch.Tensor
-
-
-def default_short_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 where matrix units make it fast (CUDA, CPUs with AMX or AVX512-BF16), else float32."""
-    if device.type == "cuda":
-        return torch.bfloat16
-    if device.type == "cpu":
-        cpu = torch.cpu
-        fast = (
-            getattr(cpu, "_is_amx_tile_supported", lambda: False)()
-            or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-        )
-        return torch.bfloat16 if fast else torch.float32
-    return torch.float32
 
 
 class _Workspace:
@@ -131,7 +119,7 @@ class ExactSearch:
             Rows or queries of zero norm score 0 against everything.
         bias: Optional per-row bias added to inner-product scores, shape ``[V]`` (LM heads with bias).
         allowed: Optional sorted ids of the rows that may be returned (others are excluded).
-        short_dtype: Type of the shortlist matmul; ``None`` picks :func:`default_short_dtype`.
+        short_dtype: Type of the shortlist matmul; ``None`` picks :func:`~embedlens.dtypes.fast_dtype`.
         chunk_bytes: Bound on the memory of one block of approximate scores (sets the query block size).
         rerank_rows: Rows gathered at once for the float64 re-rank.
         shortlist_rows: Table rows multiplied at once for the shortlist (each slice's scores are reduced
@@ -157,7 +145,7 @@ class ExactSearch:
         self.table = table
         self.normalize = normalize
         self.device = table.device
-        self.short_dtype = short_dtype or default_short_dtype(table.device)
+        self.short_dtype = short_dtype or fast_dtype(table.device)
         self.chunk_bytes = chunk_bytes
         self.rerank_rows = rerank_rows
         self.shortlist_rows = shortlist_rows

@@ -1,6 +1,7 @@
 """``embedlens train-mini``: train the mini model's projector (LLaVA stage-1 style) on generated data.
 
-Recipe: frozen vision tower (its features are computed once and cached), frozen LLM (bfloat16 copy),
+Recipe: frozen vision tower (its features are computed once and cached), frozen LLM (a bfloat16 copy
+where the CPU has bfloat16 matrix units, else float32: see :mod:`embedlens.dtypes`),
 trainable 2-layer MLP projector (float32 master weights), next-token loss on answer tokens only,
 several question/answer turns about one image packed into one sequence, AdamW with linear warm-up and
 cosine decay. Everything is seeded; the same seed and step count give the same weights on the same
@@ -26,6 +27,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from embedlens.capture import capture
+from embedlens.dtypes import fast_dtype
 from embedlens.mini.assemble import STRATEGIES, STRATEGY_KEY
 from embedlens.mini.lora import load_lora_tensors, lora_attached, lora_tensors, save_lora
 from embedlens.mini.sequences import IGNORE, Encoded, SequenceBuilder, Turn, answer_weights, collate
@@ -61,6 +63,9 @@ class TrainConfig:
             the projector file, so a model built from it uses the same.
         loss_weighting: ``"token"`` averages the loss over all answer tokens of a batch (long captions
             weigh most); ``"answer"`` weighs every answer equally (:func:`~embedlens.mini.sequences.answer_weights`).
+        llm_dtype: Type of the frozen LLM's copy during training: ``"auto"`` (bfloat16 where the machine
+            computes it fast, else float32; :func:`~embedlens.dtypes.fast_dtype`), ``"float32"`` or
+            ``"bfloat16"``. The shipped v1 weights were trained with a bfloat16 LLM (an AMX machine).
     """
 
     seed: int = 0
@@ -79,8 +84,11 @@ class TrainConfig:
     lora_lr: float = 2e-4
     strategy: str = "default"
     loss_weighting: str = "token"
+    llm_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.llm_dtype not in LLM_DTYPES:
+            raise ValueError(f"llm_dtype must be one of {LLM_DTYPES}, got {self.llm_dtype!r}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
         if self.strategy not in STRATEGIES:
@@ -89,6 +97,16 @@ class TrainConfig:
 
 #: Values of :attr:`TrainConfig.loss_weighting`.
 LOSS_WEIGHTINGS = ("token", "answer")
+
+#: Values of :attr:`TrainConfig.llm_dtype`.
+LLM_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def llm_compute_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+    """The frozen LLM's type during training: ``config.llm_dtype``, with ``"auto"`` resolved for ``device``."""
+    if config.llm_dtype == "auto":
+        return fast_dtype(device)
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[config.llm_dtype]
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -155,11 +173,12 @@ class ProjectorTrainer:
         self.projector.float()
         low_rank = [p for a in self.adapters.values() for p in (a.lora_a, a.lora_b)]
         masters = [p.data.float().clone() for p in low_rank]
-        self.llm.to(torch.bfloat16)  # frozen: a bfloat16 copy is enough and twice as fast on AMX
+        self.llm_dtype = llm_compute_dtype(config, next(self.llm.parameters()).device)
+        self.llm.to(self.llm_dtype)  # frozen: a bfloat16 copy is enough, and twice as fast where it is fast
         groups = [{"params": list(self.projector.parameters()), "peak_lr": config.lr}]
         if low_rank:
             for parameter, master in zip(low_rank, masters, strict=True):
-                parameter.data = master  # float32 master weights beside the bfloat16 LLM
+                parameter.data = master  # float32 master weights beside the (maybe bfloat16) LLM
                 parameter.requires_grad_(True)
             groups.append({"params": low_rank, "peak_lr": config.lora_lr})
         self.trainable = [p for group in groups for p in group["params"]]
@@ -244,7 +263,8 @@ class ProjectorTrainer:
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state` (the settings that shape the result must match)."""
-        if _result_settings(state["config"]) != _result_settings(dataclasses.asdict(self.config)):
+        saved = {**dataclasses.asdict(TrainConfig()), **state["config"]}  # settings added later: defaults
+        if _result_settings(saved) != _result_settings(dataclasses.asdict(self.config)):
             raise ValueError("the checkpoint was made with another configuration; use a fresh --out directory")
         self.step = int(state["step"])
         self.projector.load_state_dict(state["projector"])
@@ -359,6 +379,7 @@ def _train(
         "loss_first_50": _mean(trainer.losses[:50]),
         "loss_last_50": _mean(trainer.losses[-50:]),
         "loss_every_50": [_mean(trainer.losses[i : i + 50]) for i in range(0, len(trainer.losses), 50)],
+        "llm_dtype": str(trainer.llm_dtype).removeprefix("torch."),
         "seconds_preparation": round(prepared - started, 1),
         "seconds_training": round(earlier + time.monotonic() - prepared, 1),
         "versions": {
