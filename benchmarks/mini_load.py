@@ -54,6 +54,17 @@ def summary(runs: list[dict[str, float]]) -> dict[str, float]:
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5, help="warm loads (each beside one baseline process)")
@@ -81,11 +92,17 @@ def main() -> None:
             cold = child(LOAD, cache=cache)
         rows.append(("embedlens-mini, first build", cold, f"{cold['total'] / base['total']:.2f}x", "<= 180 s"))
 
+    import torch
+
+    from embedlens.dtypes import has_fast_bfloat16
+
+    each = ", ".join(f"{run['total']:.2f}" for run in load_runs)
     lines = [
         "# embedlens-mini load time",
         "",
         f"`python benchmarks/mini_load.py --rounds {args.rounds}{' --cold' if args.cold else ''}`; medians over "
-        f"{args.rounds} fresh processes; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{args.rounds} fresh processes (later-load totals, in order: {each} s); {cpu_name()}, {os.cpu_count()} "
+        f"cores, bfloat16 units: {'yes' if has_fast_bfloat16(torch.device('cpu')) else 'no'}, "
         f"Python {platform.python_version()}.",
         "",
         "| process | import s | load s | total s | vs baseline | target |",
