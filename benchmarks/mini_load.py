@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 BASELINE = (
@@ -36,17 +35,15 @@ LOAD = (
 
 
 def child(code: str, cache: str | None = None, timeout: float = 900.0) -> dict[str, float]:
-    """Run ``code`` in a fresh interpreter and return its printed timings (seconds), plus its wall time."""
+    """Run ``code`` in a fresh interpreter and return its printed timings (seconds) and their total."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     if cache is not None:
         env["EMBEDLENS_CACHE"] = cache
-    start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
-    wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"child process failed: {done.stderr.strip().splitlines()[-1:]}")
     timings = json.loads(done.stdout.strip().splitlines()[-1])
-    return {**timings, "total": timings["import"] + timings["load"], "wall": wall}
+    return {**timings, "total": timings["import"] + timings["load"]}
 
 
 def summary(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -71,6 +68,8 @@ def main() -> None:
     parser.add_argument("--cold", action="store_true", help="also time one first build in a fresh cache")
     parser.add_argument("--out", type=Path, help="write the table here as markdown")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
 
     from embedlens.mini.assemble import ensure_mini
     from embedlens.paths import atomic_write_text

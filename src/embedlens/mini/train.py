@@ -106,7 +106,7 @@ def llm_compute_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
     """The frozen LLM's type during training: ``config.llm_dtype``, with ``"auto"`` resolved for ``device``."""
     if config.llm_dtype == "auto":
         return fast_dtype(device)
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[config.llm_dtype]
+    return getattr(torch, config.llm_dtype)  # a name of LLM_DTYPES, checked by TrainConfig
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
