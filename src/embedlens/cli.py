@@ -856,10 +856,6 @@ def _print_summary(result, written: list[Path]) -> None:
             typer.echo(f"wrote {path}")
 
 
-#: Letters of the groups in the classification map.
-GROUP_LETTERS = {"vit_sink": "S", "llm_sink": "L", "dead": "D", "alive": "."}
-
-
 def _print_classification(result, tokenizer, written: list[Path]) -> None:
     probe, classification, anchors = result.probe, result.classification, result.anchors
     rows, cols = probe.grid
@@ -886,7 +882,9 @@ def _print_classification(result, tokenizer, written: list[Path]) -> None:
     typer.echo(f"overlaps {pairs} ({classification.n_overlapping} tokens match 2+ groups)")
     typer.echo("")
     typer.echo("map (S = ViT sink, L = LLM sink, D = dead, . = alive)")
-    letters = [GROUP_LETTERS[str(g)] for g in classification.group]
+    from embedlens.taxonomy.groups import LETTERS
+
+    letters = [LETTERS[str(g)] for g in classification.group]
     for r in range(rows):
         typer.echo("  " + " ".join(letters[r * cols : (r + 1) * cols]))
     if written:

@@ -57,7 +57,7 @@ from embedlens.errors import InputError
 from embedlens.images import load_image
 from embedlens.paths import atomic_path, atomic_write_text
 from embedlens.resume import PARTS_DIR, prepare_run_dir, read_parts
-from embedlens.taxonomy.anchors import ALIVE, GROUPS
+from embedlens.taxonomy.groups import ALIVE, GROUPS
 
 if TYPE_CHECKING:
     from embedlens.session import Session

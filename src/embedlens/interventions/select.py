@@ -11,6 +11,7 @@ import torch
 from embedlens.errors import InputError
 from embedlens.interventions.spec import Prune, Skip, check_group
 from embedlens.models.base import VisualSpan
+from embedlens.taxonomy.groups import expand
 
 
 @dataclass
@@ -65,7 +66,7 @@ def target_mask(item: Prune | Skip, tokens: SampleTokens) -> torch.Tensor:
         if tokens.targets is None:
             raise InputError("the group 'target' needs each sample's target cells (e.g. a benchmark's target_patches)")
         chosen |= _cells(tokens, tokens.targets)
-    labelled = [label for name in names if name != "target" for label in _LABELS.get(name, (name,))]
+    labelled = [label for name in names if name != "target" for label in expand(name)]
     if labelled:
         if tokens.labels is None:
             raise AssertionError("group labels were not computed")
@@ -74,7 +75,6 @@ def target_mask(item: Prune | Skip, tokens: SampleTokens) -> torch.Tensor:
 
 
 #: Labels of the rule that a group name stands for (names not listed stand for themselves).
-_LABELS = {"sink": ("vit_sink", "llm_sink")}
 
 
 def _cells(tokens: SampleTokens, cells: Sequence[int]) -> torch.Tensor:

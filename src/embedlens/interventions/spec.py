@@ -33,11 +33,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
 from embedlens.errors import InputError
-from embedlens.taxonomy.anchors import ALIVE, GROUPS
+from embedlens.taxonomy.groups import ALIASES, ALIVE, GROUPS
 
 #: Names a target may use: the rule's groups, "sink" (either sink), "visual" (every visual token) and
 #: "target" (cells given per sample, e.g. the patch-compression benchmark's target patches).
-TARGET_GROUPS: tuple[str, ...] = (*GROUPS, ALIVE, "sink", "visual", "target")
+TARGET_GROUPS: tuple[str, ...] = (*GROUPS, ALIVE, *ALIASES, "visual", "target")
 #: Groups that need no classification.
 _UNLABELLED = frozenset({"visual", "target"})
 SELECTS = ("group", "complement", "matched_random")

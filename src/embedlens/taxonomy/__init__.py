@@ -10,8 +10,6 @@ Typical use::
 """
 
 from embedlens.taxonomy.anchors import (
-    ALIVE,
-    GROUPS,
     LLAVA15_7B_ANCHORS,
     Anchors,
     builtin_anchors,
@@ -32,8 +30,9 @@ from embedlens.taxonomy.discover import (
     SkippedImage,
     discover_anchors,
 )
+from embedlens.taxonomy.groups import ALIVE, ALL_GROUPS, GROUPS
+from embedlens.taxonomy.groups import COLOURS as GROUP_COLOURS
 from embedlens.taxonomy.pictures import (
-    GROUP_COLOURS,
     draw_group_heatmap,
     draw_group_map,
     legend_entries,
@@ -45,6 +44,7 @@ from embedlens.taxonomy.rule import Classification, check_precedence, classify_i
 
 __all__ = [
     "ALIVE",
+    "ALL_GROUPS",
     "GROUPS",
     "GROUP_COLOURS",
     "LLAVA15_7B_ANCHORS",

@@ -29,12 +29,8 @@ from typing import Any
 from embedlens.errors import InputError
 from embedlens.lens import vocabulary_hash
 from embedlens.paths import atomic_write_text
+from embedlens.taxonomy.groups import GROUPS
 
-#: The groups an anchor can mark, in the default precedence order (a token matching several groups
-#: is put in the first). Tokens that match none are ``ALIVE``.
-GROUPS: tuple[str, ...] = ("vit_sink", "llm_sink", "dead")
-#: The group of tokens that match no anchor.
-ALIVE = "alive"
 #: ``"format"`` value of an anchors JSON file.
 ANCHORS_FORMAT = "embedlens-anchors"
 #: Version of the anchors JSON layout.

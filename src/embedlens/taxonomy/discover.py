@@ -58,8 +58,9 @@ from embedlens.images import ImageLike, image_label, load_image
 from embedlens.lens import pieces
 from embedlens.models.base import VisualSpan
 from embedlens.session import DEFAULT_PROMPT
-from embedlens.taxonomy.anchors import GROUPS, Anchors
+from embedlens.taxonomy.anchors import Anchors
 from embedlens.taxonomy.diagnostics import _vision_features, cosine
+from embedlens.taxonomy.groups import GROUPS
 
 if TYPE_CHECKING:
     from embedlens.session import Session

@@ -22,7 +22,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from embedlens.errors import InputError
 from embedlens.paths import atomic_path
-from embedlens.taxonomy.anchors import ALIVE, GROUPS
+from embedlens.taxonomy.groups import ALL_GROUPS, GROUPS
+from embedlens.taxonomy.groups import COLOURS as GROUP_COLOURS
 from embedlens.taxonomy.result import ClassifiedResult
 
 __all__ = [
@@ -49,15 +50,6 @@ __all__ = [
 
 RGB = tuple[int, int, int]
 
-#: Every group, in the order the pictures list them.
-ALL_GROUPS: tuple[str, ...] = (*GROUPS, ALIVE)
-#: One fixed colour per group (Okabe-Ito). Alive cells are never painted; white is its legend swatch.
-GROUP_COLOURS: dict[str, RGB] = {
-    "vit_sink": (213, 94, 0),  # vermillion
-    "llm_sink": (0, 114, 178),  # blue
-    "dead": (0, 158, 115),  # bluish green
-    ALIVE: (255, 255, 255),
-}
 #: Groups whose cells :func:`draw_group_map` tints (alive tokens show the image unchanged).
 PAINTED: tuple[str, ...] = GROUPS
 

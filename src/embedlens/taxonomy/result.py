@@ -12,7 +12,8 @@ import pandas as pd
 
 from embedlens.errors import InputError
 from embedlens.result import RESULT_JSON, ProbeResult, write_result_files
-from embedlens.taxonomy.anchors import GROUPS, Anchors
+from embedlens.taxonomy.anchors import Anchors
+from embedlens.taxonomy.groups import GROUPS
 from embedlens.taxonomy.rule import Classification, classify_ids
 
 

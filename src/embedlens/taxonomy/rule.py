@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from embedlens.errors import InputError
-from embedlens.taxonomy.anchors import ALIVE, GROUPS, Anchors
+from embedlens.taxonomy.anchors import Anchors
+from embedlens.taxonomy.groups import ALIVE, GROUPS
 
 
 @dataclass(frozen=True)

@@ -39,9 +39,10 @@ from embedlens.errors import InputError
 from embedlens.images import load_image
 from embedlens.paths import atomic_path, atomic_write_text
 from embedlens.resume import PARTS_DIR, RUN_FILE, prepare_run_dir, read_parts
-from embedlens.taxonomy.anchors import ALIVE, Anchors
+from embedlens.taxonomy.anchors import Anchors
 from embedlens.taxonomy.classify import AnchorsLike, classify_batch, resolve_anchors
-from embedlens.taxonomy.pictures import ALL_GROUPS, save_group_heatmap
+from embedlens.taxonomy.groups import ALL_GROUPS, CODES
+from embedlens.taxonomy.pictures import save_group_heatmap
 from embedlens.taxonomy.rule import check_precedence
 
 if TYPE_CHECKING:
@@ -56,7 +57,6 @@ HEATMAP_FILE = "heatmap.png"
 STATS_FORMAT = "embedlens-stats"
 STATS_VERSION = 1
 #: One letter per group in the per-image group strings of the batch records (grid order).
-GROUP_CODES: dict[str, str] = {"vit_sink": "v", "llm_sink": "l", "dead": "d", ALIVE: "a"}
 
 TOKEN_SCHEMA = pa.schema(
     [
@@ -269,7 +269,7 @@ def _classify_batch(
                     tokens=n,
                     counts=dict(found.counts),
                     overlaps=dict(found.overlaps),
-                    groups="".join(GROUP_CODES[str(g)] for g in found.group),
+                    groups="".join(CODES[str(g)] for g in found.group),
                 )
             )
     records.sort(key=lambda record: record["index"])
@@ -479,7 +479,7 @@ def heatmap(used: Sequence[dict[str, Any]]) -> dict[str, Any]:
     grid = max(shapes, key=lambda shape: (shapes[shape], shape))
     cells = grid[0] * grid[1]
     sums = np.zeros((len(ALL_GROUPS), cells), dtype=np.int64)
-    codes = np.array([ord(GROUP_CODES[name]) for name in ALL_GROUPS], dtype=np.uint8)
+    codes = np.array([ord(CODES[name]) for name in ALL_GROUPS], dtype=np.uint8)
     for record in used:
         if tuple(record["grid"]) != grid:
             continue
