@@ -44,7 +44,7 @@ class TestSinglePrompt:
     placing the image must lead to exactly the positions holding the image token."""
 
     def test_raw_prompt_image_first(self, tiny, make_image):
-        batch = tiny.prepare([make_image(0)], ["<image>\nDescribe"], raw=True)
+        batch = tiny.prepare([make_image(0)], raw_prompts=["<image>\nDescribe"])
         assert batch.texts == ["<image>\nDescribe"]
         span = check_span(batch)
         assert span.positions.tolist() == list(range(token_count(tiny, ""), token_count(tiny, "") + 16))
@@ -52,7 +52,7 @@ class TestSinglePrompt:
         assert int(ids[span.positions[-1] + 1]) == tiny.adapter.tokenizer.convert_tokens_to_ids("Describe")
 
     def test_raw_prompt_image_after_text(self, tiny, make_image):
-        batch = tiny.prepare([make_image(0)], ["Describe this <image> now"], raw=True)
+        batch = tiny.prepare([make_image(0)], raw_prompts=["Describe this <image> now"])
         span = check_span(batch)
         before = token_count(tiny, "Describe this")
         assert before >= 2
@@ -180,7 +180,7 @@ class TestInputErrors:
         with pytest.raises(InputError, match="placeholder"):
             tiny.probe(make_image(0), raw_prompt="Describe this")
         with pytest.raises(InputError, match="placeholder"):
-            tiny.prepare([make_image(0)], ["Describe this"], raw=True)
+            tiny.prepare([make_image(0)], raw_prompts=["Describe this"])
 
     def test_raw_prompt_with_two_placeholders_for_one_image(self, tiny, make_image):
         with pytest.raises(InputError, match="once per image"):

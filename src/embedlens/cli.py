@@ -158,8 +158,8 @@ def generate(
         raise InputError("give exactly one of --prompt or --raw-prompt")
     items = parse_all(intervene)
     session, image = _open_session(image, model, device, dtype, revision, raw_prompt=raw_prompt, interventions=items)
-    text = raw_prompt if raw_prompt is not None else prompt
-    batch = session.prepare([image], [text], raw=raw_prompt is not None)
+    raw_prompts = None if raw_prompt is None else [raw_prompt]
+    batch = session.prepare([image], None if raw_prompts else [prompt], raw_prompts=raw_prompts)
     answers, run = session.generate_batch(batch, max_new_tokens=max_new_tokens, interventions=items, anchors=anchors)
     typer.echo(answers[0])
     if items or timing:
@@ -492,8 +492,8 @@ def discover_anchors(
     revision: RevisionOpt = None,
 ) -> None:
     """Find a model's sink and dead anchor ids over a dataset, with the evidence for each."""
+    from embedlens.context import DEFAULT_PROMPT
     from embedlens.datasets import describe_problems, open_dataset
-    from embedlens.session import DEFAULT_PROMPT
     from embedlens.taxonomy.discover import DiscoveryConfig
     from embedlens.taxonomy.discover import discover_anchors as discover
 

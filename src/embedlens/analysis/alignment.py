@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 from embedlens.analysis.words import word_table
 from embedlens.capture import run_captured
+from embedlens.context import DEFAULT_PROMPT
 from embedlens.datasets import Dataset, DatasetItem
 from embedlens.errors import InputError
 from embedlens.images import load_image
@@ -60,7 +61,7 @@ from embedlens.resume import PARTS_DIR, prepare_run_dir, read_parts
 from embedlens.taxonomy.groups import ALIVE, GROUPS
 
 if TYPE_CHECKING:
-    from embedlens.session import Session
+    from embedlens.context import ModelContext
 
 ALIGN_FORMAT = "embedlens-align"
 #: Layout of the committed parts; a run with parts of another layout is refused (pass --restart).
@@ -145,7 +146,7 @@ class TextReference:
         return int(self.norms.shape[1])
 
 
-def text_reference(session: Session, passages: Sequence[str], *, batch_size: int = 8) -> TextReference:
+def text_reference(session: ModelContext, passages: Sequence[str], *, batch_size: int = 8) -> TextReference:
     """Run ``passages`` through the language model (text only) and keep every layer's text states.
 
     The first position of each passage is left out (see the module docs), and so is padding.
@@ -279,7 +280,7 @@ class Totals:
 class _Context:
     """What every batch needs: the model, the text reference, the rule and the word table."""
 
-    session: Session
+    session: ModelContext
     reference: TextReference
     reference_unit: torch.Tensor  # reference.unit on the model's device, moved there once
     rule: tuple[tuple[str, ...], Any, int] | None
@@ -317,7 +318,7 @@ def _batch_totals(context: _Context, items: Sequence[DatasetItem], images: list[
     session = context.session
     adapter = session.adapter
     layers = adapter.num_layers + 1
-    default = context.options.prompt or "Describe the image."
+    default = context.options.prompt or DEFAULT_PROMPT
     batch = session.prepare(images, [item.prompt or default for item in items])
     captured = run_captured(adapter, batch.inputs, list(range(layers)))
     hidden = captured.hidden
@@ -545,7 +546,7 @@ def _lens_layers(options: AlignOptions, num_layers: int) -> tuple[int, ...]:
     return tuple(chosen)
 
 
-def _rule(session: Session, options: AlignOptions) -> tuple[tuple[str, ...], Any, int] | None:
+def _rule(session: ModelContext, options: AlignOptions) -> tuple[tuple[str, ...], Any, int] | None:
     from embedlens.taxonomy.anchors import builtin_anchors
     from embedlens.taxonomy.classify import rule_settings
 
@@ -554,7 +555,9 @@ def _rule(session: Session, options: AlignOptions) -> tuple[tuple[str, ...], Any
     return rule_settings(session, options.anchors, options.rule_top_k, None)
 
 
-def run_identity(session: Session, dataset: Dataset, options: AlignOptions, passages: Sequence[str]) -> dict[str, Any]:
+def run_identity(
+    session: ModelContext, dataset: Dataset, options: AlignOptions, passages: Sequence[str]
+) -> dict[str, Any]:
     """Everything that decides the result; a resumed run must match it."""
     return {
         "format": ALIGN_FORMAT + "-run",
@@ -569,7 +572,7 @@ def run_identity(session: Session, dataset: Dataset, options: AlignOptions, pass
 
 
 def run_align(
-    session: Session,
+    session: ModelContext,
     dataset: Dataset,
     out: str | Path,
     *,
@@ -630,7 +633,7 @@ def run_align(
     return _merge(session, dataset, out, context, done)
 
 
-def _merge(session: Session, dataset: Dataset, out: Path, context: _Context, done: dict[int, Any]) -> AlignResult:
+def _merge(session: ModelContext, dataset: Dataset, out: Path, context: _Context, done: dict[int, Any]) -> AlignResult:
     layers = session.num_layers + 1
     totals = Totals.zeros(layers, int(context.reference.unit.shape[-1]))
     unreadable: list[str] = []

@@ -38,7 +38,7 @@ from embedlens.interventions import Inject, Scale, Skip, describe, intervene
 from embedlens.paths import atomic_path, atomic_write_text
 
 if TYPE_CHECKING:
-    from embedlens.session import Session
+    from embedlens.context import ModelContext
 
 SWEEP_FILE = "sweep.parquet"
 SWEEP_JSON = "sweep.json"
@@ -127,7 +127,7 @@ def dataset_name(questions: QuestionSet, number: int) -> str:
 
 # --------------------------------------------------------------------------- timing
 def time_settings(
-    session: Session,
+    session: ModelContext,
     questions: QuestionSet,
     settings: Sequence[Setting],
     options: SweepOptions,
@@ -287,7 +287,7 @@ class SweepResult:
 
 
 def _evaluate(
-    session: Session,
+    session: ModelContext,
     datasets: Sequence[QuestionSet],
     chosen: Sequence[SweepSetting],
     out: Path,
@@ -327,7 +327,7 @@ def _write_rows(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
 
 def run_inject_sweep(
-    session: Session,
+    session: ModelContext,
     datasets: Sequence[QuestionSet],
     out: str | Path,
     *,

@@ -16,7 +16,7 @@ from embedlens.interventions import Intervention, InterventionRun, describe, int
 from embedlens.models.base import PreparedBatch
 
 if TYPE_CHECKING:
-    from embedlens.session import Session
+    from embedlens.context import ModelContext
     from embedlens.taxonomy import Anchors
 
 
@@ -68,14 +68,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def prefill_once(session: Session, batch: PreparedBatch) -> None:
+def prefill_once(session: ModelContext, batch: PreparedBatch) -> None:
     """One prefill as ``generate`` runs it: the whole prompt, a KV cache, logits of the last token."""
     with torch.inference_mode():
         session.model(**batch.inputs, use_cache=True, logits_to_keep=1)
 
 
 def time_prefill(
-    session: Session,
+    session: ModelContext,
     batch: PreparedBatch,
     interventions: Sequence[Intervention] = (),
     *,
@@ -103,7 +103,7 @@ def time_prefill(
 
 
 def account(
-    session: Session,
+    session: ModelContext,
     batch: PreparedBatch,
     interventions: Sequence[Intervention] = (),
     *,

@@ -36,12 +36,13 @@ from embedlens.bench.vqa import Question, QuestionSet, relaxed_score, score, yes
 from embedlens.errors import InputError
 from embedlens.images import load_image
 from embedlens.interventions import Intervention, Prune, describe, parse, plan
+from embedlens.interventions.generation import generate_batch
 from embedlens.paths import atomic_path, atomic_write_text
 from embedlens.resume import PARTS_DIR, prepare_run_dir, read_parts
 from embedlens.synth.qa import normalize_answer
 
 if TYPE_CHECKING:
-    from embedlens.session import Session
+    from embedlens.context import ModelContext
 
 EVAL_FORMAT = "embedlens-eval"
 ITEMS_FILE = "items.parquet"
@@ -151,7 +152,7 @@ class EvalOptions:
 
 
 def run_identity(
-    session: Session, questions: QuestionSet, settings: Sequence[Setting], options: EvalOptions
+    session: ModelContext, questions: QuestionSet, settings: Sequence[Setting], options: EvalOptions
 ) -> dict[str, Any]:
     """Everything that decides the answers; a resumed run must match it exactly."""
     digest = hashlib.sha256()
@@ -184,7 +185,7 @@ def _batches(items: Sequence[Question], size: int) -> list[list[Question]]:
 
 
 def _answer_batch(
-    session: Session, setting: Setting, batch: Sequence[Question], options: EvalOptions
+    session: ModelContext, setting: Setting, batch: Sequence[Question], options: EvalOptions
 ) -> list[dict[str, Any]]:
     """Answer one batch under one setting; one record per question."""
     records: list[dict[str, Any]] = []
@@ -206,7 +207,8 @@ def _answer_batch(
             policy = plan(items, session.num_layers).positions
             items.append(Prune(group="target", positions=policy))  # type: ignore[arg-type]
         prepared = session.prepare([image for _, image in readable], [q.question + options.suffix for q, _ in readable])
-        answers, run = session.generate_batch(
+        answers, run = generate_batch(
+            session,
             prepared,
             max_new_tokens=options.max_new_tokens,
             interventions=items,
@@ -234,7 +236,7 @@ def _answer_batch(
 
 
 def collect(
-    session: Session,
+    session: ModelContext,
     questions: QuestionSet,
     settings: Sequence[Setting],
     out: Path,
@@ -472,7 +474,7 @@ def render_markdown(table: dict[str, Any]) -> str:
 
 
 def run_eval(
-    session: Session,
+    session: ModelContext,
     questions: QuestionSet,
     settings: Sequence[Setting],
     out: str | Path,

@@ -36,7 +36,7 @@ from embedlens.interventions.spec import Intervention, Plan, describe, plan
 from embedlens.models.base import ModelAdapter, VisualSpan
 
 if TYPE_CHECKING:
-    from embedlens.session import Session
+    from embedlens.context import ModelContext
     from embedlens.taxonomy import Anchors
 
 
@@ -204,7 +204,7 @@ class _Engine:
 
     def __init__(
         self,
-        session: Session,
+        session: ModelContext,
         checked: Plan,
         run: InterventionRun,
         rule: tuple[tuple[str, ...], Anchors, int] | None,
@@ -522,7 +522,7 @@ class _Engine:
 
 @contextlib.contextmanager
 def intervene(
-    session: Session,
+    session: ModelContext,
     interventions: Iterable[Intervention],
     *,
     anchors: Anchors | str | None = None,

@@ -13,12 +13,12 @@ from embedlens.taxonomy.result import ClassifiedResult
 from embedlens.taxonomy.rule import check_precedence, classify_ids
 
 if TYPE_CHECKING:
-    from embedlens.session import Session
+    from embedlens.context import ModelContext
 
 AnchorsLike = Anchors | str | Path | None
 
 
-def resolve_anchors(session: Session, anchors: AnchorsLike = None) -> Anchors:
+def resolve_anchors(session: ModelContext, anchors: AnchorsLike = None) -> Anchors:
     """The anchors to use with ``session``'s model, checked against its vocabulary and embedding table.
 
     Args:
@@ -42,7 +42,7 @@ def resolve_anchors(session: Session, anchors: AnchorsLike = None) -> Anchors:
 
 
 def rule_settings(
-    session: Session, anchors: AnchorsLike, top_k: int | None, precedence: Sequence[str] | None
+    session: ModelContext, anchors: AnchorsLike, top_k: int | None, precedence: Sequence[str] | None
 ) -> tuple[tuple[str, ...], Anchors, int]:
     """The checked precedence, anchors and top-k of one application of the rule.
 
@@ -59,7 +59,7 @@ def rule_settings(
 
 
 def classify(
-    session: Session,
+    session: ModelContext,
     image: ImageLike,
     prompt: str | None = None,
     *,
@@ -94,7 +94,7 @@ def classify(
 
 
 def classify_batch(
-    session: Session,
+    session: ModelContext,
     images: Sequence[ImageLike],
     prompts: Sequence[str] | None = None,
     *,

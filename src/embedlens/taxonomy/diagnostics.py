@@ -46,7 +46,7 @@ from embedlens.taxonomy.classify import AnchorsLike, rule_settings
 from embedlens.taxonomy.rule import classify_ids
 
 if TYPE_CHECKING:
-    from embedlens.session import Session
+    from embedlens.context import ModelContext
 
 EAGER = "eager"
 
@@ -165,7 +165,7 @@ def resolve_attention_layers(layers: int | Sequence[int], num_layers: int) -> li
 
 # --------------------------------------------------------------------------- diagnostics
 def diagnose(
-    session: Session,
+    session: ModelContext,
     image: ImageLike,
     prompt: str | None = None,
     *,
@@ -214,7 +214,7 @@ def diagnose(
 
 
 def diagnose_batch(
-    session: Session,
+    session: ModelContext,
     images: Sequence[ImageLike],
     prompts: Sequence[str] | None = None,
     *,
@@ -241,8 +241,7 @@ def diagnose_batch(
     order, chosen, k = rule_settings(session, anchors, top_k, precedence)
     other = adapter.check_layer(cross_layer) if cross_layer is not None else None
     attn = resolve_attention_layers(attention_layers, adapter.num_layers) if attention_layers is not None else []
-    raw = raw_prompts is not None
-    batch = session.prepare(images, raw_prompts if raw else prompts, raw=raw)
+    batch = session.prepare(images, prompts, raw_prompts=raw_prompts)
     spans = [sample_spans[0] for sample_spans in batch.spans]
 
     layers = {0} | ({other} if other is not None else set()) | ({attn[-1] + 1} if attn else set())

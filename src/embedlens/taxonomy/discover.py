@@ -53,17 +53,17 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from embedlens.capture import Captured, run_captured
+from embedlens.context import DEFAULT_PROMPT
 from embedlens.errors import InputError
 from embedlens.images import ImageLike, image_label, load_image
 from embedlens.lens import pieces
 from embedlens.models.base import VisualSpan
-from embedlens.session import DEFAULT_PROMPT
 from embedlens.taxonomy.anchors import Anchors
 from embedlens.taxonomy.diagnostics import _vision_features, cosine
 from embedlens.taxonomy.groups import GROUPS
 
 if TYPE_CHECKING:
-    from embedlens.session import Session
+    from embedlens.context import ModelContext
 
 #: ``"method"`` value written into the anchors' evidence.
 DISCOVERY_METHOD = "embedlens.taxonomy.discover_anchors"
@@ -425,7 +425,7 @@ def _sample_figures(
 
 # --------------------------------------------------------------------------- discovery
 def discover_anchors(
-    session: Session,
+    session: ModelContext,
     images: Iterable[ImageLike],
     prompts: str | Sequence[str] | None = None,
     *,
@@ -546,7 +546,7 @@ def _judge(figures: dict[str, float], config: DiscoveryConfig, sink: int, cross:
 
 
 def _conclude(
-    session: Session,
+    session: ModelContext,
     tally: _Tally,
     config: DiscoveryConfig,
     skipped: list[SkippedImage],

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from embedlens.context import DEFAULT_PROMPT
 from embedlens.datasets import Dataset, DatasetItem
 from embedlens.errors import InputError
 from embedlens.images import load_image
@@ -46,7 +47,7 @@ from embedlens.taxonomy.pictures import save_group_heatmap
 from embedlens.taxonomy.rule import check_precedence
 
 if TYPE_CHECKING:
-    from embedlens.session import Session
+    from embedlens.context import ModelContext
 
 _T = TypeVar("_T")
 
@@ -115,7 +116,7 @@ class Progress:
 
 
 # --------------------------------------------------------------------------- the run's identity
-def run_identity(session: Session, dataset: Dataset, anchors: Anchors, options: StatsOptions) -> dict[str, Any]:
+def run_identity(session: ModelContext, dataset: Dataset, anchors: Anchors, options: StatsOptions) -> dict[str, Any]:
     """Everything that decides the rows of a run; a resumed run must match it exactly."""
     digest = hashlib.sha256()
     for item in dataset.items:
@@ -149,7 +150,7 @@ def prepare_output(out: Path, identity: dict[str, Any], *, restart: bool) -> Non
 
 # --------------------------------------------------------------------------- collecting
 def collect(
-    session: Session,
+    session: ModelContext,
     dataset: Dataset,
     out: str | Path,
     *,
@@ -226,11 +227,9 @@ def _contiguous_batches(items: Sequence[DatasetItem], size: int) -> list[list[Da
 
 
 def _classify_batch(
-    session: Session, batch: Sequence[DatasetItem], anchors: Anchors, options: StatsOptions
+    session: ModelContext, batch: Sequence[DatasetItem], anchors: Anchors, options: StatsOptions
 ) -> tuple[pa.Table, list[dict[str, Any]]]:
     """Token rows (a table in :data:`TOKEN_SCHEMA`) and one record per item of the batch."""
-    from embedlens.session import DEFAULT_PROMPT
-
     records: list[dict[str, Any]] = []
     readable: list[tuple[DatasetItem, Any]] = []
     for item in batch:
@@ -498,7 +497,7 @@ def heatmap(used: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- one call
 def run_stats(
-    session: Session,
+    session: ModelContext,
     dataset: Dataset,
     out: str | Path,
     *,
@@ -523,7 +522,7 @@ def run_stats(
 
 
 def run_stats_distributed(
-    session: Session,
+    session: ModelContext,
     dataset: Dataset,
     out: str | Path,
     *,
