@@ -94,12 +94,26 @@ def pieces(tokenizer, ids: torch.Tensor) -> list[list[str]]:
     return out
 
 
+def searchable_rows(table_rows: int, tokenizer_size: int, vocab_limit: int | None = None) -> int:
+    """How many leading table rows a lens may return.
+
+    Embedding tables are often larger than the tokenizer (llava-hf: 32064 rows for 32002 tokens; Qwen2-VL:
+    151936 rows for about 151665 tokens): the extra rows are padding, never a token, and are left out.
+    ``vocab_limit`` restricts the search further to a base vocabulary (LLaVA-1.5's reference searches only
+    LLaMA's 32000 rows, leaving out ``<image>`` and ``<pad>``).
+    """
+    limit = min(table_rows, tokenizer_size)
+    return limit if vocab_limit is None else min(limit, vocab_limit)
+
+
 class Lens(ABC):
     """A way of reading vectors as vocabulary tokens, exact top-k.
 
     Args:
         adapter: The model's adapter.
         exclude: Token kinds never returned: ``"special"`` and/or ``"bytes"``.
+        vocab_limit: Return only ids below this (a base vocabulary), or None for every row the tokenizer
+            has. Rows beyond the tokenizer are never returned; :attr:`rows_left_out` counts both.
     """
 
     #: Name used in results and on the command line.
@@ -107,14 +121,23 @@ class Lens(ABC):
     #: Whether scores are cosine similarities (True) or inner products (False).
     normalize: ClassVar[bool]
 
-    def __init__(self, adapter: ModelAdapter, exclude: Iterable[str] = ()) -> None:
+    def __init__(self, adapter: ModelAdapter, exclude: Iterable[str] = (), vocab_limit: int | None = None) -> None:
         self.adapter = adapter
         self.exclude = check_exclude(exclude)
+        if vocab_limit is not None and (isinstance(vocab_limit, bool) or int(vocab_limit) <= 0):
+            raise InputError(f"vocab_limit must be a positive integer, got {vocab_limit!r}")
+        self.vocab_limit = None if vocab_limit is None else int(vocab_limit)
         table = self.table()
-        removed = excluded_ids(adapter.tokenizer, self.exclude, table.shape[0])
+        rows = int(table.shape[0])
+        #: Rows that may be returned: ``0 .. searchable_rows - 1`` (minus excluded kinds).
+        self.searchable_rows = searchable_rows(rows, len(adapter.tokenizer), self.vocab_limit)
+        #: Table rows never returned because they lie beyond the tokenizer or the base vocabulary.
+        self.rows_left_out = rows - self.searchable_rows
+        removed = excluded_ids(adapter.tokenizer, self.exclude, self.searchable_rows)
         allowed = None
-        if removed:
-            keep = torch.ones(table.shape[0], dtype=torch.bool)
+        if removed or self.rows_left_out:
+            keep = torch.zeros(rows, dtype=torch.bool)
+            keep[: self.searchable_rows] = True
             keep[list(removed)] = False
             allowed = torch.nonzero(keep).flatten()
         self._search = ExactSearch(table, normalize=self.normalize, bias=self.bias(), allowed=allowed)
