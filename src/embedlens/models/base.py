@@ -28,6 +28,7 @@ from PIL import Image
 from torch import nn
 
 from embedlens.errors import InputError
+from embedlens.profiles import Profile, get_profile
 
 
 @dataclass
@@ -96,6 +97,7 @@ class ModelAdapter(ABC):
         model: The loaded ``transformers`` model (eval mode).
         processor: Its processor (tokenizer + image processor).
         source: The hub id or local path the model came from (for provenance).
+        profile: Settings for feeding and reading the model (default: the ``default`` profile).
     """
 
     #: Short family name used in messages and results ("llava").
@@ -103,10 +105,12 @@ class ModelAdapter(ABC):
     #: ``config.model_type`` values this adapter handles.
     model_types: ClassVar[tuple[str, ...]]
 
-    def __init__(self, model: nn.Module, processor: Any, source: str) -> None:
+    def __init__(self, model: nn.Module, processor: Any, source: str, profile: Profile | None = None) -> None:
         self.model = model
         self.processor = processor
         self.source = source
+        #: How the model is fed and read (see :mod:`embedlens.profiles`).
+        self.profile = profile if profile is not None else get_profile(None)
 
     # ----------------------------------------------------------------- loading
     @classmethod

@@ -15,6 +15,7 @@ from transformers import LlavaForConditionalGeneration
 from embedlens.errors import InputError
 from embedlens.models.base import ModelAdapter, PreparedBatch, VisualSpan
 from embedlens.models.registry import register_adapter
+from embedlens.profiles import pad_to_square, vicuna_v1
 
 
 def extra_image_tokens(strategy: str | None) -> int:
@@ -117,6 +118,8 @@ class LlavaAdapter(ModelAdapter):
         return getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
 
     def format_prompt(self, prompt: str, num_images: int = 1) -> str:
+        if self.profile.conversation == "vicuna_v1":
+            return vicuna_v1(prompt, self.image_placeholder * num_images)
         template = self._chat_template()
         if template is None:
             return self.image_placeholder * num_images + "\n" + prompt
@@ -152,7 +155,7 @@ class LlavaAdapter(ModelAdapter):
                         "placed for you (use a raw prompt to place it yourself)"
                     )
                 texts.append(self.format_prompt(prompt, num_images=len(sample_images)))
-        flat = [img.convert("RGB") for sample_images in images for img in sample_images]
+        flat = [self._fit(img.convert("RGB")) for sample_images in images for img in sample_images]
         tokenizer = self.tokenizer
         old_side = tokenizer.padding_side
         tokenizer.padding_side = "left"
@@ -173,6 +176,14 @@ class LlavaAdapter(ModelAdapter):
         spans = self.find_spans(encoded["input_ids"], grids)
         views = [self._view(pixel_values[i]) for i in range(len(grids))] if pixel_values is not None else []
         return PreparedBatch(inputs=inputs, spans=spans, texts=texts, views=views)
+
+    def _fit(self, image: Image.Image) -> Image.Image:
+        """The image as the profile feeds it: padded to a square in the processor's mean colour (truncated to
+        integers, as LLaVA-1.5 does) when the profile asks for it."""
+        if not self.profile.pad_to_square:
+            return image
+        mean = getattr(self.processor.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
+        return pad_to_square(image, tuple(int(255 * value) for value in mean[:3]))
 
     def _view(self, pixel_values: torch.Tensor) -> Image.Image:
         """Undo the image processor's normalisation: the picture the vision tower sees, as RGB."""
