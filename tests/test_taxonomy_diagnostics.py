@@ -10,7 +10,7 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration
 
 from embedlens import InputError
-from embedlens.taxonomy import Anchors, attention_implementation, diagnose, diagnose_batch, eager_attention
+from embedlens.taxonomy import Anchors, attention_implementation, diagnose, eager_attention
 from embedlens.taxonomy.diagnostics import cross_image_cosine
 from taxonomy_planting import OVERLAP_PATCH, PLANTED, expected_groups, plant, unit_rows
 
@@ -61,7 +61,7 @@ class TestCheapDiagnostics:
     def test_batch_equals_single(self, tiny, make_image):
         images = [make_image(5), make_image(6, 70, 50)]
         prompts = ["Describe", "What colour is the big shape ?"]
-        frames = diagnose_batch(tiny, images, prompts, anchors=tiny_anchors(tiny))
+        frames = diagnose(tiny, images, prompts, anchors=tiny_anchors(tiny))
         for image, prompt, frame in zip(images, prompts, frames, strict=True):
             single = diagnose(tiny, image, prompt, anchors=tiny_anchors(tiny))
             for column in ("vision_norm", "projected_norm"):
@@ -220,7 +220,7 @@ class TestCrossImage:
         d_vision = fresh_tiny.model.config.vision_config.hidden_size
         fresh_tiny.model.model.multi_modal_projector = VaryingProjector(rows, anchor_rows, d_vision)
         images = [make_image(21), make_image(22, 70, 50), make_image(23)]
-        frames = diagnose_batch(fresh_tiny, images, anchors=anchors, cross_image=True)
+        frames = diagnose(fresh_tiny, images, anchors=anchors, cross_image=True)
         assert [frame.columns.tolist() for frame in frames] == [[*CHEAP, "cross_image_cosine"]] * 3
         assert all(frame.attrs["cross_image"] is True for frame in frames)
         assert all(frame["group"].tolist() == expected_groups() for frame in frames)
@@ -244,11 +244,11 @@ class TestCrossImage:
         assert frame.columns.tolist() == [*CHEAP, "cross_image_cosine"]
         assert frame["cross_image_cosine"].isna().all()
         assert frame.attrs["cross_image"] is True
-        [only] = diagnose_batch(tiny, [make_image(24)], anchors=tiny_anchors(tiny), cross_image=True)
+        [only] = diagnose(tiny, [make_image(24)], anchors=tiny_anchors(tiny), cross_image=True)
         assert only["cross_image_cosine"].isna().all()
 
     def test_absent_by_default_and_checked(self, tiny, make_image):
-        frames = diagnose_batch(tiny, [make_image(25), make_image(26)], anchors=tiny_anchors(tiny))
+        frames = diagnose(tiny, [make_image(25), make_image(26)], anchors=tiny_anchors(tiny))
         assert all(frame.columns.tolist() == CHEAP and frame.attrs["cross_image"] is False for frame in frames)
         with pytest.raises(InputError, match="cross_image"):
             diagnose(tiny, make_image(25), anchors=tiny_anchors(tiny), cross_image="yes")

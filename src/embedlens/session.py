@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 
 from embedlens.context import DEFAULT_PROMPT, ModelContext
-from embedlens.errors import InputError
 from embedlens.images import ImageLike
+from embedlens.inputs import Texts, one_or_many
 from embedlens.interventions import Intervention, InterventionRun
 from embedlens.interventions.generation import generate_batch
 from embedlens.models.base import PreparedBatch
@@ -28,9 +27,6 @@ from embedlens.taxonomy import Anchors, ClassifiedResult
 from embedlens.taxonomy.classify import classify_batch
 
 __all__ = ["DEFAULT_PROMPT", "Session", "load"]
-
-T = TypeVar("T")
-Texts = str | Sequence[str] | None
 
 
 def load(
@@ -69,33 +65,6 @@ def load(
     return Session(adapter)
 
 
-def _batch_of(
-    images: ImageLike | Sequence[ImageLike], prompt: Texts, raw_prompt: Texts
-) -> tuple[list[ImageLike], list[str] | None, list[str] | None, bool]:
-    """Normalise one image + prompt or lists of them: ``(images, prompts, raw_prompts, single)``.
-
-    A single image takes a single prompt (a string); a list of images takes a list of prompts or one
-    string used for all of them.
-    """
-    single = not isinstance(images, list | tuple)
-    listed = [images] if single else list(images)
-
-    def texts(value: Texts, name: str) -> list[str] | None:
-        if value is None:
-            return None
-        if isinstance(value, str):
-            return [value] * len(listed)
-        if single:
-            raise InputError(f"one image takes one {name} (a string), got {type(value).__name__}")
-        return list(value)
-
-    return listed, texts(prompt, "prompt"), texts(raw_prompt, "raw prompt"), single
-
-
-def _unwrap(results: list[T], single: bool) -> T | list[T]:
-    return results[0] if single else results
-
-
 class Session(ModelContext):
     """A loaded model with the probe / classify / generate verbs (see :func:`load`).
 
@@ -131,11 +100,17 @@ class Session(ModelContext):
         Returns:
             A :class:`ProbeResult` for one image, a list of them for a list of images.
         """
-        images, prompts, raw_prompts, single = _batch_of(image, prompt, raw_prompt)
+        given = one_or_many(image, prompt, raw_prompt)
         results = self.probe_batch(
-            images, prompts, raw_prompts=raw_prompts, layer=layer, top_k=top_k, lens=lens, exclude=exclude
+            given.images,
+            given.prompts,
+            raw_prompts=given.raw_prompts,
+            layer=layer,
+            top_k=top_k,
+            lens=lens,
+            exclude=exclude,
         )
-        return _unwrap(results, single)
+        return given.unwrap(results)
 
     def classify(
         self,
@@ -166,18 +141,18 @@ class Session(ModelContext):
         Returns:
             A :class:`ClassifiedResult` for one image, a list of them for a list of images.
         """
-        images, prompts, raw_prompts, single = _batch_of(image, prompt, raw_prompt)
+        given = one_or_many(image, prompt, raw_prompt)
         results = classify_batch(
             self,
-            images,
-            prompts,
-            raw_prompts=raw_prompts,
+            given.images,
+            given.prompts,
+            raw_prompts=given.raw_prompts,
             anchors=anchors,
             top_k=top_k,
             layer=layer,
             precedence=precedence,
         )
-        return _unwrap(results, single)
+        return given.unwrap(results)
 
     def generate(
         self,
@@ -206,12 +181,12 @@ class Session(ModelContext):
         Returns:
             The answer for one image, a list of answers for a list of images.
         """
-        images, prompts, raw_prompts, single = _batch_of(image, prompt, raw_prompt)
-        batch = self.prepare(images, prompts, raw_prompts=raw_prompts)
+        given = one_or_many(image, prompt, raw_prompt)
+        batch = self.prepare(given.images, given.prompts, raw_prompts=given.raw_prompts)
         answers, _ = self.generate_batch(
             batch, max_new_tokens=max_new_tokens, interventions=interventions, anchors=anchors
         )
-        return _unwrap(answers, single)
+        return given.unwrap(answers)
 
     def generate_batch(
         self,

@@ -15,12 +15,11 @@ from embedlens.taxonomy.anchors import (
     builtin_anchors,
     vocabulary_hash,
 )
-from embedlens.taxonomy.classify import classify, classify_batch, resolve_anchors
+from embedlens.taxonomy.classify import classify_batch, resolve_anchors
 from embedlens.taxonomy.diagnostics import (
     attention_implementation,
     cross_image_cosine,
     diagnose,
-    diagnose_batch,
     eager_attention,
 )
 from embedlens.taxonomy.discover import (
@@ -58,12 +57,10 @@ __all__ = [
     "attention_implementation",
     "builtin_anchors",
     "check_precedence",
-    "classify",
     "classify_batch",
     "classify_ids",
     "cross_image_cosine",
     "diagnose",
-    "diagnose_batch",
     "discover_anchors",
     "draw_group_heatmap",
     "draw_group_map",

@@ -1,4 +1,4 @@
-"""Classify an image's visual tokens as ViT sink, LLM sink, dead or alive with a loaded model."""
+"""Classify images' visual tokens as ViT sink, LLM sink, dead or alive with a loaded model."""
 
 from __future__ import annotations
 
@@ -58,41 +58,6 @@ def rule_settings(
     return order, chosen, k
 
 
-def classify(
-    session: ModelContext,
-    image: ImageLike,
-    prompt: str | None = None,
-    *,
-    raw_prompt: str | None = None,
-    anchors: AnchorsLike = None,
-    top_k: int | None = None,
-    layer: int = 0,
-    precedence: Sequence[str] | None = None,
-) -> ClassifiedResult:
-    """Label every visual token of ``image`` with the paper's rule (see :mod:`embedlens.taxonomy.rule`).
-
-    Args:
-        session: The loaded model.
-        image: Path or PIL image.
-        prompt: The user's question (placed through the chat template), or None for the default.
-        raw_prompt: Alternatively the model's full text, with the image placeholder.
-        anchors: :class:`Anchors`, an anchors JSON path, or None for the model's built-in anchors.
-        top_k: Nearest ids the rule looks at (default: the anchors' ``top_k``).
-        layer: Layer whose vectors are read (0 = projector output, the paper's choice).
-        precedence: Group order for tokens matching several groups (default vit_sink > llm_sink > dead).
-    """
-    return classify_batch(
-        session,
-        [image],
-        None if prompt is None else [prompt],
-        raw_prompts=None if raw_prompt is None else [raw_prompt],
-        anchors=anchors,
-        top_k=top_k,
-        layer=layer,
-        precedence=precedence,
-    )[0]
-
-
 def classify_batch(
     session: ModelContext,
     images: Sequence[ImageLike],
@@ -104,7 +69,20 @@ def classify_batch(
     layer: int = 0,
     precedence: Sequence[str] | None = None,
 ) -> list[ClassifiedResult]:
-    """:func:`classify` for several images in one forward pass."""
+    """Label every visual token of several images, in one forward pass, with the paper's rule.
+
+    See :mod:`embedlens.taxonomy.rule`; :meth:`embedlens.session.Session.classify` is the one-or-many form.
+
+    Args:
+        session: The loaded model.
+        images: One path or PIL image per sample.
+        prompts: One question per sample (placed through the chat template), or None for the default.
+        raw_prompts: Alternatively the model's full text per sample, with the image placeholder.
+        anchors: :class:`Anchors`, an anchors JSON path, or None for the model's built-in anchors.
+        top_k: Nearest ids the rule looks at (default: the anchors' ``top_k``).
+        layer: Layer whose vectors are read (0 = projector output, the paper's choice).
+        precedence: Group order for tokens matching several groups (default vit_sink > llm_sink > dead).
+    """
     order, chosen, k = rule_settings(session, anchors, top_k, precedence)
     probes = session.probe_batch(images, prompts, raw_prompts=raw_prompts, layer=layer, top_k=k, lens="embedding")
     return [

@@ -12,7 +12,7 @@ On request:
 
 * ``cross_layer_cosine`` (``cross_layer=l``): cosine between the token's layer-0 vector and its residual
   stream at layer ``l`` (how much the LLM changes it; dead tokens stay near 1);
-* ``cross_image_cosine`` (``cross_image=True``, :func:`diagnose_batch` with two or more images): cosine
+* ``cross_image_cosine`` (``cross_image=True``, :func:`diagnose` with a list of two or more images): cosine
   between the token's layer-0 vector and the mean layer-0 vector of the tokens of the *same group* at
   the *same grid cell* in the *other* images of the batch (cross-image consistency: image-independent
   tokens such as sinks and dead tokens score about 1, alive tokens lower). NaN when no other image of
@@ -40,7 +40,7 @@ from torch import nn
 
 from embedlens.capture import run_captured
 from embedlens.errors import EmbedLensError, InputError
-from embedlens.images import ImageLike
+from embedlens.inputs import Images, Texts, one_or_many
 from embedlens.models.base import ModelAdapter, VisualSpan
 from embedlens.taxonomy.classify import AnchorsLike, rule_settings
 from embedlens.taxonomy.rule import classify_ids
@@ -166,75 +166,44 @@ def resolve_attention_layers(layers: int | Sequence[int], num_layers: int) -> li
 # --------------------------------------------------------------------------- diagnostics
 def diagnose(
     session: ModelContext,
-    image: ImageLike,
-    prompt: str | None = None,
+    image: Images,
+    prompt: Texts = None,
     *,
-    raw_prompt: str | None = None,
+    raw_prompt: Texts = None,
     anchors: AnchorsLike = None,
     top_k: int | None = None,
     precedence: Sequence[str] | None = None,
     cross_layer: int | None = None,
     attention_layers: int | Sequence[int] | None = None,
     cross_image: bool = False,
-) -> pd.DataFrame:
-    """Per-token diagnostics for one image (see the module docs for the columns).
+) -> pd.DataFrame | list[pd.DataFrame]:
+    """Per-token diagnostics (see the module docs for the columns), for one image or several in one forward.
 
     Args:
         session: The loaded model.
-        image: Path or PIL image.
-        prompt: The user's question, or None for the default; or ``raw_prompt``, the model's full text.
-        raw_prompt: The model's full text with the image placeholder, used verbatim.
+        image: Path or PIL image, or a list of them (see :mod:`embedlens.inputs`).
+        prompt: The user's question (one per image, or one for all), or None for the default.
+        raw_prompt: Alternatively the model's full text with the image placeholder, used verbatim.
         anchors: :class:`~embedlens.taxonomy.anchors.Anchors`, an anchors JSON path, or None (built-in).
         top_k: Nearest ids the rule looks at (default: the anchors' ``top_k``).
         precedence: Group order for tokens matching several groups.
         cross_layer: Also compare layer 0 with this layer (``0 .. L``, negative from the end).
         attention_layers: Also measure attention received from text in these decoder layers
             (0-based ``0 .. L-1``, negative from the end); switches to eager attention for the forward.
-        cross_image: Also add ``cross_image_cosine``. It compares a token with the same cell of *other*
-            images, so for one image it is all NaN: use :func:`diagnose_batch` with two or more images.
+        cross_image: Also add ``cross_image_cosine``: the cosine between a token's layer-0 vector and the
+            mean layer-0 vector of the tokens that have the same group at the same grid cell ``(row, col)`` in
+            the *other* images of the list (NaN where there are none, e.g. for a single image). See
+            :func:`cross_image_cosine`.
 
     Returns:
-        One row per grid token, indexed by token ``index`` (grid order), with columns ``row``, ``col``,
-        ``group``, ``anchor_id``, ``vision_norm``, ``projected_norm``, ``anchor_cosine`` and, when asked,
-        ``cross_layer_cosine``, ``cross_image_cosine``, ``text_attention``, ``text_attention_share``.
-        ``frame.attrs`` records ``cross_layer``, ``attention_layers`` and ``cross_image``.
+        For each image, one row per grid token, indexed by token ``index`` (grid order), with columns ``row``,
+        ``col``, ``group``, ``anchor_id``, ``vision_norm``, ``projected_norm``, ``anchor_cosine`` and, when
+        asked, ``cross_layer_cosine``, ``cross_image_cosine``, ``text_attention``, ``text_attention_share``.
+        ``frame.attrs`` records ``cross_layer``, ``attention_layers`` and ``cross_image``. One frame for one
+        image, a list of frames for a list.
     """
-    return diagnose_batch(
-        session,
-        [image],
-        None if prompt is None else [prompt],
-        raw_prompts=None if raw_prompt is None else [raw_prompt],
-        anchors=anchors,
-        top_k=top_k,
-        precedence=precedence,
-        cross_layer=cross_layer,
-        attention_layers=attention_layers,
-        cross_image=cross_image,
-    )[0]
-
-
-def diagnose_batch(
-    session: ModelContext,
-    images: Sequence[ImageLike],
-    prompts: Sequence[str] | None = None,
-    *,
-    raw_prompts: Sequence[str] | None = None,
-    anchors: AnchorsLike = None,
-    top_k: int | None = None,
-    precedence: Sequence[str] | None = None,
-    cross_layer: int | None = None,
-    attention_layers: int | Sequence[int] | None = None,
-    cross_image: bool = False,
-) -> list[pd.DataFrame]:
-    """:func:`diagnose` for several images in one forward pass (one frame per image, in order).
-
-    With ``cross_image=True`` each frame also gets ``cross_image_cosine``: the cosine between a token's
-    layer-0 vector and the mean layer-0 vector of the tokens that have the same group at the same grid
-    cell ``(row, col)`` in the batch's other images (NaN where there are none, e.g. a one-image batch).
-    See :func:`cross_image_cosine`. The other arguments are those of :func:`diagnose`.
-    """
-    if prompts is not None and raw_prompts is not None:
-        raise InputError("give either prompts or raw prompts, not both")
+    given = one_or_many(image, prompt, raw_prompt)
+    images, prompts, raw_prompts = given.images, given.prompts, given.raw_prompts
     if not isinstance(cross_image, bool):
         raise InputError(f"cross_image must be True or False, got {cross_image!r}")
     adapter = session.adapter
@@ -300,7 +269,7 @@ def diagnose_batch(
         frame = pd.DataFrame(columns, index=pd.RangeIndex(span.num_tokens, name="index"))
         frame.attrs.update({"cross_layer": other, "attention_layers": attn, "cross_image": cross_image})
         frames.append(frame)
-    return frames
+    return given.unwrap(frames)
 
 
 def cross_image_cosine(
