@@ -206,3 +206,40 @@ class TestHooksRemoved:
             assert hook_count(tiny) > before
             raise RuntimeError("boom")
         assert hook_count(tiny) == before
+
+
+class TestCheckedPlan:
+    """A Plan checked once up front is used as it is by intervene and generate_batch, not checked again."""
+
+    def test_intervene_uses_the_plan(self, tiny):
+        from embedlens.interventions import plan
+
+        checked = plan([Prune(indices=PRUNED)], tiny.num_layers)
+        batch = batch_of(tiny, [0])
+        with intervene(tiny, checked) as run:
+            logits = _forward(tiny, batch).logits
+        with intervene(tiny, [Prune(indices=PRUNED)]):
+            again = _forward(tiny, batch).logits
+        assert run.plan is checked
+        assert run.interventions == [Prune(indices=PRUNED)]
+        assert run.last.samples[0].pruned == list(PRUNED)
+        assert torch.equal(logits, again)
+
+    def test_generate_batch_uses_the_plan(self, tiny):
+        from embedlens.interventions import plan
+        from embedlens.interventions.generation import generate_batch
+
+        checked = plan([Prune(indices=PRUNED)], tiny.num_layers)
+        batch = batch_of(tiny, [0])
+        answers, run = generate_batch(tiny, batch, max_new_tokens=3, interventions=checked)
+        expected, _ = generate_batch(tiny, batch, max_new_tokens=3, interventions=[Prune(indices=PRUNED)])
+        assert run.plan is checked and answers == expected
+
+    def test_a_plan_for_another_model_is_refused(self, tiny):
+        from embedlens.errors import InputError
+        from embedlens.interventions import plan
+
+        checked = plan([Prune(indices=PRUNED)], tiny.num_layers + 1)
+        refused = pytest.raises(InputError, match="checked for a model with 5 decoder layers, not 4")
+        with refused, intervene(tiny, checked):
+            pass

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from embedlens.errors import InputError
-from embedlens.interventions.spec import (
+from embedlens.interventions import (
     Exit,
     Inject,
     Plan,
@@ -19,14 +19,13 @@ from embedlens.interventions.spec import (
     Scale,
     Skip,
     describe,
-    dumps,
     from_dict,
     parse,
     parse_all,
-    parse_sublayers,
     plan,
     to_dict,
 )
+from embedlens.interventions.notation import parse_sublayers
 
 NUM_LAYERS = 4
 
@@ -166,15 +165,10 @@ class TestRoundTrips:
         assert describe(item) == f"skip:visual@{expected}"
         assert parse(describe(item)) == item
 
-    def test_dumps_is_a_list_of_kinded_dicts(self):
-        data = json.loads(dumps(VARIED))
-        assert isinstance(data, list) and len(data) == len(VARIED)
-        assert all(isinstance(entry, dict) for entry in data)
+    def test_to_dict_list_survives_json_with_kinds(self):
+        data = json.loads(json.dumps([to_dict(item) for item in VARIED]))
         assert [entry["kind"] for entry in data] == [item.kind for item in VARIED]
         assert [from_dict(entry) for entry in data] == VARIED
-
-    def test_dumps_empty(self):
-        assert json.loads(dumps([])) == []
 
 
 class TestBadInput:
@@ -386,3 +380,110 @@ class TestPlan:
         result = plan([], NUM_LAYERS)
         assert all(result.visual_present(layer) for layer in range(NUM_LAYERS))
         assert not result.visual_present(NUM_LAYERS)
+
+
+class TestMatch:
+    """``match=member|label`` chooses how a group target reads the rule; the default must not change."""
+
+    def test_default_is_label(self):
+        assert parse("prune:dead").match == "label"
+        assert parse("skip:llm_sink@1.5").match == "label"
+
+    @pytest.mark.parametrize(
+        ("spec", "item"),
+        [
+            ("prune:dead,match=member", Prune(group="dead", match="member")),
+            ("prune:llm_sink,match=label", Prune(group="llm_sink")),
+            ("skip:llm_sink@1.5,match=member", Skip(group="llm_sink", sublayers=((1, "mlp"),), match="member")),
+            (
+                "prune:sink+dead,select=matched_random,seed=2,match=member",
+                Prune(group="sink+dead", select="matched_random", seed=2, match="member"),
+            ),
+        ],
+    )
+    def test_parse(self, spec, item):
+        assert parse(spec) == item
+
+    @pytest.mark.parametrize(
+        "item",
+        [
+            Prune(group="dead", match="member"),
+            Prune(group="llm_sink", select="complement", positions="reindex", match="member"),
+            Skip(group="dead", sublayers=((0, "attn"), (0, "mlp"), (1, "attn")), match="member"),
+        ],
+        ids=describe,
+    )
+    def test_round_trips(self, item):
+        assert parse(describe(item)) == item
+        assert from_dict(json.loads(json.dumps(to_dict(item)))) == item
+        assert to_dict(item)["match"] == "member"
+        assert "match=member" in describe(item)
+
+    def test_default_is_left_out_of_names_and_dicts(self):
+        """Settings named and stored before ``match`` existed keep their names and dicts."""
+        assert describe(Prune(group="dead", match="label")) == "prune:dead"
+        assert to_dict(Prune(group="dead")) == {
+            "kind": "prune",
+            "group": "dead",
+            "indices": None,
+            "select": "group",
+            "seed": 0,
+            "positions": "keep",
+        }
+        assert "match" not in to_dict(Skip(group="dead", sublayers=(1,)))
+
+    @pytest.mark.parametrize(
+        ("spec", "match"),
+        [
+            ("prune:dead,match=best", "match must be one of label, member"),
+            ("skip:dead@1,match=any", "match must be one of label, member"),
+            ("prune:[0,1],match=member", "needs a group target"),
+        ],
+    )
+    def test_errors(self, spec, match):
+        _raises(lambda: parse(spec), match)
+
+
+class TestFiniteNumbers:
+    """Infinite or NaN factors would silently turn every visual embedding into inf / nan."""
+
+    @pytest.mark.parametrize(
+        "spec", ["scale:inf", "scale:nan", "scale:1e999", "scale:-1e999", "inject@2,scale=nan", "inject@2,scale=-inf"]
+    )
+    def test_notation(self, spec):
+        _raises(lambda: parse(spec), "must be a finite number")
+
+    @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+    def test_objects_and_dicts(self, value):
+        _raises(lambda: Scale(value), "scale factor must be a finite number")
+        _raises(lambda: Inject(2, scale=value), "inject scale must be a finite number")
+        _raises(lambda: from_dict({"kind": "scale", "factor": value}), "must be a finite number")
+
+    @pytest.mark.parametrize("spec", ["prune:dead,seed=1.5", "prune:dead,seed=1e999"])
+    def test_seed_is_reported_as_a_seed(self, spec):
+        error = _raises(lambda: parse(spec), "prune seed .* must be a whole number \\(an integer\\)")
+        assert "layer" not in str(error)
+
+
+class TestCheckedOnce:
+    """A Plan is the checked form of a setting; handing it on must not check (or change) it again."""
+
+    def test_a_plan_is_returned_as_it_is(self):
+        checked = _plan("prune:dead", "inject@1")
+        assert plan(checked, NUM_LAYERS) is checked
+
+    def test_a_plan_for_another_depth_is_refused(self):
+        _raises(lambda: plan(_plan("exit@3"), NUM_LAYERS + 2), "checked for a model with 4 decoder layers, not 6")
+
+    def test_keeps_the_items_in_order(self):
+        items = parse_all(["exit@3", "prune:dead", "scale:0.5"])
+        checked = plan(items, NUM_LAYERS)
+        assert checked.items == tuple(items)
+        assert checked.describe() == "exit@3 prune:dead scale:0.5"
+        assert plan([], NUM_LAYERS).describe() == "none"
+
+    def test_extended_checks_the_combination(self):
+        checked = _plan("prune:dead,positions=reindex")
+        longer = checked.extended(Prune(group="target", positions=checked.positions))
+        assert [p.group for p in longer.prunes] == ["dead", "target"] and longer.needs_targets
+        _raises(lambda: checked.extended(Prune(group="target")), "different position policies")

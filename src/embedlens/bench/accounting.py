@@ -12,7 +12,8 @@ import torch
 
 from embedlens.bench.flops import FlopCount, sample_flops
 from embedlens.errors import InputError
-from embedlens.interventions import Intervention, InterventionRun, describe, intervene
+from embedlens.interventions import Intervention, describe, intervene
+from embedlens.interventions.records import InterventionRun
 from embedlens.models.base import PreparedBatch
 
 if TYPE_CHECKING:

@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from embedlens.interventions.apply import SampleRecord
+from embedlens.interventions.records import SampleRecord
 from embedlens.models.base import ModelAdapter
 
 

@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from embedlens.errors import InputError
-from embedlens.interventions.apply import InterventionRun, intervene
+from embedlens.interventions.apply import intervene
+from embedlens.interventions.planning import Plan
+from embedlens.interventions.records import InterventionRun
 from embedlens.interventions.spec import Intervention
 from embedlens.models.base import PreparedBatch
 
@@ -23,7 +25,7 @@ def generate_batch(
     batch: PreparedBatch,
     *,
     max_new_tokens: int = 32,
-    interventions: Sequence[Intervention] = (),
+    interventions: Plan | Sequence[Intervention] = (),
     anchors: Anchors | str | Path | None = None,
     sample_ids: Sequence[int] | None = None,
     targets: Sequence[Sequence[int]] | None = None,
@@ -37,7 +39,8 @@ def generate_batch(
         context: The loaded model.
         batch: Inputs from :meth:`~embedlens.context.ModelContext.prepare`.
         max_new_tokens: Longest answer, in tokens.
-        interventions: Prune / Skip / Inject / Exit / Scale objects applied while generating.
+        interventions: A :class:`~embedlens.interventions.Plan` checked for this model, or Prune / Skip /
+            Inject / Exit / Scale objects (checked once), applied while generating.
         anchors: Anchors for group targets (default: the model's built-in anchors).
         sample_ids: Passed to :func:`~embedlens.interventions.intervene` (seeds derive from them).
         targets: Passed to :func:`~embedlens.interventions.intervene` (the ``"target"`` group).

@@ -1,17 +1,31 @@
-"""Which visual tokens an intervention acts on, per sample: groups, explicit indices, matched random draws."""
+"""Which visual tokens an intervention acts on, per sample: groups, explicit indices, matched random draws.
+
+:func:`select_tokens` is the token-selection half of a prefill: for every sample it decides which
+tokens are visual, which the Prunes remove and which rows each Skip zeroes, and starts the sample's
+:class:`~embedlens.interventions.records.SampleRecord`. The other half, laying the kept tokens out for
+each decoder layer, is :mod:`embedlens.interventions.layout`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from embedlens.errors import InputError
+from embedlens.interventions.notation import describe
+from embedlens.interventions.planning import Plan
+from embedlens.interventions.records import SampleRecord
 from embedlens.interventions.spec import Prune, Skip, check_group
 from embedlens.models.base import VisualSpan
-from embedlens.taxonomy.groups import expand
+from embedlens.taxonomy.groups import ALIVE, GROUPS, expand
+
+if TYPE_CHECKING:
+    from embedlens.context import ModelContext
+    from embedlens.taxonomy import Anchors
 
 
 @dataclass
@@ -24,7 +38,11 @@ class SampleTokens:
         cells_per_image: Grid size (``rows * cols``) of the image each token belongs to, ``[n]``.
         extra: Positions of visual tokens outside the grid (e.g. a CLS token), ``[e]``.
         labels: Each token's group after precedence, or None when no target names a group, ``[n]``.
+        members: Each token's membership of the anchored groups (columns in the order of
+            :data:`~embedlens.taxonomy.groups.GROUPS`, overlaps kept), or None, ``[n, 3]`` bool.
         targets: Cells of the sample's ``"target"`` group (per image), or None when not given.
+        images: Images in the sample.
+        grid_tokens: Grid tokens of the first image (0 without images).
     """
 
     positions: torch.Tensor
@@ -32,7 +50,10 @@ class SampleTokens:
     cells_per_image: torch.Tensor
     extra: torch.Tensor
     labels: np.ndarray | None = None
+    members: np.ndarray | None = None
     targets: tuple[int, ...] | None = None
+    images: int = 0
+    grid_tokens: int = 0
 
     @classmethod
     def from_spans(cls, spans: Sequence[VisualSpan]) -> SampleTokens:
@@ -45,6 +66,8 @@ class SampleTokens:
             cells=torch.cat([torch.arange(span.num_tokens) for span in spans]),
             cells_per_image=torch.cat([torch.full((span.num_tokens,), span.num_tokens) for span in spans]),
             extra=torch.cat([span.extra_positions for span in spans]).long(),
+            images=len(spans),
+            grid_tokens=int(spans[0].num_tokens),
         )
 
     @property
@@ -54,7 +77,10 @@ class SampleTokens:
 
 
 def target_mask(item: Prune | Skip, tokens: SampleTokens) -> torch.Tensor:
-    """Bool ``[n]``: the grid tokens that ``item``'s group or indices name in this sample."""
+    """Bool ``[n]``: the grid tokens that ``item``'s group or indices name in this sample.
+
+    Anchored groups are read by label (after precedence) or by membership, as ``item.match`` says.
+    """
     n = tokens.num_tokens
     if item.indices is not None:
         return _cells(tokens, item.indices)
@@ -68,13 +94,17 @@ def target_mask(item: Prune | Skip, tokens: SampleTokens) -> torch.Tensor:
         chosen |= _cells(tokens, tokens.targets)
     labelled = [label for name in names if name != "target" for label in expand(name)]
     if labelled:
-        if tokens.labels is None:
+        if tokens.labels is None or tokens.members is None:
             raise AssertionError("group labels were not computed")
-        chosen |= torch.from_numpy(np.isin(tokens.labels, labelled)).reshape(n)
+        if item.match == "member":
+            members = tokens.members.reshape(n, len(GROUPS))
+            hit = members[:, [GROUPS.index(name) for name in labelled if name in GROUPS]].any(axis=1)
+            if ALIVE in labelled:
+                hit |= ~members.any(axis=1)
+        else:
+            hit = np.isin(tokens.labels, labelled)
+        chosen |= torch.from_numpy(np.asarray(hit, dtype=bool)).reshape(n)
     return chosen
-
-
-#: Labels of the rule that a group name stands for (names not listed stand for themselves).
 
 
 def _cells(tokens: SampleTokens, cells: Sequence[int]) -> torch.Tensor:
@@ -98,7 +128,7 @@ def prune_mask(item: Prune, tokens: SampleTokens, sample_id: int) -> tuple[torch
     """Bool ``[n]`` of the grid tokens ``item`` removes, and the seed used (``matched_random`` only).
 
     ``matched_random`` draws ``min(m, |complement|)`` tokens from the complement of the ``m`` target
-    tokens; an empty target removes nothing.
+    tokens (the target as ``item.match`` reads it); an empty target removes nothing.
     """
     chosen = target_mask(item, tokens)
     if item.select == "group":
@@ -113,3 +143,93 @@ def prune_mask(item: Prune, tokens: SampleTokens, sample_id: int) -> tuple[torch
     removed = torch.zeros_like(chosen)
     removed[drawn] = True
     return removed, seed
+
+
+def label_tokens(
+    context: ModelContext,
+    embeds: torch.Tensor,
+    tokens: Sequence[SampleTokens],
+    rule: tuple[tuple[str, ...], Anchors, int],
+) -> None:
+    """Label every sample's grid tokens with the rule, on the layer-0 vectors ``embeds`` ``[B, L, d]``.
+
+    Sets each sample's ``labels`` (after precedence) and ``members`` (overlaps kept).
+    """
+    from embedlens.taxonomy.rule import classify_ids
+
+    order, chosen, k = rule
+    vectors = [embeds[row, sample.positions.to(embeds.device)] for row, sample in enumerate(tokens)]
+    everything = torch.cat(vectors) if vectors else embeds.new_zeros(0, embeds.shape[-1])
+    if everything.shape[0] == 0:
+        ids = torch.zeros(0, k, dtype=torch.long)
+    else:
+        ids = context.lens("embedding").top_k(everything.detach(), k).ids
+    found = classify_ids(ids, chosen, top_k=k, precedence=order)
+    start = 0
+    for sample in tokens:
+        sample.labels = found.group[start : start + sample.num_tokens]
+        sample.members = found.members[start : start + sample.num_tokens]
+        start += sample.num_tokens
+
+
+@dataclass
+class Selection:
+    """Which tokens of a ``[B, L]`` batch the interventions act on at one prefill.
+
+    Attributes:
+        visual: Every visual token (grid and extra), ``[B, L]`` bool (CPU).
+        pruned: Tokens the Prunes remove before layer 0, ``[B, L]`` bool (CPU).
+        skipped: Rows each skipped ``(layer, part)`` zeroes, ``[B, L]`` bool each (CPU).
+        records: One record per row; ``tokens_per_layer`` and the skip counts are filled once the
+            layout is known.
+    """
+
+    visual: torch.Tensor
+    pruned: torch.Tensor
+    skipped: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    records: list[SampleRecord] = field(default_factory=list)
+
+
+def select_tokens(
+    checked: Plan, tokens: Sequence[SampleTokens], sample_ids: Sequence[int], mask: torch.Tensor
+) -> Selection:
+    """Decide, for every sample, which tokens the plan's Prunes remove and its Skips zero.
+
+    Args:
+        checked: The plan.
+        tokens: Each row's visual tokens (labelled when the plan targets a group).
+        sample_ids: One id per row (``matched_random`` seeds derive from it).
+        mask: Real (non-padding) tokens, ``[B, L]`` bool.
+    """
+    batch, length = mask.shape
+    selection = Selection(
+        visual=torch.zeros(batch, length, dtype=torch.bool), pruned=torch.zeros(batch, length, dtype=torch.bool)
+    )
+    for row, sample in enumerate(tokens):
+        selection.visual[row, sample.positions] = True
+        selection.visual[row, sample.extra] = True
+        record = SampleRecord(
+            sample_id=int(sample_ids[row]),
+            length=int(mask[row].sum()),
+            visual=int(sample.num_tokens + sample.extra.numel()),
+            images=sample.images,
+            grid_tokens=sample.grid_tokens,
+        )
+        if sample.labels is not None:
+            record.groups = {str(name): int((sample.labels == name).sum()) for name in sorted(set(sample.labels))}
+        removed = torch.zeros(sample.num_tokens, dtype=torch.bool)
+        for item in checked.prunes:
+            chosen, seed = prune_mask(item, sample, record.sample_id)
+            removed |= chosen
+            if seed is not None:
+                record.seeds[describe(item)] = seed
+        selection.pruned[row, sample.positions[removed]] = True
+        record.pruned = sample.cells[removed].tolist()
+        record.pruned_positions = sample.positions[removed].tolist()
+        for skip in checked.skips:
+            chosen = target_mask(skip, sample)
+            for pair in skip.sublayers:
+                rows = selection.skipped.setdefault(pair, torch.zeros(batch, length, dtype=torch.bool))
+                rows[row, sample.positions[chosen]] = True
+        selection.records.append(record)
+    return selection

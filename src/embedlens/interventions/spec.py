@@ -12,23 +12,37 @@ Five kinds, each a frozen dataclass:
 Tokens are chosen by ``group`` (a group of the sink / dead / alive rule, see :data:`TARGET_GROUPS`;
 ``"sink+dead"`` is a union) or by explicit grid ``indices`` (row-major cell numbers of each image).
 
-The text notation, used by the CLI (``--intervene``) and by evaluation presets, is
-``KIND[:TARGET][@WHERE][,key=value...]``::
+A token can match several anchored groups (its top-k holds several anchor ids). ``match`` says how
+a group target reads the rule:
+
+* ``match="label"`` (the default): the token's single label after precedence (vit_sink > llm_sink >
+  dead), so ``prune:dead`` leaves a token that matches both ``llm_sink`` and ``dead`` alone;
+* ``match="member"``: every token whose top-k holds one of the group's anchor ids, whatever else it
+  matches -- the paper's reference code (``prune:dead,match=member`` removes that token too).
+
+The two differ only for a group that is not first in the precedence (``llm_sink``, ``dead``); a
+``matched_random`` control draws as many tokens as the chosen target set has, under either.
+
+The text notation, used by the CLI (``--intervene``), by evaluation presets and by the lmms-eval
+plugin, is ``KIND[:TARGET][@WHERE][,key=value...]`` (parsed and written by
+:mod:`embedlens.interventions.notation`)::
 
     prune:dead                      prune:sink+dead,positions=reindex
     prune:dead,select=matched_random,seed=3
+    prune:dead,match=member         (every token matching the dead anchor, the reference's rule)
     prune:[0,5,7]                   (grid indices)
     skip:llm_sink@1.5               (the MLP of layer 1; n = attention of layer n, n.5 = its MLP)
+    skip:llm_sink@1.5,match=member
     skip:visual@0-3.5               (every sublayer of layers 0..3)
     inject@8   inject@8,scale=0.5   exit@12   scale:0.01
+
+How interventions combine and fit a model is checked once by :func:`embedlens.interventions.plan`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -39,10 +53,12 @@ from embedlens.taxonomy.groups import ALIASES, ALIVE, GROUPS
 #: "target" (cells given per sample, e.g. the patch-compression benchmark's target patches).
 TARGET_GROUPS: tuple[str, ...] = (*GROUPS, ALIVE, *ALIASES, "visual", "target")
 #: Groups that need no classification.
-_UNLABELLED = frozenset({"visual", "target"})
+UNLABELLED = frozenset({"visual", "target"})
 SELECTS = ("group", "complement", "matched_random")
 POSITIONS = ("keep", "reindex")
 PARTS = ("attn", "mlp")
+#: How a group target reads the rule: the label after precedence, or membership (overlaps kept).
+MATCHES = ("label", "member")
 
 
 def check_group(group: str) -> tuple[str, ...]:
@@ -54,12 +70,16 @@ def check_group(group: str) -> tuple[str, ...]:
     return names
 
 
-def _check_target(kind: str, group: str | None, indices: Sequence[int] | None) -> tuple[int, ...] | None:
+def _check_target(kind: str, group: str | None, indices: Sequence[int] | None, match: str) -> tuple[int, ...] | None:
     if (group is None) == (indices is None):
         raise InputError(f"{kind} needs exactly one of a group or explicit token indices")
+    if match not in MATCHES:
+        raise InputError(f"{kind} match must be one of {', '.join(MATCHES)}, got {match!r}")
     if group is not None:
         check_group(group)
         return None
+    if match != "label":
+        raise InputError(f"{kind} match={match} needs a group target, not explicit token indices")
     values = tuple(indices)  # type: ignore[arg-type]
     for value in values:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -79,7 +99,10 @@ class Prune:
             (``min(m, |complement|)``), drawn with a per-sample seed derived from ``seed``.
         seed: Base seed of ``matched_random``.
         positions: ``"keep"`` (original positions; decoding continues the unpruned numbering) or
-            ``"reindex"`` (kept tokens renumbered consecutively).
+            ``"reindex"`` (kept tokens renumbered 0, 1, ... per sample; decoding continues from the
+            number kept).
+        match: ``"label"`` (a group target is read after precedence) or ``"member"`` (every token
+            matching one of the group's anchors); see the module docstring.
     """
 
     group: str | None = None
@@ -87,10 +110,11 @@ class Prune:
     select: Literal["group", "complement", "matched_random"] = "group"
     seed: int = 0
     positions: Literal["keep", "reindex"] = "keep"
+    match: Literal["label", "member"] = "label"
     kind: ClassVar[str] = "prune"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "indices", _check_target("prune", self.group, self.indices))
+        object.__setattr__(self, "indices", _check_target("prune", self.group, self.indices, self.match))
         if self.select not in SELECTS:
             raise InputError(f"prune select must be one of {', '.join(SELECTS)}, got {self.select!r}")
         if self.positions not in POSITIONS:
@@ -109,16 +133,18 @@ class Skip:
         group: Group expression, or None when ``indices`` are given.
         indices: Grid cells (row-major, per image), or None.
         sublayers: ``(layer, "attn" | "mlp")`` pairs, layers zero-based.
+        match: ``"label"`` or ``"member"``, as for :class:`Prune`.
     """
 
     group: str | None = None
     indices: tuple[int, ...] | None = None
     sublayers: tuple[tuple[int, str], ...] = field(default_factory=tuple)
+    match: Literal["label", "member"] = "label"
     kind: ClassVar[str] = "skip"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "indices", _check_target("skip", self.group, self.indices))
-        pairs = tuple(_as_sublayer(item) for item in self.sublayers)
+        object.__setattr__(self, "indices", _check_target("skip", self.group, self.indices, self.match))
+        pairs = tuple(as_sublayer(item) for item in self.sublayers)
         if not pairs:
             raise InputError("skip needs at least one sublayer (e.g. 1.5 = the MLP of layer 1)")
         object.__setattr__(self, "sublayers", tuple(sorted(set(pairs))))
@@ -175,10 +201,12 @@ def _check_int(what: str, value: Any) -> None:
 def _check_float(what: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InputError(f"{what} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise InputError(f"{what} must be a finite number, got {value!r}")
     return float(value)
 
 
-def _as_sublayer(item: Any) -> tuple[int, str]:
+def as_sublayer(item: Any) -> tuple[int, str]:
     """``1.5`` -> ``(1, "mlp")``, ``2`` -> ``(2, "attn")``, ``(3, "attn")`` kept; anything else raises."""
     if isinstance(item, (tuple, list)) and len(item) == 2:
         layer, part = item
@@ -195,8 +223,14 @@ def _as_sublayer(item: Any) -> tuple[int, str]:
 
 # --------------------------------------------------------------------------- JSON
 def to_dict(item: Intervention) -> dict[str, Any]:
-    """A JSON-ready dict with a ``"kind"`` key (the inverse of :func:`from_dict`)."""
+    """A JSON-ready dict with a ``"kind"`` key (the inverse of :func:`from_dict`).
+
+    ``match`` is written only when it is not the default ``"label"``, so configs written before it
+    existed read and compare the same.
+    """
     data = {"kind": item.kind, **asdict(item)}
+    if data.get("match") == "label":
+        del data["match"]
     for key in ("indices", "sublayers"):
         if data.get(key) is not None:
             data[key] = [list(v) if isinstance(v, tuple) else v for v in data[key]]
@@ -219,269 +253,3 @@ def from_dict(data: Any) -> Intervention:
         return cls(**fields)
     except TypeError as exc:
         raise InputError(f"bad fields for a {kind} intervention: {sorted(fields)}") from exc
-
-
-def dumps(items: Iterable[Intervention]) -> str:
-    """The interventions as a JSON list."""
-    return json.dumps([to_dict(item) for item in items])
-
-
-# --------------------------------------------------------------------------- text notation
-_SPEC = re.compile(
-    r"(?P<kind>[a-z_]+)"
-    r"(?::(?P<target>\[[^\]]*\]|[a-z_+]+|[-+0-9.e]+))?"
-    r"(?:@(?P<where>[0-9.,\- ]+?))?"
-    r"(?P<options>(?:,[a-z_]+=[^,=]+)*)"
-)
-
-
-def _number(text: str, spec: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise InputError(f"{text!r} is not a number in intervention {spec!r}") from None
-
-
-def _layer(text: str, spec: str) -> int:
-    value = _number(text, spec)
-    if not math.isfinite(value) or value != int(value):
-        raise InputError(f"layer {text!r} must be a whole number in intervention {spec!r}")
-    return int(value)
-
-
-#: Longest sublayer range the notation accepts (far above any real model's depth).
-_MAX_LAYERS = 1024
-
-
-def parse_sublayers(text: str, spec: str | None = None) -> tuple[tuple[int, str], ...]:
-    """``"1.5,2"`` or ``"0-3.5"`` (every sublayer from 0 to 3.5) -> ``(layer, part)`` pairs."""
-    spec = spec or text
-    pairs: list[tuple[int, str]] = []
-    for chunk in filter(None, (c.strip() for c in text.split(","))):
-        if "-" in chunk:
-            start_text, _, stop_text = chunk.partition("-")
-            if not start_text.strip() or not stop_text.strip():
-                raise InputError(f"malformed sublayer {chunk!r} in intervention {spec!r}: use n, n.5 or a range a-b")
-            start, stop = _number(start_text, spec), _number(stop_text, spec)
-            _as_sublayer(start), _as_sublayer(stop)  # both ends must be valid sublayers
-            if start > stop:
-                raise InputError(f"sublayer range {chunk!r} runs backwards in intervention {spec!r}")
-            steps = round((stop - start) * 2)
-            if steps > 2 * _MAX_LAYERS:
-                raise InputError(f"sublayer range {chunk!r} is longer than any model's {_MAX_LAYERS} layers")
-            pairs.extend(_as_sublayer(start + step / 2) for step in range(steps + 1))
-        else:
-            pairs.append(_as_sublayer(_number(chunk, spec)))
-    if not pairs:
-        raise InputError(f"no sublayers in intervention {spec!r}")
-    return tuple(pairs)
-
-
-def _target(target: str | None) -> dict[str, Any]:
-    if target is None:
-        return {}
-    if target.startswith("["):
-        body = target[1:-1].strip()
-        try:
-            return {"indices": tuple(int(v) for v in body.split(",") if v.strip())}
-        except ValueError:
-            raise InputError(f"token indices {target!r} must be integers") from None
-    return {"group": target}
-
-
-def parse(spec: str) -> Intervention:
-    """Parse one intervention in the text notation (see the module docstring); one clear error if bad."""
-    text = spec.strip()
-    match = _SPEC.fullmatch(text)
-    if match is None:
-        raise InputError(
-            f"malformed intervention {spec!r}: use KIND[:TARGET][@WHERE][,key=value], e.g. prune:dead, "
-            "skip:llm_sink@1.5, inject@8, exit@12, scale:0.01"
-        )
-    kind, target, where = match["kind"], match["target"], match["where"]
-    options = dict(opt.split("=", 1) for opt in filter(None, match["options"].split(",")))
-    if kind not in KINDS:
-        raise InputError(f"unknown intervention {kind!r} in {spec!r}; kinds are {', '.join(KINDS)}")
-
-    def no_where() -> None:
-        if where is not None:
-            raise InputError(f"{kind} takes no @layer in {spec!r}")
-
-    def take(name: str, convert) -> dict[str, Any]:
-        return {name: convert(options.pop(name))} if name in options else {}
-
-    if kind == "prune":
-        no_where()
-        fields = {**_target(target), **take("select", str), **take("positions", str)}
-        fields.update(take("seed", lambda v: _layer(v, spec)))
-        if fields.get("select") in ("random", "matched"):
-            fields["select"] = "matched_random"
-        item: Intervention = Prune(**fields)
-    elif kind == "skip":
-        if where is None:
-            raise InputError(f"skip needs @sublayers in {spec!r}, e.g. skip:dead@1.5 or skip:visual@0-3.5")
-        item = Skip(**_target(target), sublayers=parse_sublayers(where, spec))
-    elif kind in ("inject", "exit"):
-        if target is not None or where is None or "," in where or "-" in where:
-            raise InputError(f"{kind} needs exactly one @layer, e.g. {kind}@8, in {spec!r}")
-        layer = _layer(where, spec)
-        item = Inject(layer, **take("scale", lambda v: _number(v, spec))) if kind == "inject" else Exit(layer)
-    else:
-        no_where()
-        factor = options.pop("factor", target)
-        if factor is None:
-            raise InputError(f"scale needs a factor, e.g. scale:0.01, in {spec!r}")
-        item = Scale(_number(factor, spec))
-    if options:
-        raise InputError(f"unknown option(s) {', '.join(sorted(options))} for {kind} in {spec!r}")
-    return item
-
-
-def parse_all(specs: Iterable[str]) -> list[Intervention]:
-    """Parse several specs (e.g. repeated ``--intervene`` options)."""
-    return [parse(spec) for spec in specs]
-
-
-def _float_text(value: float) -> str:
-    """Short text for ``value`` (``0.01``, ``2``) that still parses back to exactly ``value``."""
-    text = f"{value:g}"
-    return text if float(text) == value else repr(value)
-
-
-def _sublayer_text(pairs: Sequence[tuple[int, str]]) -> str:
-    """Sublayers in the notation, runs of three or more consecutive sublayers as ranges (``0-3.5``)."""
-    steps = sorted({2 * layer + (part == "mlp") for layer, part in pairs})
-    runs: list[list[int]] = []
-    for step in steps:
-        if runs and step == runs[-1][-1] + 1:
-            runs[-1].append(step)
-        else:
-            runs.append([step])
-
-    def name(step: int) -> str:
-        return f"{step // 2}{'.5' if step % 2 else ''}"
-
-    parts = []
-    for run in runs:
-        parts += [f"{name(run[0])}-{name(run[-1])}"] if len(run) >= 3 else [name(step) for step in run]
-    return ",".join(parts)
-
-
-def describe(item: Intervention) -> str:
-    """The intervention in the text notation (round-trips through :func:`parse`)."""
-    if isinstance(item, (Prune, Skip)):
-        target = item.group if item.group is not None else "[" + ",".join(map(str, item.indices or ())) + "]"
-        if isinstance(item, Skip):
-            return f"skip:{target}@{_sublayer_text(item.sublayers)}"
-        options = [f"select={item.select}"] if item.select != "group" else []
-        options += [f"seed={item.seed}"] if item.select == "matched_random" else []
-        options += [f"positions={item.positions}"] if item.positions != "keep" else []
-        return ",".join([f"prune:{target}", *options])
-    if isinstance(item, Inject):
-        return f"inject@{item.layer}" + (f",scale={_float_text(item.scale)}" if item.scale != 1.0 else "")
-    if isinstance(item, Exit):
-        return f"exit@{item.layer}"
-    return f"scale:{_float_text(item.factor)}"
-
-
-# --------------------------------------------------------------------------- checks against a model
-@dataclass(frozen=True)
-class Plan:
-    """A checked, composed set of interventions for a model with ``num_layers`` decoder layers.
-
-    Attributes:
-        prunes: The Prunes (their removals are united).
-        skips: The Skips.
-        inject: Layer where visual tokens enter (0 = from the start).
-        exit: Layer where visual tokens leave (``num_layers`` = never).
-        scale: Factor applied to the visual embeddings (Scale x Inject's scale).
-        positions: Position policy of the Prunes (``"keep"`` when there are none).
-        num_layers: Decoder layers of the model the plan was checked for.
-    """
-
-    prunes: tuple[Prune, ...]
-    skips: tuple[Skip, ...]
-    inject: int
-    exit: int
-    scale: float
-    positions: str
-    num_layers: int
-
-    @property
-    def empty(self) -> bool:
-        """True when the plan changes nothing."""
-        return (
-            not self.prunes and not self.skips and self.inject == 0 and self.exit == self.num_layers and self.scale == 1
-        )
-
-    def visual_present(self, layer: int) -> bool:
-        """Whether (kept) visual tokens are in the residual stream entering decoder layer ``layer``."""
-        return self.inject <= layer < self.exit
-
-    @property
-    def needs_groups(self) -> bool:
-        """Whether any target is a group of the rule (the classifier must run)."""
-        names = {name for item in (*self.prunes, *self.skips) if item.group for name in check_group(item.group)}
-        return bool(names - _UNLABELLED)
-
-    @property
-    def needs_targets(self) -> bool:
-        """Whether any target is the per-sample ``"target"`` group."""
-        return any(
-            "target" in check_group(item.group) for item in (*self.prunes, *self.skips) if item.group is not None
-        )
-
-
-def plan(items: Iterable[Intervention], num_layers: int) -> Plan:
-    """Check that ``items`` fit a model with ``num_layers`` decoder layers and compose them.
-
-    Raises:
-        InputError: A layer out of range, two Injects / Exits / Scales, Prunes with different position
-            policies, an Exit at or below the Inject, or a Skip where the visual tokens are absent.
-    """
-    items = list(items)
-    for item in items:
-        if not isinstance(item, (Prune, Skip, Inject, Exit, Scale)):
-            raise InputError(f"not an intervention: {item!r}")
-    prunes = tuple(i for i in items if isinstance(i, Prune))
-    skips = tuple(i for i in items if isinstance(i, Skip))
-    injects = [i for i in items if isinstance(i, Inject)]
-    exits = [i for i in items if isinstance(i, Exit)]
-    scales = [i for i in items if isinstance(i, Scale)]
-    for name, found in (("inject", injects), ("exit", exits), ("scale", scales)):
-        if len(found) > 1:
-            raise InputError(f"conflicting interventions: {len(found)} {name}s ({', '.join(map(describe, found))})")
-    policies = sorted({p.positions for p in prunes})
-    if len(policies) > 1:
-        raise InputError(f"conflicting interventions: prunes with different position policies ({', '.join(policies)})")
-    inject = injects[0].layer if injects else 0
-    exit_ = exits[0].layer if exits else num_layers
-    last = num_layers - 1
-    if injects and not 0 <= inject <= last:
-        raise InputError(f"inject layer {inject} is out of range for this model: use 0..{last}")
-    if exits and not 0 <= exit_ <= last:
-        raise InputError(f"exit layer {exit_} is out of range for this model: use 0..{last}")
-    if injects and exits and exit_ <= inject:
-        raise InputError(f"conflicting interventions: exit@{exit_} is not above inject@{inject}")
-    for skip in skips:
-        for layer, part in skip.sublayers:
-            where = f"{layer}{'.5' if part == 'mlp' else ''}"
-            if not 0 <= layer <= last:
-                raise InputError(f"skip sublayer {where} is out of range for this model: use 0..{last}.5")
-            if not inject <= layer < exit_:
-                raise InputError(
-                    f"conflicting interventions: skip at {where} acts where the visual tokens are absent "
-                    f"(they are present in layers {inject}..{exit_ - 1})"
-                )
-    scale = scales[0].factor if scales else 1.0
-    if injects:
-        scale *= injects[0].scale
-    return Plan(
-        prunes=prunes,
-        skips=skips,
-        inject=inject,
-        exit=exit_,
-        scale=scale,
-        positions=policies[0] if policies else "keep",
-        num_layers=num_layers,
-    )
