@@ -164,10 +164,8 @@ class TestSelection:
         assert first.seeds != second.seeds
 
     def test_group_target_uses_the_rule(self, tiny, tiny_anchor_file):
-        from embedlens.taxonomy import classify
-
         batch = batch_of(tiny, [0])
-        labels = classify(tiny, random_image(0), "what is this", anchors=tiny_anchor_file).classification.group
+        labels = tiny.classify(random_image(0), "what is this", anchors=tiny_anchor_file).classification.group
         dead = [i for i, label in enumerate(labels) if label == "dead"]
         assert dead, "the tiny anchors should mark at least one dead token"
         with intervene(tiny, [Prune(group="dead")], anchors=tiny_anchor_file) as run:
