@@ -71,8 +71,8 @@ def main() -> None:
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
 
+    from embedlens.files import atomic_write_text
     from embedlens.mini.assemble import ensure_mini
-    from embedlens.paths import atomic_write_text
 
     ensure_mini()  # the warm rounds must not include a build
     baseline_runs, load_runs = [], []

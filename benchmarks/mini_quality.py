@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 import embedlens
+from embedlens.files import atomic_write_text
 from embedlens.mini.evaluate import KINDS, evaluate, held_out_items
-from embedlens.paths import atomic_write_text
 from embedlens.synth.draw import patches_covered
 
 TARGETS = {"colour": 0.60, "shape": 0.60, "count": 0.80, "letter": 0.30}

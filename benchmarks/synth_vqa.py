@@ -14,8 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
+from embedlens.files import atomic_write_text
 from embedlens.mini.evaluate import KINDS, held_out_items
-from embedlens.paths import atomic_write_text
 
 
 def main() -> None:

@@ -1,5 +1,7 @@
 """Shared fixtures: tiny random LLaVA models saved once per session and loaded by path, test images,
-and an EmbedLens cache that lives in a temporary directory instead of the user's home.
+a tiny benchmark, and an EmbedLens cache that lives in a temporary directory instead of the user's home.
+
+Fixtures only: plain helpers that test modules import live in ``helpers.py``.
 """
 
 from __future__ import annotations
@@ -7,13 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
 import embedlens
+from embedlens.bench.patchbench import generate_benchmark
 from embedlens.models.tiny import TinySpec, save_tiny_llava
 from embedlens.taxonomy import Anchors
+from helpers import random_image
 
 #: ChatML-style conversation format, as a jinja chat template (a second, non-LLaVA template).
 CHATML_TEMPLATE = (
@@ -100,12 +103,6 @@ def with_cls(tmp_path_factory: pytest.TempPathFactory) -> embedlens.Session:
 
 
 # --------------------------------------------------------------------------- images
-def random_image(seed: int, width: int = 56, height: int = 56) -> Image.Image:
-    """A reproducible RGB noise image."""
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels, "RGB")
-
-
 @pytest.fixture(scope="session")
 def make_image() -> Callable[..., Image.Image]:
     """Factory: ``make_image(seed, width=56, height=56)`` -> reproducible RGB noise image."""
@@ -141,3 +138,15 @@ def image_folder(tmp_path: Path) -> Path:
         random_image(i).save(folder / f"{i}.png")
     (folder / "9.png").write_bytes(b"broken")
     return folder
+
+
+# --------------------------------------------------------------------------- benchmark
+@pytest.fixture(scope="session")
+def bench_dir(tiny, tmp_path_factory) -> Path:
+    """A patch-compression benchmark for the tiny model's own processor: 3 items per category.
+
+    Shared by every test that evaluates on it: tests must not modify its files.
+    """
+    out = tmp_path_factory.mktemp("bench")
+    generate_benchmark(out, tiny.adapter.processor.image_processor, 14, per_category=3, progress=False)
+    return out

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import torch
 
 import embedlens
-from conftest import random_image
 from embedlens.capture import run_captured
 from embedlens.models.base import PreparedBatch
+from helpers import random_image
 
 
 def batch_of(session: embedlens.Session, seeds: list[int], prompts: list[str] | None = None) -> PreparedBatch:

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import embedlens
-from conftest import random_image
 from embedlens import InputError
 from embedlens.analysis import alignment
 from embedlens.analysis.alignment import (
@@ -29,8 +28,8 @@ from embedlens.analysis.alignment import (
 )
 from embedlens.analysis.words import is_whole_word, uses_markers, word_table
 from embedlens.datasets import open_dataset
+from helpers import assert_user_error, random_image, run_cli
 from taxonomy_planting import NUM_TOKENS, PlantedProjector
-from test_taxonomy_cli import assert_user_error, run_cli
 
 FAST = AlignOptions(batch_size=2, lens_top_k=3)
 

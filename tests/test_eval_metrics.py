@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import random_image
 from embedlens import InputError
 from embedlens.bench.vqa import (
     Question,
@@ -21,6 +20,7 @@ from embedlens.bench.vqa import (
     yes_no,
     yes_no_f1,
 )
+from helpers import random_image
 
 
 def question(answers: tuple[str, ...], kind: str) -> Question:

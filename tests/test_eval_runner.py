@@ -12,10 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import random_image
 from embedlens import InputError
 from embedlens.bench import runner
-from embedlens.bench.patchbench import generate_benchmark
 from embedlens.bench.runner import (
     BASELINE,
     ITEMS_FILE,
@@ -31,19 +29,11 @@ from embedlens.bench.runner import (
 from embedlens.bench.vqa import QuestionSet, read_questions, score, yes_no
 from embedlens.interventions import Inject, Prune
 from embedlens.synth.qa import normalize_answer
-from test_taxonomy_cli import assert_user_error, run_cli
+from helpers import assert_user_error, random_image, run_cli
 
 #: Small and fast: 4 questions per batch, 2 new tokens, few bootstrap resamples.
 OPTIONS = EvalOptions(batch_size=4, max_new_tokens=2, bootstrap=200)
 GRID = 16  # the tiny model's 4 x 4 grid
-
-
-@pytest.fixture(scope="module")
-def bench_dir(tiny, tmp_path_factory) -> Path:
-    """A patch-compression benchmark for the tiny model's own processor: 3 items per category."""
-    out = tmp_path_factory.mktemp("bench")
-    generate_benchmark(out, tiny.adapter.processor.image_processor, 14, per_category=3, progress=False)
-    return out
 
 
 @pytest.fixture(scope="module")

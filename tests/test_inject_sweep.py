@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -18,12 +17,11 @@ from embedlens.analysis.sweep import (
     scaling_settings,
     sweep_settings,
 )
-from embedlens.bench.patchbench import generate_benchmark
 from embedlens.bench.runner import EvalOptions
 from embedlens.bench.vqa import read_questions
 from embedlens.cli import parse_layer_list
 from embedlens.interventions import Inject, Scale, Skip
-from test_taxonomy_cli import assert_user_error, run_cli
+from helpers import assert_user_error, run_cli
 
 QUICK = SweepOptions(
     layers=(0, 2, 3),
@@ -32,13 +30,6 @@ QUICK = SweepOptions(
     timing_repeats=1,
     eval=EvalOptions(batch_size=4, max_new_tokens=2, bootstrap=50),
 )
-
-
-@pytest.fixture(scope="module")
-def bench_dir(tiny, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sweep-bench")
-    generate_benchmark(out, tiny.adapter.processor.image_processor, 14, per_category=2, progress=False)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 
 from embedlens.bench.accounting import account
 from embedlens.interventions import Prune
-from test_taxonomy_cli import assert_user_error, run_cli
+from helpers import assert_user_error, run_cli
 
 PROMPT = "what is this"
 NEW_TOKENS = 4

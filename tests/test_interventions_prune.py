@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import random_image
 from embedlens.interventions import Prune, intervene
+from helpers import random_image
 from intervention_helpers import (
     batch_of,
     cache_lengths,

@@ -21,12 +21,12 @@ import torch
 from lmms_eval.api.instance import Instance
 from PIL import Image
 
-from conftest import random_image
 from embedlens import InputError
 from embedlens.bench import lmms_model
 from embedlens.bench.lmms_model import EmbedLensLMM, cut_at_stops, parse_interventions
 from embedlens.bench.lmms_plugin import MODEL_CLASS_PATH, MODEL_NAME
 from embedlens.interventions import Inject, Prune, parse
+from helpers import random_image
 
 QUESTION = "what colour is the shape"
 DOCS = 6

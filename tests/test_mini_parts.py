@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import torch
 
+from embedlens.cache import MANIFEST_NAME, manifest_problem, staged_dir, write_manifest
+from embedlens.files import sha256_file
 from embedlens.mini import (
     DINOV2_CACHE_NAME,
     IMAGENET_MEAN,
@@ -42,7 +44,6 @@ from embedlens.mini import (
     vision_onnx_path,
 )
 from embedlens.mini.packages import cached_file_path
-from embedlens.paths import MANIFEST_NAME, manifest_problem, sha256_file, staged_dir, write_manifest
 from real_weights import flip_bytes, need, obtain
 
 LOGGER = "embedlens"

@@ -25,7 +25,8 @@ from embedlens.bench.patchbench import (
     make_item,
 )
 from embedlens.models.tiny import TinySpec, build_tiny_llava
-from embedlens.synth.draw import BASIC_SHAPES, COLOUR_NAMES, COLOURS, LETTERS, SHAPE_KINDS
+from embedlens.synth.draw import BASIC_SHAPES, COLOUR_NAMES, COLOURS, SHAPE_KINDS
+from embedlens.synth.glyphs import LETTERS
 
 PATCH = 14
 #: Image size -> items per category. 224 px gets enough items for the content checks.

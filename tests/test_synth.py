@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from embedlens.synth import backgrounds, draw, photos
+from embedlens.synth import backgrounds, draw, glyphs, photos
 from embedlens.synth.qa import ANSWER_SPACE, CHANCE, answers_match, normalize_answer
 from embedlens.synth.scenes import SCENES, generate, generate_one
 
@@ -59,12 +59,51 @@ def test_basic_shapes_fill_their_box(kind: str) -> None:
     assert draw.draw_shape(image, kind, (5, 6, 45, 46), draw.COLOURS["red"]) == (5, 6, 45, 46)
 
 
-def test_named_shape_functions_match_draw_shape() -> None:
+def test_draw_shape_paints_its_mask_in_the_colour() -> None:
+    """``draw_shape`` paints ``shape_mask`` stretched to the box: fully covered pixels take the colour
+    exactly, uncovered ones keep the background, nothing outside the box changes, and every kind has
+    its own silhouette."""
+    colour = (10, 20, 30)
+    silhouettes = set()
     for kind in draw.SHAPE_KINDS:
-        a, b = Image.new("RGB", (40, 40), BG), Image.new("RGB", (40, 40), BG)
-        function = getattr(draw, f"draw_{kind}")
-        assert function(a, (3, 4, 33, 34), (10, 20, 30)) == draw.draw_shape(b, kind, (3, 4, 33, 34), (10, 20, 30))
-        assert a.tobytes() == b.tobytes()
+        image = Image.new("RGB", (40, 40), BG)
+        draw.draw_shape(image, kind, (3, 4, 33, 34), colour)
+        mask = np.asarray(draw.shape_mask(kind, 30, 30))
+        pixels = np.asarray(image)
+        inside = pixels[4:34, 3:33]
+        assert (inside[mask == 255] == colour).all(), kind
+        assert (inside[mask == 0] == BG).all(), kind
+        outside = pixels.copy()
+        outside[4:34, 3:33] = BG
+        assert (outside == BG).all(), kind
+        silhouettes.add(mask.tobytes())
+    assert len(silhouettes) == len(draw.SHAPE_KINDS)
+
+
+def test_shape_geometry() -> None:
+    """Where a kind's geometry is unambiguous, its 40 px mask says so (255 = covered, 0 = not)."""
+
+    def mask(kind: str) -> np.ndarray:
+        return np.asarray(draw.shape_mask(kind, 40))
+
+    assert (mask("square") == 255).all()
+    circle, ring, diamond, cross = mask("circle"), mask("ring"), mask("diamond"), mask("cross")
+    for corner in ((0, 0), (0, 39), (39, 0), (39, 39)):
+        assert circle[corner] == ring[corner] == diamond[corner] == cross[corner] == 0, corner
+    assert circle[20, 20] == diamond[20, 20] == cross[20, 20] == 255
+    assert ring[20, 20] == 0 and ring[20, 2] == 255  # a hole in the middle, a band at the edge
+    triangle = mask("triangle")
+    assert triangle[0, 0] == triangle[0, 39] == 0 and triangle[39, 1:39].min() == 255  # apex up, base down
+    assert draw.shape_mask("car", 51, 30).size == (51, 30)
+
+
+def test_draw_shape_refuses_unknown_kinds_and_empty_boxes() -> None:
+    image = Image.new("RGB", (20, 20), BG)
+    with pytest.raises(KeyError, match="unknown shape kind 'blob'"):
+        draw.draw_shape(image, "blob", (2, 2, 12, 12), (0, 0, 0))
+    with pytest.raises(ValueError, match="at least 1x1"):
+        draw.draw_shape(image, "circle", (5, 5, 5, 9), (0, 0, 0))
+    assert image.tobytes() == Image.new("RGB", (20, 20), BG).tobytes()
 
 
 @pytest.mark.parametrize(
@@ -82,7 +121,7 @@ def test_named_shape_functions_match_draw_shape() -> None:
 def test_text_bbox_is_exact(text: str, font: str, height: float | None, font_size: float | None) -> None:
     image = Image.new("RGB", (224, 128), BG)
     before = image.copy()
-    returned = draw.draw_text(image, text, (11, 9), (20, 30, 200), font=font, height=height, font_size=font_size)
+    returned = glyphs.draw_text(image, text, (11, 9), (20, 30, 200), font=font, height=height, font_size=font_size)
     assert returned[:2] == (11, 9)
     _assert_tight(returned, before, image)
     if height is not None:
@@ -90,9 +129,9 @@ def test_text_bbox_is_exact(text: str, font: str, height: float | None, font_siz
 
 
 def test_every_font_renders_every_letter() -> None:
-    for font in draw.FONT_NAMES:
-        for letter in draw.LETTERS:
-            mask = draw.text_mask(letter, font, height=20)
+    for font in glyphs.FONT_NAMES:
+        for letter in glyphs.LETTERS:
+            mask = glyphs.text_mask(letter, font, height=20)
             assert mask.getbbox() == (0, 0, *mask.size)
             assert abs(mask.height - 20) <= 1
 
@@ -101,7 +140,7 @@ def test_text_in_box_stays_inside() -> None:
     for text, box in [("K", (4, 4, 18, 18)), ("apple", (10, 20, 110, 50)), ("0", (40, 40, 50, 50))]:
         image = Image.new("RGB", (128, 96), BG)
         before = image.copy()
-        returned = draw.draw_text_in_box(image, text, box, (200, 30, 30))
+        returned = glyphs.draw_text_in_box(image, text, box, (200, 30, 30))
         assert box[0] <= returned[0] and box[1] <= returned[1] and returned[2] <= box[2] and returned[3] <= box[3]
         _assert_tight(returned, before, image)
 

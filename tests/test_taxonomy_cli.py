@@ -9,27 +9,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from embedlens.cli import main
 from embedlens.taxonomy import GROUPS, LLAVA15_7B_ANCHORS, Anchors, ClassifiedResult
+from helpers import assert_user_error, run_cli
 
 TOP_LEVEL_KEYS = {"model", "image", "layer", "lens", "grid", "tokens", "counts", "overlaps", "rule"}
 TOKEN_KEYS = {"index", "row", "col", "position", "norm", "top_ids", "top_tokens", "top_sims", "group", "anchor_id"}
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_user_error(code: int, out: str, err: str, fragment: str) -> None:
-    """Exit code 2, nothing on stdout, exactly one line on stderr naming the problem, no traceback."""
-    assert code == 2, (code, out, err)
-    assert out == ""
-    assert "Traceback" not in err
-    assert len(err.splitlines()) == 1 and err.startswith("embedlens: error: "), err
-    assert fragment in err, err
 
 
 def args(tiny_dir: Path, image: Path, *extra: object) -> list[object]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from embedlens.taxonomy import Anchors, DiscoveryConfig, discover_anchors
-from test_taxonomy_cli import assert_user_error, run_cli
+from helpers import assert_user_error, run_cli
 
 
 def discover_args(tiny_dir, dataset, out, *extra):

@@ -95,8 +95,11 @@ class TestRule:
 
     def test_empty_input(self):
         result = classify_ids(np.zeros((0, 3), dtype=np.int64), anchors())
-        assert len(result) == 0 and sum(result.counts.values()) == 0
-        assert result.fractions()["alive"] == 0.0
+        assert len(result) == 0 and result.group.shape == (0,) and result.members.shape == (0, 3)
+        assert result.counts == {"vit_sink": 0, "llm_sink": 0, "dead": 0, "alive": 0}
+        assert result.matches == {"vit_sink": 0, "llm_sink": 0, "dead": 0}
+        assert set(result.overlaps.values()) == {0} and result.n_overlapping == 0
+        assert result.anchor_id == [] and result.anchor_rank == []
 
 
 # --------------------------------------------------------------------------- anchors

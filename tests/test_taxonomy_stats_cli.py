@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from test_taxonomy_cli import assert_user_error, run_cli
+from helpers import assert_user_error, run_cli
 
 
 def stats_args(tiny_dir, dataset, out, anchors, *extra):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ from transformers import AutoTokenizer
 
 FIXTURE_DIR = Path(__file__).parent / "fixtures" / "llama-spm"
 GGUF_NAME = "ggml-vocab-llama-spm.gguf"
+#: sha256 of LLaMA-2's 32000 (id, piece) pairs, recorded from the GGUF file (see the last test).
+RECORDED_VOCAB_HASH = "fe56f82cb0368a695de548846e10be3ba13a71bebd2f1a5f65a3dcbc51f73eab"
 
 
 @pytest.fixture(scope="session")
@@ -47,9 +50,19 @@ class TestLlamaVocabulary:
         # rows beyond the table (a padded LM head would be larger, a truncated one smaller) are clipped
         assert excluded_ids(llama_tokenizer, ["bytes"], 100) == set(range(3, 100))
 
-    def test_vocabulary_hash_is_stable(self, llama_tokenizer):
-        from embedlens.lens import vocabulary_hash
+    def test_vocabulary_hash_matches_the_recorded_value(self, llama_tokenizer):
+        """The hash that ties anchors to a vocabulary must not drift: the tokenizer transformers builds
+        from the GGUF hashes to the recorded value, and so do the pieces read straight from the file
+        (``"<id>\\t<piece>\\n"`` per id, in id order), without transformers or EmbedLens in between."""
+        import gguf
 
-        first = vocabulary_hash(llama_tokenizer)
-        assert first == vocabulary_hash(llama_tokenizer)
-        assert len(first) == 64
+        from embedlens.lens import vocabulary_hash
+        from embedlens.taxonomy.anchors import LLAMA2_VOCAB_HASH
+
+        assert vocabulary_hash(llama_tokenizer) == RECORDED_VOCAB_HASH
+        field = gguf.GGUFReader(FIXTURE_DIR / GGUF_NAME).fields["tokenizer.ggml.tokens"]
+        pieces = [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+        digest = hashlib.sha256("".join(f"{i}\t{piece}\n" for i, piece in enumerate(pieces)).encode())
+        assert len(pieces) == 32000 and digest.hexdigest() == RECORDED_VOCAB_HASH
+        assert LLAMA2_VOCAB_HASH == RECORDED_VOCAB_HASH  # what the built-in LLaVA-1.5 anchors check against
+        assert vocabulary_hash(llama_tokenizer, limit=31999) != RECORDED_VOCAB_HASH  # every piece counts

@@ -246,7 +246,7 @@ def classify(
     result = session.classify(image, prompt=prompt, raw_prompt=raw_prompt, anchors=chosen, top_k=top_k)
     written = []
     if out is not None:
-        from embedlens.taxonomy.pictures import save_group_map
+        from embedlens.pictures.groups import save_group_map
 
         written = [*result.save(out).values(), save_group_map(result, out / "groups.png")]
     if as_json:
@@ -815,7 +815,7 @@ def _load_session(
 
 
 def _save(result, out: Path) -> list[Path]:
-    from embedlens.viz import save_top1_grid
+    from embedlens.pictures.probe import save_top1_grid
 
     paths = list(result.save(out).values())
     paths.append(save_top1_grid(result, out / "top1.png"))

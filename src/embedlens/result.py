@@ -15,7 +15,7 @@ import pandas as pd
 from PIL import Image
 
 from embedlens._version import __version__
-from embedlens.paths import atomic_path, atomic_write_text
+from embedlens.files import atomic_path, atomic_write_text
 
 RESULT_JSON = "result.json"
 TOKENS_PARQUET = "tokens.parquet"

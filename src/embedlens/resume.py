@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from embedlens.errors import InputError
-from embedlens.paths import atomic_write_text
+from embedlens.files import atomic_write_text
 
 RUN_FILE = "run.json"
 PARTS_DIR = "parts"

@@ -55,10 +55,10 @@ from embedlens.capture import run_captured
 from embedlens.context import DEFAULT_PROMPT
 from embedlens.datasets import Dataset, DatasetItem
 from embedlens.errors import InputError
+from embedlens.files import atomic_path, atomic_write_text
 from embedlens.images import load_image
-from embedlens.paths import atomic_path, atomic_write_text
 from embedlens.resume import PARTS_DIR, prepare_run_dir, read_parts
-from embedlens.taxonomy.groups import ALIVE, GROUPS
+from embedlens.taxonomy.groups import ALIVE, VISUAL_GROUPS
 
 if TYPE_CHECKING:
     from embedlens.context import ModelContext
@@ -66,10 +66,6 @@ if TYPE_CHECKING:
 ALIGN_FORMAT = "embedlens-align"
 #: Layout of the committed parts; a run with parts of another layout is refused (pass --restart).
 PARTS_VERSION = 2
-#: Visual groups, in table order; ``visual`` is every visual token.
-VISUAL_GROUPS: tuple[str, ...] = ("visual", ALIVE, *GROUPS)
-#: Rows of the layer table that describe text.
-TEXT_GROUPS: tuple[str, ...] = ("text", "prompt")
 LAYERS_FILE = "layers.parquet"
 SUMMARY_FILE = "summary.json"
 TABLE_FILE = "table.md"
@@ -664,7 +660,7 @@ def _merge(session: ModelContext, dataset: Dataset, out: Path, context: _Context
         pq.write_table(pa.Table.from_pylist(rows), tmp)
     atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=1))
     atomic_write_text(out / TABLE_FILE, render_markdown(summary, rows))
-    from embedlens.analysis.plots import plot_alignment
+    from embedlens.pictures.plots import plot_alignment
 
     plot_alignment(rows, summary, out)
     return AlignResult(out=out, summary=summary, rows=rows, unreadable=unreadable)

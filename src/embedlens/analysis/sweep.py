@@ -33,9 +33,9 @@ from embedlens.bench.accounting import prefill_once
 from embedlens.bench.runner import BASELINE, EvalOptions, Setting, run_eval
 from embedlens.bench.vqa import QuestionSet
 from embedlens.errors import InputError
+from embedlens.files import atomic_path, atomic_write_text
 from embedlens.images import load_image
 from embedlens.interventions import Inject, Scale, Skip, describe, intervene
-from embedlens.paths import atomic_path, atomic_write_text
 
 if TYPE_CHECKING:
     from embedlens.context import ModelContext
@@ -363,7 +363,7 @@ def run_inject_sweep(
     out.mkdir(parents=True, exist_ok=True)
     _write_rows(rows, out / SWEEP_FILE)
     atomic_write_text(out / SWEEP_MD, render_sweep(rows, names, best, title))
-    from embedlens.analysis.plots import plot_sweep
+    from embedlens.pictures.plots import plot_sweep
 
     plot_sweep(rows, out, title=title)
     scaling_rows: list[dict[str, Any]] = []

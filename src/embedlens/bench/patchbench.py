@@ -38,20 +38,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from embedlens.errors import InputError
-from embedlens.paths import atomic_write_text
+from embedlens.files import atomic_write_text
 from embedlens.synth.backgrounds import TEXTURES, colour_distance, make_background
-from embedlens.synth.draw import (
-    BASIC_SHAPES,
-    COLOUR_NAMES,
-    COLOURS,
-    LETTERS,
-    RGB,
-    SHAPE_KINDS,
-    BBox,
-    draw_shape,
-    draw_text_in_box,
-    jitter_colour,
-)
+from embedlens.synth.draw import BASIC_SHAPES, COLOUR_NAMES, COLOURS, RGB, SHAPE_KINDS, BBox, draw_shape, jitter_colour
+from embedlens.synth.glyphs import LETTERS, draw_text_in_box
 
 CATEGORIES: tuple[str, ...] = ("object", "colour", "count", "ocr")
 BACKGROUNDS: tuple[str, ...] = ("plain", "texture", "photo")

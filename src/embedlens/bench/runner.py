@@ -34,10 +34,10 @@ from tqdm.auto import tqdm
 from embedlens.bench.flops import sample_flops
 from embedlens.bench.vqa import Question, QuestionSet, relaxed_score, score, yes_no, yes_no_f1
 from embedlens.errors import InputError
+from embedlens.files import atomic_path, atomic_write_text
 from embedlens.images import load_image
 from embedlens.interventions import Intervention, Prune, describe, parse, plan
 from embedlens.interventions.generation import generate_batch
-from embedlens.paths import atomic_path, atomic_write_text
 from embedlens.resume import PARTS_DIR, prepare_run_dir, read_parts
 from embedlens.synth.qa import normalize_answer
 

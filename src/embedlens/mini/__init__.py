@@ -7,6 +7,7 @@
 Both are cached under :func:`cache_dir` with a sha256 manifest and rebuilt when damaged.
 """
 
+from embedlens.cache import CACHE_ENV, cache_dir
 from embedlens.mini.llm import SMOLLM2_CACHE_NAME, ensure_smollm2_cache, load_smollm2
 from embedlens.mini.packages import (
     LLM_FILE,
@@ -30,7 +31,6 @@ from embedlens.mini.vision import (
     load_dinov2,
     onnx_hidden_state_name,
 )
-from embedlens.paths import CACHE_ENV, cache_dir
 
 __all__ = [
     "CACHE_ENV",

@@ -20,12 +20,13 @@ from safetensors.torch import load_file
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerBase
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from embedlens.cache import cache_dir, ensure_built
+from embedlens.files import sha256_file
 from embedlens.mini.llm import load_smollm2
 from embedlens.mini.lora import merge_lora
 from embedlens.mini.packages import LLM_FILE, VISION_FILE, MiniBuildError
 from embedlens.mini.vision import IMAGENET_MEAN, IMAGENET_STD, load_dinov2
 from embedlens.models.llava import extra_image_tokens
-from embedlens.paths import cache_dir, ensure_built, sha256_file
 
 logger = logging.getLogger(__name__)
 

@@ -21,13 +21,13 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from embedlens.cache import cache_dir, ensure_built
 from embedlens.mini.packages import LLM_FILE, MiniBuildError, package_file
-from embedlens.paths import cache_dir, ensure_built
 
 logger = logging.getLogger(__name__)
 
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
-"""Name of the dequantised model's directory under :func:`~embedlens.paths.cache_dir`."""
+"""Name of the dequantised model's directory under :func:`~embedlens.cache.cache_dir`."""
 
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from embedlens.paths import atomic_path
+from embedlens.files import atomic_path
 
 #: Linear layers of each decoder layer that get adapters (LLaMA-style attention and MLP).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

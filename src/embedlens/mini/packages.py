@@ -29,8 +29,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from embedlens.cache import cache_dir, copy_verified
 from embedlens.errors import EmbedLensError
-from embedlens.paths import cache_dir, copy_verified, sha256_file
+from embedlens.files import sha256_file
 
 logger = logging.getLogger(__name__)
 

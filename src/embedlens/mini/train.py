@@ -28,10 +28,10 @@ from tqdm.auto import tqdm
 
 from embedlens.capture import capture
 from embedlens.dtypes import fast_dtype
+from embedlens.files import atomic_path, atomic_write_text
 from embedlens.mini.assemble import STRATEGIES, STRATEGY_KEY
 from embedlens.mini.lora import load_lora_tensors, lora_attached, lora_tensors, save_lora
 from embedlens.mini.sequences import IGNORE, Encoded, SequenceBuilder, Turn, answer_weights, collate
-from embedlens.paths import atomic_path, atomic_write_text
 
 logger = logging.getLogger(__name__)
 

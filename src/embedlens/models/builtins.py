@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from embedlens.cache import cache_dir, staged_dir
 from embedlens.models.registry import register_builtin
 from embedlens.models.tiny import TinySpec, save_tiny_llava
-from embedlens.paths import cache_dir, staged_dir
 
 #: Bump when the tiny model's recipe changes, so stale cached copies are not reused.
 TINY_VERSION = 1

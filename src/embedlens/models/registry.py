@@ -43,11 +43,6 @@ def register_builtin(name: str) -> Callable[[Callable[[], Path]], Callable[[], P
     return wrap
 
 
-def builtin_names() -> list[str]:
-    """Names of the built-in models."""
-    return sorted(_BUILTINS)
-
-
 def supported_families() -> list[str]:
     """Families with an adapter, e.g. ``["llava"]``."""
     return [cls.family for cls in _ADAPTERS]

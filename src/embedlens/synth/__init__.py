@@ -1,6 +1,7 @@
 """Procedural images with captions and question-answer pairs, for training and probing vision-language models.
 
-* :mod:`~embedlens.synth.draw`: shapes, glyphs and colours drawn with exact pixel bounding boxes.
+* :mod:`~embedlens.synth.draw`: shapes and colours drawn with exact pixel bounding boxes.
+* :mod:`~embedlens.synth.glyphs`: letters and words in bundled fonts, with exact pixel bounding boxes.
 * :mod:`~embedlens.synth.backgrounds`: plain, textured and muted-photo backgrounds.
 * :mod:`~embedlens.synth.scenes`: the seeded scene generator (:func:`generate`).
 * :mod:`~embedlens.synth.photos`: packaged real photographs with hand-written captions and questions.
@@ -15,7 +16,8 @@ Example:
 
 from __future__ import annotations
 
-from embedlens.synth.draw import BASIC_SHAPES, COLOUR_NAMES, COLOURS, FONT_NAMES, SHAPE_KINDS, BBox
+from embedlens.synth.draw import BASIC_SHAPES, COLOUR_NAMES, COLOURS, SHAPE_KINDS, BBox
+from embedlens.synth.glyphs import FONT_NAMES
 from embedlens.synth.photos import PHOTOS, available_photos, photo_sample, photo_samples
 from embedlens.synth.qa import ANSWER_SPACE, CHANCE, QA, WORDS, Sample, answers_match, normalize_answer
 from embedlens.synth.scenes import SCENES, generate, generate_one

@@ -1,9 +1,10 @@
-"""Drawing primitives with exact pixel bounding boxes: shapes, glyphs and a named colour table.
+"""Drawing primitives with exact pixel bounding boxes: shapes and a named colour table (glyphs:
+:mod:`embedlens.synth.glyphs`).
 
 Every primitive works in two steps: build an anti-aliased coverage mask (PIL mode ``"L"``, 0 = untouched,
 255 = fully covered), then paint a solid colour through it with :func:`paint_mask`. Because coverage
-outside the geometry is exactly zero (shapes are drawn at :data:`SUPERSAMPLE` x and box-filtered down;
-text is rendered large and box-filtered down), the bounding box of the non-zero mask pixels is the exact
+outside the geometry is exactly zero (shapes are drawn at :data:`SUPERSAMPLE` x and box-filtered
+down), the bounding box of the non-zero mask pixels is the exact
 set of pixels that can change. Boxes follow the PIL convention ``(left, top, right, bottom)`` with
 ``right``/``bottom`` exclusive, so ``right - left`` is the width in pixels.
 
@@ -15,12 +16,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from functools import lru_cache
-from pathlib import Path
 
-import matplotlib
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 #: ``(left, top, right, bottom)`` in pixels, right/bottom exclusive (PIL convention).
 BBox = tuple[int, int, int, int]
@@ -122,22 +120,27 @@ def _star_points(n: int = 5, inner: float = 0.45) -> list[tuple[float, float]]:
 
 # --------------------------------------------------------------------------- painters (unit geometry)
 def _paint_circle(d: ImageDraw.ImageDraw, w: float, h: float) -> None:
+    """Draw a filled circle (an ellipse on a canvas that is not square)."""
     d.ellipse((0, 0, w - 1, h - 1), fill=255)
 
 
 def _paint_square(d: ImageDraw.ImageDraw, w: float, h: float) -> None:
+    """Draw a filled square (a rectangle on a canvas that is not square)."""
     d.rectangle((0, 0, w - 1, h - 1), fill=255)
 
 
 def _paint_triangle(d: ImageDraw.ImageDraw, w: float, h: float) -> None:
+    """Draw an upward-pointing isosceles triangle."""
     _polygon(d, w, h, [(0.5, 0.0), (1.0, 1.0), (0.0, 1.0)])
 
 
 def _paint_star(d: ImageDraw.ImageDraw, w: float, h: float) -> None:
+    """Draw a five-pointed star pointing up."""
     _polygon(d, w, h, _star_points(5, 0.45))
 
 
 def _paint_cross(d: ImageDraw.ImageDraw, w: float, h: float) -> None:
+    """Draw a bold plus-shaped (Greek) cross."""
     t = 0.32  # arm half-width as a fraction of the box: a bold plus sign (Greek cross)
     a, b = 0.5 - t / 2, 0.5 + t / 2
     _polygon(
@@ -149,6 +152,7 @@ def _paint_cross(d: ImageDraw.ImageDraw, w: float, h: float) -> None:
 
 
 def _paint_heart(d: ImageDraw.ImageDraw, w: float, h: float) -> None:
+    """Draw a heart."""
     ts = np.linspace(0.0, 2 * math.pi, 120, endpoint=False)
     xs = 16 * np.sin(ts) ** 3
     ys = -(13 * np.cos(ts) - 5 * np.cos(2 * ts) - 2 * np.cos(3 * ts) - np.cos(4 * ts))
@@ -156,20 +160,24 @@ def _paint_heart(d: ImageDraw.ImageDraw, w: float, h: float) -> None:
 
 
 def _paint_diamond(d: ImageDraw.ImageDraw, w: float, h: float) -> None:
+    """Draw a diamond (rhombus standing on a corner)."""
     _polygon(d, w, h, [(0.5, 0.0), (1.0, 0.5), (0.5, 1.0), (0.0, 0.5)])
 
 
 def _paint_arrow(d: ImageDraw.ImageDraw, w: float, h: float) -> None:
+    """Draw an arrow pointing right."""
     _polygon(d, w, h, [(0, 0.32), (0.5, 0.32), (0.5, 0), (1, 0.5), (0.5, 1), (0.5, 0.68), (0, 0.68)])
 
 
 def _paint_ring(d: ImageDraw.ImageDraw, w: float, h: float) -> None:
+    """Draw a ring (annulus)."""
     d.ellipse((0, 0, w - 1, h - 1), fill=255)
     t = 0.24  # ring thickness as a fraction of the box
     d.ellipse((w * t, h * t, w * (1 - t) - 1, h * (1 - t) - 1), fill=0)
 
 
 def _paint_crescent(d: ImageDraw.ImageDraw, w: float, h: float) -> None:
+    """Draw a crescent moon opening to the right."""
     # A disc of diameter D with an equal disc shifted right by 0.45 D cut out; the remaining crescent spans
     # x in [0, 0.725 D] (where the two circles cross), so D is chosen to make that span the full width.
     shift = 0.45
@@ -179,10 +187,12 @@ def _paint_crescent(d: ImageDraw.ImageDraw, w: float, h: float) -> None:
 
 
 def _paint_hexagon(d: ImageDraw.ImageDraw, w: float, h: float) -> None:
+    """Draw a regular hexagon with flat top and bottom."""
     _polygon(d, w, h, [(math.cos(k * math.pi / 3), math.sin(k * math.pi / 3)) for k in range(6)])
 
 
 def _paint_house(d: ImageDraw.ImageDraw, w: float, h: float) -> None:
+    """Draw a house silhouette (roof, walls, door and window cut out)."""
     roof = 0.42
     d.polygon([(w / 2, 0), (w, h * roof), (0, h * roof)], fill=255)
     d.rectangle((w * 0.12, h * roof - 1, w * 0.88 - 1, h - 1), fill=255)
@@ -191,6 +201,7 @@ def _paint_house(d: ImageDraw.ImageDraw, w: float, h: float) -> None:
 
 
 def _paint_tree(d: ImageDraw.ImageDraw, w: float, h: float) -> None:
+    """Draw a fir tree silhouette."""
     # A fir tree: three stacked triangles and a trunk.
     for top, bottom, half in ((0.0, 0.38, 0.3), (0.16, 0.6, 0.4), (0.34, 0.82, 0.5)):
         d.polygon([(w / 2, h * top), (w * (0.5 + half), h * bottom), (w * (0.5 - half), h * bottom)], fill=255)
@@ -198,6 +209,7 @@ def _paint_tree(d: ImageDraw.ImageDraw, w: float, h: float) -> None:
 
 
 def _paint_sun(d: ImageDraw.ImageDraw, w: float, h: float) -> None:
+    """Draw a sun: a disc with eight triangular rays."""
     cx, cy = w / 2, h / 2
     core = 0.3
     d.ellipse((cx - core * w, cy - core * h, cx + core * w - 1, cy + core * h - 1), fill=255)
@@ -211,6 +223,7 @@ def _paint_sun(d: ImageDraw.ImageDraw, w: float, h: float) -> None:
 
 
 def _paint_car(d: ImageDraw.ImageDraw, w: float, h: float) -> None:
+    """Draw a car seen from the side, facing right."""
     # Side view, facing right: cabin, body, two wheels; windows cut out.
     d.polygon([(w * 0.22, h * 0.38), (w * 0.32, h * 0.02), (w * 0.66, h * 0.02), (w * 0.8, h * 0.38)], fill=255)
     d.rounded_rectangle((0, h * 0.32, w - 1, h * 0.78), radius=min(w, h) * 0.12, fill=255)
@@ -281,242 +294,6 @@ def draw_shape(image: Image.Image, kind: str, box: BBox, colour: RGB) -> BBox:
     """
     left, top, right, bottom = box
     return paint_mask(image, shape_mask(kind, right - left, bottom - top), (left, top), colour)
-
-
-def draw_circle(image: Image.Image, box: BBox, colour: RGB) -> BBox:
-    """Draw a filled circle (an ellipse if ``box`` is not square); see :func:`draw_shape`."""
-    return draw_shape(image, "circle", box, colour)
-
-
-def draw_square(image: Image.Image, box: BBox, colour: RGB) -> BBox:
-    """Draw a filled square (a rectangle if ``box`` is not square); see :func:`draw_shape`."""
-    return draw_shape(image, "square", box, colour)
-
-
-def draw_triangle(image: Image.Image, box: BBox, colour: RGB) -> BBox:
-    """Draw an upward-pointing isosceles triangle; see :func:`draw_shape`."""
-    return draw_shape(image, "triangle", box, colour)
-
-
-def draw_star(image: Image.Image, box: BBox, colour: RGB) -> BBox:
-    """Draw a five-pointed star pointing up; see :func:`draw_shape`."""
-    return draw_shape(image, "star", box, colour)
-
-
-def draw_cross(image: Image.Image, box: BBox, colour: RGB) -> BBox:
-    """Draw a bold plus-shaped (Greek) cross; see :func:`draw_shape`."""
-    return draw_shape(image, "cross", box, colour)
-
-
-def draw_heart(image: Image.Image, box: BBox, colour: RGB) -> BBox:
-    """Draw a heart; see :func:`draw_shape`."""
-    return draw_shape(image, "heart", box, colour)
-
-
-def draw_diamond(image: Image.Image, box: BBox, colour: RGB) -> BBox:
-    """Draw a diamond (rhombus standing on a corner); see :func:`draw_shape`."""
-    return draw_shape(image, "diamond", box, colour)
-
-
-def draw_arrow(image: Image.Image, box: BBox, colour: RGB) -> BBox:
-    """Draw an arrow pointing right; see :func:`draw_shape`."""
-    return draw_shape(image, "arrow", box, colour)
-
-
-def draw_ring(image: Image.Image, box: BBox, colour: RGB) -> BBox:
-    """Draw a ring (annulus); see :func:`draw_shape`."""
-    return draw_shape(image, "ring", box, colour)
-
-
-def draw_crescent(image: Image.Image, box: BBox, colour: RGB) -> BBox:
-    """Draw a crescent moon opening to the right; see :func:`draw_shape`."""
-    return draw_shape(image, "crescent", box, colour)
-
-
-def draw_hexagon(image: Image.Image, box: BBox, colour: RGB) -> BBox:
-    """Draw a regular hexagon with flat top and bottom; see :func:`draw_shape`."""
-    return draw_shape(image, "hexagon", box, colour)
-
-
-def draw_house(image: Image.Image, box: BBox, colour: RGB) -> BBox:
-    """Draw a house silhouette (roof, walls, door and window cut out); see :func:`draw_shape`."""
-    return draw_shape(image, "house", box, colour)
-
-
-def draw_tree(image: Image.Image, box: BBox, colour: RGB) -> BBox:
-    """Draw a fir tree silhouette; see :func:`draw_shape`."""
-    return draw_shape(image, "tree", box, colour)
-
-
-def draw_sun(image: Image.Image, box: BBox, colour: RGB) -> BBox:
-    """Draw a sun: a disc with eight triangular rays; see :func:`draw_shape`."""
-    return draw_shape(image, "sun", box, colour)
-
-
-def draw_car(image: Image.Image, box: BBox, colour: RGB) -> BBox:
-    """Draw a car seen from the side, facing right; see :func:`draw_shape`."""
-    return draw_shape(image, "car", box, colour)
-
-
-# --------------------------------------------------------------------------- glyphs
-_FONT_DIR = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
-
-#: Font name -> TrueType file bundled with matplotlib (DejaVu: Bitstream Vera licence; STIX: SIL OFL;
-#: Computer Modern: BaKoMa). All of them render A-Z, a-z and 0-9.
-FONTS: dict[str, str] = {
-    "sans": "DejaVuSans.ttf",
-    "sans-bold": "DejaVuSans-Bold.ttf",
-    "sans-oblique": "DejaVuSans-Oblique.ttf",
-    "sans-bold-oblique": "DejaVuSans-BoldOblique.ttf",
-    "serif": "DejaVuSerif.ttf",
-    "serif-bold": "DejaVuSerif-Bold.ttf",
-    "serif-italic": "DejaVuSerif-Italic.ttf",
-    "serif-bold-italic": "DejaVuSerif-BoldItalic.ttf",
-    "mono": "DejaVuSansMono.ttf",
-    "mono-bold": "DejaVuSansMono-Bold.ttf",
-    "mono-oblique": "DejaVuSansMono-Oblique.ttf",
-    "stix": "STIXGeneral.ttf",
-    "stix-bold": "STIXGeneralBol.ttf",
-    "stix-italic": "STIXGeneralItalic.ttf",
-    "stix-bold-italic": "STIXGeneralBolIta.ttf",
-    "cm-roman": "cmr10.ttf",
-    "cm-sans": "cmss10.ttf",
-    "cm-typewriter": "cmtt10.ttf",
-    "cm-bold": "cmb10.ttf",
-}
-#: Font names in a fixed order.
-FONT_NAMES: tuple[str, ...] = tuple(FONTS)
-#: The letters of glyph questions.
-LETTERS: tuple[str, ...] = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
-#: Digits, for later use.
-DIGITS: tuple[str, ...] = tuple("0123456789")
-
-#: Text is rendered at an em size of this times a power of two (at least 4x the wanted size), then
-#: box-filtered down to the requested size.
-_MIN_MASTER_EM = 64
-#: Em size of the master rendering that :func:`draw_text_in_box` measures proportions on.
-_MASTER_EM = 256
-
-
-def font_path(name: str) -> Path:
-    """Path of the TrueType file behind font ``name`` (a key of :data:`FONTS`).
-
-    Raises:
-        KeyError: Unknown font name.
-        FileNotFoundError: matplotlib's bundled font is missing.
-    """
-    if name not in FONTS:
-        raise KeyError(f"unknown font {name!r}; known: {', '.join(FONT_NAMES)}")
-    path = _FONT_DIR / FONTS[name]
-    if not path.is_file():
-        raise FileNotFoundError(f"font file not found: {path}")
-    return path
-
-
-@lru_cache(maxsize=64)
-def _truetype(name: str, size: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.truetype(str(font_path(name)), size)
-
-
-@lru_cache(maxsize=256)
-def _master_mask(text: str, font: str, em: int) -> Image.Image:
-    """Tight coverage mask of ``text`` rendered at ``em`` px with PIL's anti-aliased rasteriser."""
-    face = _truetype(font, em)
-    left, top, right, bottom = face.getbbox(text)
-    pad = 4
-    canvas = Image.new("L", (right - left + 2 * pad, bottom - top + 2 * pad), 0)
-    ImageDraw.Draw(canvas).text((pad - left, pad - top), text, fill=255, font=face)
-    inner = canvas.getbbox()
-    if inner is None:
-        raise ValueError(f"text {text!r} renders no pixels in font {font!r}")
-    return canvas.crop(inner)
-
-
-def text_mask(
-    text: str, font: str = "sans-bold", *, height: float | None = None, font_size: float | None = None
-) -> Image.Image:
-    """Tight anti-aliased coverage mask of ``text``.
-
-    Exactly one of ``height`` and ``font_size`` sets the scale.
-
-    Args:
-        text: Characters to render (one line).
-        font: A key of :data:`FONTS`.
-        height: Wanted height of the tight ink box in pixels (for a capital letter: its cap height).
-        font_size: Wanted em size in pixels (ink height then depends on the letters, as in print).
-
-    Returns:
-        A mode ``"L"`` image whose first/last rows and columns all contain ink (it is its own tight box).
-
-    Raises:
-        ValueError: Neither or both scales given, a non-positive scale, or text with no ink.
-    """
-    if (height is None) == (font_size is None):
-        raise ValueError("give exactly one of height and font_size")
-    wanted = height if height is not None else font_size
-    assert wanted is not None
-    if wanted <= 0:
-        raise ValueError(f"text scale must be positive, got {wanted}")
-    needed = 4 * wanted * (1.5 if height is not None else 1.0)  # >= 4x oversampling of the ink
-    em = _MIN_MASTER_EM * 2 ** max(0, math.ceil(math.log2(needed / _MIN_MASTER_EM)))  # powers of two: cache hits
-    master = _master_mask(text, font, em)
-    scale = height / master.height if height is not None else font_size / em  # type: ignore[operator]
-    size = (max(1, round(master.width * scale)), max(1, round(master.height * scale)))
-    small = master.resize(size, Image.Resampling.BOX)
-    inner = small.getbbox()
-    return small if inner is None or inner == (0, 0, *small.size) else small.crop(inner)
-
-
-def draw_text(
-    image: Image.Image,
-    text: str,
-    xy: tuple[int, int],
-    colour: RGB,
-    *,
-    font: str = "sans-bold",
-    height: float | None = None,
-    font_size: float | None = None,
-) -> BBox:
-    """Draw ``text`` with the top-left corner of its tight ink box at ``xy``.
-
-    Args:
-        image: RGB image, modified in place.
-        text: Characters to render.
-        xy: Top-left corner of the ink box.
-        colour: Text colour.
-        font: A key of :data:`FONTS`.
-        height: Ink-box height in pixels (see :func:`text_mask`).
-        font_size: Em size in pixels (see :func:`text_mask`).
-
-    Returns:
-        The exact box of the changed pixels.
-    """
-    return paint_mask(image, text_mask(text, font, height=height, font_size=font_size), xy, colour)
-
-
-def draw_text_in_box(image: Image.Image, text: str, box: BBox, colour: RGB, *, font: str = "sans-bold") -> BBox:
-    """Draw ``text`` as large as fits inside ``box``, centred in it.
-
-    Args:
-        image: RGB image, modified in place.
-        text: Characters to render.
-        box: ``(left, top, right, bottom)`` the ink must stay inside.
-        colour: Text colour.
-        font: A key of :data:`FONTS`.
-
-    Returns:
-        The exact box of the changed pixels (inside ``box``).
-    """
-    left, top, right, bottom = box
-    width, height = right - left, bottom - top
-    master = _master_mask(text, font, _MASTER_EM)
-    target = min(height, width * master.height / master.width)
-    mask = text_mask(text, font, height=target)
-    while mask.width > width or mask.height > height:  # rounding can overshoot by a pixel
-        target -= 0.5
-        mask = text_mask(text, font, height=target)
-    xy = (left + (width - mask.width) // 2, top + (height - mask.height) // 2)
-    return paint_mask(image, mask, xy, colour)
 
 
 # --------------------------------------------------------------------------- vision-patch helpers

@@ -9,7 +9,8 @@ from typing import Any
 
 from PIL import Image
 
-from embedlens.synth.draw import BASIC_SHAPES, COLOUR_NAMES, LETTERS
+from embedlens.synth.draw import BASIC_SHAPES, COLOUR_NAMES
+from embedlens.synth.glyphs import LETTERS
 
 #: Words of the OCR scenes: common concrete nouns of 3-5 letters. None is a colour, a shape or an object
 #: kind of :mod:`embedlens.synth.draw`, so an OCR answer never doubles as another kind's answer, and each is

@@ -22,18 +22,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from embedlens.synth.backgrounds import Background, colour_distance, plain_background, random_background
-from embedlens.synth.draw import (
-    BASIC_SHAPES,
-    COLOUR_NAMES,
-    FONT_NAMES,
-    LETTERS,
-    RGB,
-    BBox,
-    draw_shape,
-    jitter_colour,
-    paint_mask,
-    text_mask,
-)
+from embedlens.synth.draw import BASIC_SHAPES, COLOUR_NAMES, RGB, BBox, draw_shape, jitter_colour, paint_mask
+from embedlens.synth.glyphs import FONT_NAMES, LETTERS, text_mask
 from embedlens.synth.qa import (
     ANSWER_SPACE,
     CHANCE,

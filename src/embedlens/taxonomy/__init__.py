@@ -31,13 +31,6 @@ from embedlens.taxonomy.discover import (
 )
 from embedlens.taxonomy.groups import ALIVE, ALL_GROUPS, GROUPS
 from embedlens.taxonomy.groups import COLOURS as GROUP_COLOURS
-from embedlens.taxonomy.pictures import (
-    draw_group_heatmap,
-    draw_group_map,
-    legend_entries,
-    save_group_heatmap,
-    save_group_map,
-)
 from embedlens.taxonomy.result import ClassifiedResult
 from embedlens.taxonomy.rule import Classification, check_precedence, classify_ids
 
@@ -62,12 +55,7 @@ __all__ = [
     "cross_image_cosine",
     "diagnose",
     "discover_anchors",
-    "draw_group_heatmap",
-    "draw_group_map",
     "eager_attention",
-    "legend_entries",
     "resolve_anchors",
-    "save_group_heatmap",
-    "save_group_map",
     "vocabulary_hash",
 ]

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from embedlens.errors import InputError
+from embedlens.files import atomic_write_text
 from embedlens.lens import vocabulary_hash
-from embedlens.paths import atomic_write_text
 from embedlens.taxonomy.groups import GROUPS
 
 #: ``"format"`` value of an anchors JSON file.

@@ -10,7 +10,8 @@ The paper's rule sorts visual tokens into three anchored groups (:data:`GROUPS`)
   (``stats`` parts record an image's groups as a string of codes);
 * :data:`LETTERS` — one character per group for the text map the CLI prints (``.`` for alive);
 * :data:`COLOURS` — one fixed RGB colour per group (Okabe-Ito, distinguishable with the common
-  colour-vision deficiencies); alive cells are never painted, white is its legend swatch.
+  colour-vision deficiencies); alive cells are never painted, white is its legend swatch;
+* :data:`VISUAL_GROUPS` / :data:`TEXT_GROUPS` — the row groups of the alignment analysis and its plots.
 
 This module imports nothing from the rest of the package, so every layer can use it.
 """
@@ -38,6 +39,10 @@ COLOURS: dict[str, RGB] = {
     "dead": (0, 158, 115),  # bluish green
     ALIVE: (255, 255, 255),
 }
+#: Visual token groups of the alignment analysis, in table order; ``visual`` is every visual token.
+VISUAL_GROUPS: tuple[str, ...] = ("visual", ALIVE, *GROUPS)
+#: Rows of the alignment layer table that describe text (``prompt`` tokens and the text reference).
+TEXT_GROUPS: tuple[str, ...] = ("text", "prompt")
 
 
 def expand(name: str) -> tuple[str, ...]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Any
 
 import numpy as np
 import torch
@@ -79,21 +78,6 @@ class Classification:
     def n_overlapping(self) -> int:
         """Tokens matching two or more groups."""
         return int(np.count_nonzero(self.members.sum(axis=1) >= 2))
-
-    def fractions(self) -> dict[str, float]:
-        """:attr:`counts` divided by ``n`` (zeros for an empty classification)."""
-        total = len(self)
-        return {name: (count / total if total else 0.0) for name, count in self.counts.items()}
-
-    def to_dict(self) -> dict[str, Any]:
-        """Per-group summary: counts, matches, overlaps, rule settings (JSON-ready)."""
-        return {
-            "counts": self.counts,
-            "matches": self.matches,
-            "overlaps": self.overlaps,
-            "top_k": self.top_k,
-            "precedence": list(self.precedence),
-        }
 
 
 def check_precedence(precedence: Sequence[str] | None) -> tuple[str, ...]:

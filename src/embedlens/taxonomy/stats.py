@@ -37,13 +37,13 @@ from tqdm import tqdm
 from embedlens.context import DEFAULT_PROMPT
 from embedlens.datasets import Dataset, DatasetItem
 from embedlens.errors import InputError
+from embedlens.files import atomic_path, atomic_write_text
 from embedlens.images import load_image
-from embedlens.paths import atomic_path, atomic_write_text
+from embedlens.pictures.heatmap import save_group_heatmap
 from embedlens.resume import PARTS_DIR, RUN_FILE, prepare_run_dir, read_parts
 from embedlens.taxonomy.anchors import Anchors
 from embedlens.taxonomy.classify import AnchorsLike, classify_batch, resolve_anchors
 from embedlens.taxonomy.groups import ALL_GROUPS, CODES
-from embedlens.taxonomy.pictures import save_group_heatmap
 from embedlens.taxonomy.rule import check_precedence
 
 if TYPE_CHECKING:

@@ -1,4 +1,5 @@
-"""Pictures of the taxonomy: a group map over one image and a dataset heatmap, checked pixel by pixel."""
+"""Pictures of the taxonomy (embedlens.pictures): a group map over one image and a dataset heatmap, checked
+pixel by pixel."""
 
 from __future__ import annotations
 
@@ -6,33 +7,33 @@ import dataclasses
 import itertools
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pytest
 from PIL import Image
 
 import embedlens
 from embedlens import InputError
-from embedlens.taxonomy import ClassifiedResult
-from embedlens.taxonomy.pictures import (
-    ALL_GROUPS,
+from embedlens.pictures.colour import FRACTION_MAP, HATCH, NO_DATA, blend, fraction_colour, fraction_colours
+from embedlens.pictures.groups import (
     BORDER,
     CANVAS_GREY,
-    GROUP_COLOURS,
-    HATCH,
-    NO_DATA,
-    blend,
-    draw_group_heatmap,
     draw_group_map,
-    fraction_colour,
-    heatmap_cell_origin,
-    heatmap_layout,
     legend_entries,
     map_cell,
     map_size,
-    panel_title,
-    save_group_heatmap,
     save_group_map,
 )
+from embedlens.pictures.heatmap import (
+    draw_group_heatmap,
+    heatmap_cell_origin,
+    heatmap_layout,
+    panel_title,
+    save_group_heatmap,
+)
+from embedlens.taxonomy import ClassifiedResult
+from embedlens.taxonomy.groups import ALL_GROUPS
+from embedlens.taxonomy.groups import COLOURS as GROUP_COLOURS
 from taxonomy_planting import OVERLAP_PATCH, PLANTED, expected_groups, plant
 
 SOLID = (40, 200, 120)
@@ -192,8 +193,23 @@ class TestHeatmap:
         # finer steps can only dip by one channel's 8-bit rounding
         fine = [luminance(fraction_colour(v)) for v in np.linspace(0, 1, 1001)]
         assert all(b > a - 0.75 for a, b in itertools.pairwise(fine))
-        assert fraction_colour(0.0) == (68, 1, 84) and fraction_colour(1.0) == (253, 231, 37)
         assert fraction_colour(float("nan")) == NO_DATA
+
+    @pytest.mark.parametrize("value", [0.0, 0.1, 0.25, 0.5, 0.73, 0.999, 1.0])
+    def test_colours_are_matplotlib_viridis(self, value):
+        """Fractions are painted with matplotlib's viridis map, rounded to 8 bits per channel."""
+        r, g, b, _ = matplotlib.colormaps["viridis"](value)
+        assert FRACTION_MAP == "viridis"
+        assert fraction_colour(value) == (round(r * 255), round(g * 255), round(b * 255))
+
+    def test_colours_of_an_array(self):
+        """The array form gives every element the colour of its scalar; NaN is NO_DATA; shape ``[*S, 3]``."""
+        values = np.array([[0.0, np.nan, 0.5], [1.0, 0.2, np.nan]])
+        colours = fraction_colours(values)
+        assert colours.shape == (2, 3, 3) and colours.dtype == np.uint8
+        for index in np.ndindex(values.shape):
+            assert tuple(int(v) for v in colours[index]) == fraction_colour(float(values[index]))
+        assert tuple(colours[0, 1]) == NO_DATA and fraction_colour(0.0) != fraction_colour(1.0)
 
     def test_nan_hatched(self):
         values = np.full((2, 3), 0.5)

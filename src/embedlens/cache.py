@@ -1,9 +1,11 @@
-"""Where EmbedLens keeps what it builds, and how its files are written and checked.
+"""Where EmbedLens keeps what it builds, and how cache entries are published and checked.
 
 The cache location is read from the environment each time it is asked for (never at import), so a
-test or a notebook can change ``EMBEDLENS_CACHE`` on the fly. Files and directories are published
-atomically (temporary sibling, then rename), so a reader never sees a half-written result, and cache
-directories carry a sha256 manifest, written last, so damaged or unfinished builds are detected.
+test or a notebook can change ``EMBEDLENS_CACHE`` on the fly. Cache entries are built in a staging
+directory beside their final place and swapped in with a rename (:func:`staged_dir`); downloads are
+copied the same way and published only when their sha256 matches (:func:`copy_verified`). Every
+cache directory carries a sha256 manifest, written last, so damaged or unfinished builds are detected
+(:func:`manifest_problem`) and rebuilt (:func:`ensure_built`).
 """
 
 from __future__ import annotations
@@ -21,11 +23,16 @@ from pathlib import Path
 from typing import IO
 
 from embedlens.errors import EmbedLensError
+from embedlens.files import CHUNK, atomic_write_text, sha256_file, umask
 
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "EMBEDLENS_CACHE"
 """Environment variable naming the EmbedLens cache directory; it wins over everything else."""
+
+MANIFEST_NAME = "embedlens-manifest.json"
+MANIFEST_FORMAT = 1
+_STALE_AFTER_S = 3600.0
 
 
 def cache_dir() -> Path:
@@ -62,48 +69,6 @@ def cache_dir() -> Path:
     return path
 
 
-@contextlib.contextmanager
-def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds.
-
-    A reader never sees a half-written file: either the old content or the complete new one.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        if tmp.exists():
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files owner-only; results are not secrets
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_text(target: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` (UTF-8) to ``target`` through a temporary file and a rename."""
-    with atomic_path(target) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-MANIFEST_NAME = "embedlens-manifest.json"
-MANIFEST_FORMAT = 1
-_CHUNK = 1 << 22
-_STALE_AFTER_S = 3600.0
-
-
-def sha256_file(path: Path) -> str:
-    """Return the hex sha256 of a file, read in 4 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def copy_verified(source: IO[bytes], target: Path, expected_sha256: str) -> None:
     """Copy a stream to ``target`` atomically, publishing it only if its sha256 matches.
 
@@ -120,12 +85,12 @@ def copy_verified(source: IO[bytes], target: Path, expected_sha256: str) -> None
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
-            for block in iter(lambda: source.read(_CHUNK), b""):
+            for block in iter(lambda: source.read(CHUNK), b""):
                 digest.update(block)
                 out.write(block)
             out.flush()
             os.fsync(out.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~umask())
         actual = digest.hexdigest()
         if actual != expected_sha256:
             raise ValueError(f"sha256 {actual} differs from the recorded {expected_sha256}")
@@ -147,11 +112,7 @@ def write_manifest(directory: Path, info: Mapping[str, str]) -> None:
         if path.is_file() and path.name != MANIFEST_NAME
     }
     payload = {"format": MANIFEST_FORMAT, **info, "files": files}
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", suffix=".tmp", dir=directory)
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        json.dump(payload, out, indent=2, sort_keys=True)
-        out.write("\n")
-    os.replace(tmp_name, directory / MANIFEST_NAME)
+    atomic_write_text(directory / MANIFEST_NAME, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def manifest_problem(directory: Path, *, source_sha256: str, required: Iterable[str]) -> str | None:
@@ -250,16 +211,9 @@ def staged_dir(target: Path) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _umask() -> int:
-    """The process umask (read by setting and restoring it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _open_up(directory: Path) -> None:
     """Give a ``mkdtemp`` directory and its files the usual umask-derived permissions (not 0700)."""
-    mask = _umask()
+    mask = umask()
     os.chmod(directory, 0o777 & ~mask)
     for path in directory.iterdir():
         if path.is_file():

@@ -1,4 +1,9 @@
-"""PNG plots of the alignment analysis and the injection sweep (matplotlib, no display needed)."""
+"""Line plots of the alignment analysis and the injection sweep, written as PNGs.
+
+Drawn with matplotlib's object API (:class:`matplotlib.figure.Figure`, no pyplot): no display, no
+global backend switch, nothing left open after a figure is saved. Series colours and line styles come
+from :data:`embedlens.pictures.colour.LINE_STYLES`.
+"""
 
 from __future__ import annotations
 
@@ -6,63 +11,76 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+from embedlens.files import atomic_path
+from embedlens.pictures.colour import line_style
+from embedlens.taxonomy.groups import TEXT_GROUPS
 
-from embedlens.analysis.alignment import TEXT_GROUPS
-from embedlens.paths import atomic_path
-
-_STYLE = {
-    "visual": ("#555555", "-"),
-    "alive": ("#1b9e77", "-"),
-    "vit_sink": ("#d95f02", "-"),
-    "llm_sink": ("#7570b3", "-"),
-    "dead": ("#e7298a", "-"),
-    "text": ("#000000", "--"),
-    "prompt": ("#999999", ":"),
-}
+#: Resolution of the written PNGs.
+DPI = 120
 
 
-def _save(figure: Any, path: Path) -> Path:
+def save_figure(figure: Figure, path: Path) -> Path:
+    """Write ``figure`` as a PNG (atomically, cropped to its content) and return ``path``."""
     with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    plt.close(figure)
+        figure.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
     return path
 
 
 def _series(rows: Sequence[dict[str, Any]], group: str, key: str) -> tuple[list[int], list[float]]:
+    """Layers and values of ``key`` for ``group``'s rows that have it, by layer."""
     mine = sorted((r for r in rows if r["group"] == group and r.get(key) is not None), key=lambda r: r["layer"])
     return [r["layer"] for r in mine], [r[key] for r in mine]
 
 
 def _groups(rows: Sequence[dict[str, Any]], visual_only: bool = True) -> list[str]:
+    """Groups present in the rows, in order of appearance (without the text groups if ``visual_only``)."""
     present = list(dict.fromkeys(r["group"] for r in rows))
     return [g for g in present if not visual_only or g not in TEXT_GROUPS]
 
 
 def plot_alignment(rows: Sequence[dict[str, Any]], summary: dict[str, Any], out: Path) -> list[Path]:
-    """``norms.png``, ``alignment.png`` and ``readability.png`` from the layer table."""
+    """``norms.png``, ``alignment.png`` and ``readability.png`` from the alignment layer table.
+
+    Args:
+        rows: The layer table's rows (``group``, ``layer`` and one column per measure).
+        summary: The analysis summary (``model``, ``images``, ``focus_group`` and per-group norms).
+        out: Folder the three PNGs are written to.
+
+    Returns:
+        The paths written, in that order.
+    """
     title = f"{summary['model']} · {summary['images']} images"
-    written = []
-    figure, axis = plt.subplots(figsize=(7, 4.2))
+    return [
+        save_figure(_norms_figure(rows, summary, title), out / "norms.png"),
+        save_figure(_alignment_figure(rows, title), out / "alignment.png"),
+        save_figure(_readability_figure(rows, title), out / "readability.png"),
+    ]
+
+
+def _norms_figure(rows: Sequence[dict[str, Any]], summary: dict[str, Any], title: str) -> Figure:
+    figure = Figure(figsize=(7, 4.2))
+    axis = figure.subplots()
     for group in _groups(rows, visual_only=False):
-        colour, style = _STYLE.get(group, ("#333333", "-"))
+        colour, style = line_style(group)
         layers, values = _series(rows, group, "norm_mean")
         axis.plot(layers, values, style, color=colour, label=group, marker="." if group not in ("text",) else None)
     for group, info in summary["groups"].items():
         if info["norm_matched_layer"] is not None and group == summary["focus_group"]:
-            axis.axhline(info["norm_layer0"], color=_STYLE[group][0], linewidth=0.8, alpha=0.6)
-            axis.axvline(info["norm_matched_layer"], color=_STYLE[group][0], linewidth=0.8, alpha=0.6)
+            axis.axhline(info["norm_layer0"], color=line_style(group)[0], linewidth=0.8, alpha=0.6)
+            axis.axvline(info["norm_matched_layer"], color=line_style(group)[0], linewidth=0.8, alpha=0.6)
     axis.set_yscale("log")
     axis.set_xlabel("layer (0 = decoder input)")
     axis.set_ylabel("mean L2 norm")
     axis.set_title(f"Norm per layer ({title}); lines: {summary['focus_group']} at layer 0 and its matched layer")
     axis.legend(fontsize=8)
-    written.append(_save(figure, out / "norms.png"))
+    return figure
 
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+
+def _alignment_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure:
+    figure = Figure(figsize=(15, 4.2))
+    axes = figure.subplots(1, 3)
     measures = (
         ("best_cos", "mean best cosine to text states at l (higher = closer)"),
         ("norm_w1", "W1 of log-norms vs text at l (lower = closer)"),
@@ -71,19 +89,22 @@ def plot_alignment(rows: Sequence[dict[str, Any]], summary: dict[str, Any], out:
     for axis, (key, label) in zip(axes, measures, strict=True):
         for group in _groups(rows):
             layers, values = _series(rows, group, key)
-            axis.plot(layers, values, color=_STYLE.get(group, ("#333333", "-"))[0], marker=".", label=group)
+            axis.plot(layers, values, color=line_style(group)[0], marker=".", label=group)
         layers, values = _series(rows, "prompt", key)
         if layers:  # the text-to-text reference: prompt tokens at their own layer
-            axis.plot(layers, values, ":", color=_STYLE["prompt"][0], label="prompt text at layer l (reference)")
+            axis.plot(layers, values, ":", color=line_style("prompt")[0], label="prompt text at layer l (reference)")
         axis.set_xlabel("text layer l")
         axis.set_title(label, fontsize=9)
     axes[0].legend(fontsize=8)
     figure.suptitle(f"Layer-0 visual tokens against the text hidden states of each layer ({title})")
-    written.append(_save(figure, out / "alignment.png"))
+    return figure
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+
+def _readability_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure:
+    figure = Figure(figsize=(11, 4.2))
+    axes = figure.subplots(1, 2)
     for group in _groups(rows):
-        colour = _STYLE.get(group, ("#333333", "-"))[0]
+        colour = line_style(group)[0]
         for key, style in (("readable_embedding", "-"), ("readable_logit", "--")):
             layers, values = _series(rows, group, key)
             if layers:
@@ -97,20 +118,20 @@ def plot_alignment(rows: Sequence[dict[str, Any]], summary: dict[str, Any], out:
     axes[1].set_xlabel("layer")
     axes[1].legend(fontsize=8)
     figure.suptitle(f"Readability and cross-layer change ({title})")
-    written.append(_save(figure, out / "readability.png"))
-    return written
+    return figure
 
 
 def plot_sweep(rows: Sequence[dict[str, Any]], out: Path, *, title: str) -> Path:
     """``sweep.png``: accuracy and FLOPs (and measured prefill time) against the injection layer.
 
     ``rows`` are the sweep table's rows: ``kind`` is ``"inject"`` (with ``layer``), ``"baseline"`` or
-    ``"skip"``; ``datasets`` maps a dataset name to its overall score.
+    ``"skip"``; ``scores`` maps a dataset name to its overall score.
     """
     inject = sorted((r for r in rows if r["kind"] == "inject"), key=lambda r: r["layer"])
     others = [r for r in rows if r["kind"] in ("baseline", "skip")]
     names = list(dict.fromkeys(name for r in rows for name in r["scores"]))
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    figure = Figure(figsize=(12, 4.2))
+    axes = figure.subplots(1, 2)
     layers = [r["layer"] for r in inject]
     for name in names:
         line = axes[0].plot(layers, [r["scores"][name] * 100 for r in inject], marker="o", label=f"inject@k · {name}")
@@ -136,4 +157,4 @@ def plot_sweep(rows: Sequence[dict[str, Any]], out: Path, *, title: str) -> Path
     axes[1].set_title("prefill cost relative to the baseline", fontsize=9)
     axes[1].legend(fontsize=8)
     figure.suptitle(title)
-    return _save(figure, out / "sweep.png")
+    return save_figure(figure, out / "sweep.png")
