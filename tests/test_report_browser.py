@@ -221,17 +221,18 @@ class TestOffline:
 
 
 @pytest.mark.skipif(os.environ.get("EMBEDLENS_UPDATE_SCREENSHOTS") != "1", reason="set EMBEDLENS_UPDATE_SCREENSHOTS=1")
-def test_update_docs_screenshot(browser, tmp_path):
+def test_update_docs_screenshot(browser, tmp_path, monkeypatch):
     """Regenerate docs/report.png: embedlens-mini on the bundled photo, all layers, a patch hovered."""
     import embedlens
     from embedlens.examples import example_image
 
+    monkeypatch.chdir(tmp_path)  # the page shows the folders as given: short relative names
     session = embedlens.load(device="cpu")
     probe = session.probe(example_image(), layers="all", lens=["embedding", "logit"], top_k=10)
-    probe.save(tmp_path / "probe")
+    probe.save("demo")
     classified = session.classify(example_image())
-    classified.save(tmp_path / "classify")
-    write_report([tmp_path / "probe", tmp_path / "classify"], tmp_path / "report.html")
+    classified.save("demo-classify")
+    write_report([Path("demo"), Path("demo-classify")], tmp_path / "report.html")
     open_report(browser, tmp_path / "report.html")
     browser.evaluate("document.querySelector('#panel-0 input.layer').focus()")
     for _ in range(8):
@@ -239,5 +240,7 @@ def test_update_docs_screenshot(browser, tmp_path):
     hover_cell(browser, 0, 7 * 16 + 8, probe.grid)
     box = json.loads(browser.evaluate("JSON.stringify(document.querySelector('#sec-0').getBoundingClientRect())"))
     scroll = browser.evaluate("window.scrollY")
-    browser.screenshot(DOCS_SCREENSHOT, clip=(box["x"], box["y"] + scroll, box["width"], box["height"]))
+    margin = 12
+    clip = (box["x"] - margin, box["y"] + scroll - margin, box["width"] + 2 * margin, box["height"] + 2 * margin)
+    browser.screenshot(DOCS_SCREENSHOT, clip=clip)
     assert browser.errors == []

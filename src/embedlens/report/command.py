@@ -16,6 +16,7 @@ def report(
         list[Path],
         typer.Argument(
             help="Output folders of probe, classify, stats, eval, align or inject-sweep, or anchors JSON files.",
+            metavar="RUN_DIR...",
             show_default=False,
         ),
     ],

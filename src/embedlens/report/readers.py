@@ -63,6 +63,13 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+def layers_text(layers: list[int]) -> str:
+    """``0-32 (33 layers)`` for a run of layers, else the list."""
+    if len(layers) > 3 and layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]} ({len(layers)} layers)"
+    return ", ".join(map(str, layers))
+
+
 def _provenance(**items: Any) -> dict[str, str]:
     """Label -> text, leaving out what the output does not record."""
     return {label.replace("_", " "): _text(value) for label, value in items.items() if value is not None}
@@ -164,7 +171,7 @@ def _probe(directory: Path, data: dict[str, Any]) -> Section:
         config_hash=(prov.get("config_hash") or "")[:16],
         prompt=data.get("prompt"),
         image=probe.image,
-        layers=list(probe.layers),
+        layers=layers_text(list(probe.layers)),
         lenses=list(probe.lenses),
         top_k=prov.get("k"),
         exclude=prov.get("exclude"),
@@ -252,7 +259,7 @@ def _align(directory: Path, data: dict[str, Any]) -> Section:
         images=data.get("images"),
         groups_from=data.get("groups_from"),
         text_reference=f"{data['text']['tokens']} tokens from {data['text']['passages']} passages",
-        lens_layers=data.get("lens_layers"),
+        lens_layers=layers_text(list(data.get("lens_layers") or [])),
         lens_top_k=data.get("lens_top_k"),
         prompt=options.get("prompt"),
     )
