@@ -60,6 +60,7 @@ def stats_html(section: Section) -> str:
     bars = interval_bars(
         [(name, g["fraction"], g["ci"][0], g["ci"][1], GROUP_HEX[name]) for name, g in groups.items()],
         title=f"share of all {data['tokens']} visual tokens ({level} interval, images resampled)",
+        width=540,
     )
     rows = [
         [
@@ -132,14 +133,25 @@ def anchors_html(section: Section) -> str:
             "group",
             "reason",
         ]
-        body = []
-        for c in candidates:
-            cells = [escape(str(c.get("id"))), f"<code>{escape(repr(c.get('piece')))}</code>"]
-            cells += [_num(c.get(col), ".3f") for col in columns[2:8]]
-            cells += [escape(str(c.get("group") or "—")), escape(str(c.get("reason", "")))]
-            body.append(cells)
-        parts.append(f"<h4>Evidence: {len(candidates)} candidate ids</h4>")
-        parts.append(table([escape(c.replace("_", " ")) for c in columns], body, "wide"))
+        header = [escape(c.replace("_", " ")) for c in columns]
+
+        def rows_of(chosen: list[dict[str, Any]]) -> list[list[str]]:
+            out = []
+            for c in chosen:
+                cells = [escape(str(c.get("id"))), f"<code>{escape(repr(c.get('piece')))}</code>"]
+                cells += [_num(c.get(col), ".3f") for col in columns[2:8]]
+                out.append([*cells, escape(str(c.get("group") or "—")), escape(str(c.get("reason", "")))])
+            return out
+
+        accepted = [c for c in candidates if c.get("group")]
+        if accepted:
+            parts.append(f"<h4>Evidence for the {len(accepted)} accepted ids</h4>")
+            parts.append(table(header, rows_of(accepted), "wide"))
+        parts.append(
+            f"<details><summary>Evidence for all {len(candidates)} candidate ids</summary>"
+            + table(header, rows_of(candidates), "wide")
+            + "</details>"
+        )
     return "".join(parts)
 
 
