@@ -6,7 +6,7 @@ import datetime as _dt
 import hashlib
 import json
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +15,15 @@ import pandas as pd
 from PIL import Image
 
 from embedlens._version import __version__
+from embedlens.errors import InputError
 from embedlens.files import atomic_path, atomic_write_text
 
 RESULT_JSON = "result.json"
 TOKENS_PARQUET = "tokens.parquet"
+#: The picture the model saw, saved beside a multi-layer result (for the HTML report).
+VIEW_PNG = "view.png"
+#: ``format`` of a multi-layer result's ``result.json``.
+MULTI_LAYER_FORMAT = "embedlens-probe-layers"
 
 
 def config_hash(config: Any) -> str:
@@ -202,3 +207,153 @@ class ProbeResult:
             top_sims=np.array([t["top_sims"] for t in tokens], dtype=np.float64),
             provenance=Provenance(**prov),
         )
+
+
+@dataclass
+class MultiLayerProbe:
+    """One image probed at several layers (and lenses) from one forward pass.
+
+    Attributes:
+        results: One :class:`ProbeResult` per (lens, layer), lens-major with layers ascending; all of the
+            same image, prompt and grid, each with ``n = rows * cols`` tokens in grid order.
+    """
+
+    results: list[ProbeResult]
+
+    def __post_init__(self) -> None:
+        if not self.results:
+            raise InputError("a multi-layer probe needs at least one result")
+        first = self.results[0]
+        for other in self.results[1:]:
+            if (other.image, other.grid, len(other)) != (first.image, first.grid, len(first)):
+                raise InputError("the results of a multi-layer probe must show the same image and grid")
+        keys = [(r.lens, r.layer) for r in self.results]
+        if len(set(keys)) != len(keys):
+            raise InputError("a multi-layer probe holds each (lens, layer) once")
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The layers probed, ascending."""
+        return tuple(sorted({r.layer for r in self.results}))
+
+    @property
+    def lenses(self) -> tuple[str, ...]:
+        """The lenses used, in the order given."""
+        return tuple(dict.fromkeys(r.lens for r in self.results))
+
+    @property
+    def image(self) -> str:
+        """The image's path or label."""
+        return self.results[0].image
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """``(rows, cols)`` of the patch grid."""
+        return self.results[0].grid
+
+    @property
+    def view(self) -> Image.Image | None:
+        """The picture the model saw, if known."""
+        return self.results[0].view
+
+    def __len__(self) -> int:
+        """Number of visual tokens (per layer and lens)."""
+        return len(self.results[0])
+
+    def get(self, layer: int, lens: str | None = None) -> ProbeResult:
+        """The result at ``layer`` (as probed, ``0 .. L``) for ``lens`` (default: the first lens)."""
+        wanted = lens or self.lenses[0]
+        for result in self.results:
+            if result.layer == layer and result.lens == wanted:
+                return result
+        raise InputError(f"layer {layer} with the {wanted} lens was not probed; probed layers: {list(self.layers)}")
+
+    def to_pandas(self) -> pd.DataFrame:
+        """One row per (lens, layer, visual token): ``lens``, ``layer``, then the :class:`ProbeResult` columns."""
+        frames = []
+        for result in self.results:
+            frame = result.to_pandas()
+            frame.insert(0, "layer", np.int64(result.layer))
+            frame.insert(0, "lens", result.lens)
+            frames.append(frame)
+        return pd.concat(frames, ignore_index=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON header saved as ``result.json`` (the tokens live in ``tokens.parquet`` only)."""
+        first = self.results[0]
+        provenance = asdict(first.provenance)
+        provenance.pop("layer")
+        provenance.pop("lens")
+        return {
+            "format": MULTI_LAYER_FORMAT,
+            "version": 1,
+            "model": first.provenance.model,
+            "image": first.image,
+            "prompt": first.prompt,
+            "text": first.text,
+            "grid": [int(first.grid[0]), int(first.grid[1])],
+            "tokens": len(first),
+            "layers": list(self.layers),
+            "lenses": list(self.lenses),
+            "provenance": provenance,
+        }
+
+    def save(self, directory: str | Path) -> dict[str, Path]:
+        """Write ``tokens.parquet`` (``lens`` and ``layer`` columns), ``result.json`` and, when the picture
+        the model saw is known, ``view.png`` into ``directory``, each atomically."""
+        paths = write_result_files(directory, self.to_pandas(), self.to_dict())
+        if self.view is not None:
+            paths["view"] = Path(directory) / VIEW_PNG
+            with atomic_path(paths["view"]) as tmp:
+                self.view.save(tmp, format="PNG")
+        return paths
+
+    @classmethod
+    def load(cls, directory: str | Path) -> MultiLayerProbe:
+        """Read a result written by :meth:`save`, or a single-layer :class:`ProbeResult` directory."""
+        directory = Path(directory)
+        data = json.loads((directory / RESULT_JSON).read_text(encoding="utf-8"))
+        view = _read_view(directory / VIEW_PNG)
+        if data.get("format") != MULTI_LAYER_FORMAT:
+            single = ProbeResult.load(directory)
+            single.view = view
+            return cls([single])
+        frame = pd.read_parquet(directory / TOKENS_PARQUET)
+        base = dict(data["provenance"])
+        base["exclude"] = tuple(base.get("exclude", ()))
+        results = []
+        for lens in data["lenses"]:
+            for layer in data["layers"]:
+                part = frame[(frame["lens"] == lens) & (frame["layer"] == layer)]
+                results.append(
+                    ProbeResult(
+                        image=data["image"],
+                        prompt=data.get("prompt", ""),
+                        text=data.get("text", ""),
+                        grid=(int(data["grid"][0]), int(data["grid"][1])),
+                        index=part["index"].to_numpy(np.int64),
+                        row=part["row"].to_numpy(np.int64),
+                        col=part["col"].to_numpy(np.int64),
+                        position=part["position"].to_numpy(np.int64),
+                        norm=part["norm"].to_numpy(np.float32),
+                        top_ids=np.stack(part["top_ids"].to_list()).astype(np.int64),
+                        top_tokens=[list(t) for t in part["top_tokens"]],
+                        top_sims=np.stack(part["top_sims"].to_list()).astype(np.float64),
+                        provenance=Provenance(**{**base, "layer": int(layer), "lens": lens}),
+                        view=view,
+                    )
+                )
+        return cls(results)
+
+
+def _read_view(path: Path) -> Image.Image | None:
+    """The saved picture the model saw, or None when there is none."""
+    if not path.is_file():
+        return None
+    with Image.open(path) as opened:
+        return opened.convert("RGB")
+
+
+def with_layer(provenance: Provenance, layer: int, lens: str) -> Provenance:
+    """A copy of ``provenance`` for another layer and lens (same run, same forward pass)."""
+    return replace(provenance, layer=layer, lens=lens)

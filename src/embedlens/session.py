@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from embedlens.context import DEFAULT_PROMPT, ModelContext
+from embedlens.context import DEFAULT_PROMPT, LayerSpec, ModelContext
 from embedlens.images import ImageLike
 from embedlens.inputs import Texts, one_or_many
 from embedlens.interventions import Intervention, InterventionRun
 from embedlens.interventions.generation import generate_batch
 from embedlens.models.base import PreparedBatch
 from embedlens.models.registry import load_adapter
-from embedlens.result import ProbeResult
+from embedlens.result import MultiLayerProbe, ProbeResult
 from embedlens.taxonomy import Anchors, ClassifiedResult
 from embedlens.taxonomy.classify import classify_batch
 
@@ -79,10 +79,11 @@ class Session(ModelContext):
         *,
         raw_prompt: Texts = None,
         layer: int = 0,
+        layers: LayerSpec | None = None,
         top_k: int = 10,
-        lens: str = "embedding",
+        lens: str | Sequence[str] = "embedding",
         exclude: Iterable[str] = (),
-    ) -> ProbeResult | list[ProbeResult]:
+    ) -> ProbeResult | list[ProbeResult] | MultiLayerProbe | list[MultiLayerProbe]:
         """What every visual token of ``image`` encodes, by its nearest vocabulary tokens.
 
         Args:
@@ -93,23 +94,25 @@ class Session(ModelContext):
                 placeholder (e.g. ``"<image>"``).
             layer: 0 = projector output (decoder input); ``l`` = output of decoder layer ``l``;
                 negative counts from the end.
+            layers: Several layers from one forward pass instead: ``"all"``, ``"0,8,16"``, ``"0-32:4"``
+                or a list of ints (see :meth:`~embedlens.context.ModelContext.probe_layers`).
             top_k: Tokens per visual token.
-            lens: ``"embedding"`` (input embedding table, cosine) or ``"logit"`` (final norm + LM head).
+            lens: ``"embedding"`` (input embedding table, cosine) or ``"logit"`` (final norm + LM head);
+                with ``layers``, also a list of both.
             exclude: Token kinds the lens never returns: ``"special"``, ``"bytes"``.
 
         Returns:
-            A :class:`ProbeResult` for one image, a list of them for a list of images.
+            A :class:`ProbeResult` for one image, a list of them for a list of images; with ``layers``, a
+            :class:`~embedlens.result.MultiLayerProbe` (one row per token, layer and lens) or a list of them.
+
+        Example:
+            >>> probe = session.probe("cat.jpg", layers="0-32:8", lens=["embedding", "logit"])  # doctest: +SKIP
+            >>> probe.get(16, "logit").top_tokens[0]  # doctest: +SKIP
+            >>> probe.save("out/")  # tokens.parquet (lens, layer columns), result.json, view.png  # doctest: +SKIP
         """
         given = one_or_many(image, prompt, raw_prompt)
-        results = self.probe_batch(
-            given.images,
-            given.prompts,
-            raw_prompts=given.raw_prompts,
-            layer=layer,
-            top_k=top_k,
-            lens=lens,
-            exclude=exclude,
-        )
+        options = {"layer": layer, "layers": layers, "top_k": top_k, "lens": lens, "exclude": exclude}
+        results = self.probe_batch(given.images, given.prompts, raw_prompts=given.raw_prompts, **options)
         return given.unwrap(results)
 
     def classify(
