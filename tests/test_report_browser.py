@@ -2,15 +2,12 @@
 
 Driven over the Chrome DevTools Protocol (``embedlens.report.browser``); nothing is downloaded. These
 tests run by default and FAIL with the install command when Chromium is missing: a report that was
-never opened in a browser is not tested. Screenshots go to a temporary folder; with
-``EMBEDLENS_UPDATE_SCREENSHOTS=1`` the README's ``docs/report.png`` is regenerated from the
-embedlens-mini demo (the bundled photo).
+never opened in a browser is not tested. Screenshots go to a temporary folder; the README's
+``docs/report.png`` is made by ``python benchmarks/report_screenshot.py`` from the embedlens-mini demo.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +19,6 @@ import pytest
 from embedlens.report import save_view, write_report
 from embedlens.report.browser import BrowserError, Chromium, find_chromium
 from embedlens.taxonomy.groups import COLOURS
-
-DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "report.png"
 
 
 def bare(piece: str) -> str:
@@ -59,16 +54,11 @@ def outputs(tiny, image_path, tiny_anchor_file, tmp_path_factory) -> SimpleNames
 
 
 def open_report(browser: Chromium, html: Path) -> None:
-    browser.forget()
-    browser.open(html)
-    browser.wait_for("window.__ready")
+    browser.open_report(html)
 
 
 def hover_cell(browser: Chromium, panel: int, cell: int, grid: tuple[int, int]) -> None:
-    box = browser.rect(f"#panel-{panel} canvas")
-    rows, cols = grid
-    row, col = divmod(cell, cols)
-    browser.hover(box["x"] + (col + 0.5) * box["width"] / cols, box["y"] + (row + 0.5) * box["height"] / rows)
+    browser.hover_cell(panel, cell, grid)
 
 
 def tip(browser: Chromium, panel: int) -> dict:
@@ -218,29 +208,3 @@ class TestOffline:
         assert ("http://127.0.0.1:9/x.png", "csp") in browser.blocked
         assert not any(url.startswith("http") for url in browser.responses)
         assert any("Content Security Policy" in error for error in browser.errors), browser.errors
-
-
-@pytest.mark.skipif(os.environ.get("EMBEDLENS_UPDATE_SCREENSHOTS") != "1", reason="set EMBEDLENS_UPDATE_SCREENSHOTS=1")
-def test_update_docs_screenshot(browser, tmp_path, monkeypatch):
-    """Regenerate docs/report.png: embedlens-mini on the bundled photo, all layers, a patch hovered."""
-    import embedlens
-    from embedlens.examples import example_image
-
-    monkeypatch.chdir(tmp_path)  # the page shows the folders as given: short relative names
-    session = embedlens.load(device="cpu")
-    probe = session.probe(example_image(), layers="all", lens=["embedding", "logit"], top_k=10)
-    probe.save("demo")
-    classified = session.classify(example_image())
-    classified.save("demo-classify")
-    write_report([Path("demo"), Path("demo-classify")], tmp_path / "report.html")
-    open_report(browser, tmp_path / "report.html")
-    browser.evaluate("document.querySelector('#panel-0 input.layer').focus()")
-    for _ in range(8):
-        browser.press("ArrowRight", 39)
-    hover_cell(browser, 0, 7 * 16 + 8, probe.grid)
-    box = json.loads(browser.evaluate("JSON.stringify(document.querySelector('#sec-0').getBoundingClientRect())"))
-    scroll = browser.evaluate("window.scrollY")
-    margin = 12
-    clip = (box["x"] - margin, box["y"] + scroll - margin, box["width"] + 2 * margin, box["height"] + 2 * margin)
-    browser.screenshot(DOCS_SCREENSHOT, clip=clip)
-    assert browser.errors == []

@@ -264,6 +264,19 @@ class Chromium:
         path.write_bytes(base64.b64decode(data))
         return path
 
+    def open_report(self, html: str | Path) -> None:
+        """Load a report with a fresh request log and wait until its script says it is ready."""
+        self.forget()
+        self.open(html)
+        self.wait_for("window.__ready")
+
+    def hover_cell(self, panel: int, cell: int, grid: tuple[int, int]) -> None:
+        """Move the mouse over grid cell ``cell`` (row-major) of the report's panel ``panel``."""
+        box = self.rect(f"#panel-{panel} canvas")
+        rows, cols = grid
+        row, col = divmod(cell, cols)
+        self.hover(box["x"] + (col + 0.5) * box["width"] / cols, box["y"] + (row + 0.5) * box["height"] / rows)
+
     def close(self) -> None:
         """Close the page and the browser, and delete the profile."""
         socket = getattr(self, "_socket", None)
