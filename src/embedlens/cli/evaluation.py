@@ -141,7 +141,6 @@ def eval_(
     """Evaluate the baseline and intervention settings side by side, in one run and code path; resumable."""
     from embedlens.bench.runner import parse_setting, render_markdown, run_eval
     from embedlens.bench.runner import preset as preset_settings
-    from embedlens.interventions import plan
 
     settings = [parse_setting(text) for text in intervention]
     if preset is not None:
@@ -152,9 +151,7 @@ def eval_(
         settings = preset_settings(preset, seed_list) + settings
     options = _eval_options(batch_size, max_new_tokens, suffix, anchors, bootstrap)
     [questions] = _read_question_sets([dataset])
-    session = models.load()
-    for setting in settings:
-        plan(setting.interventions, session.num_layers)
+    session = models.load(settings=[setting.interventions for setting in settings])
     table = run_eval(session, questions, settings, out, options=options, restart=restart, progress=progress)
     typer.echo(render_markdown(table), nl=False)
     typer.echo(f"wrote {out / 'items.parquet'}, {out / 'table.md'} and {out / 'table.json'}")

@@ -160,21 +160,21 @@ class ModelArgs:
         layer: int | None = None,
         raw_prompt: str | None = None,
         interventions: Sequence[Any] | None = None,
+        settings: Sequence[Sequence[Any]] = (),
         device: str | None = None,
     ) -> Session:
-        """Load the model quietly into a :class:`~embedlens.session.Session`, checking ``layer``,
-        ``raw_prompt`` and ``interventions`` against the config before the weights (see
-        :func:`embedlens.models.registry.load_adapter`); ``device`` overrides :attr:`device`."""
+        """Load the model quietly into a :class:`~embedlens.session.Session`.
+
+        ``layer``, ``raw_prompt``, ``interventions`` (used together) and each of ``settings`` (lists of
+        interventions used one at a time) are checked against the config before the weights load (see
+        :func:`embedlens.models.registry.load_adapter`); ``device`` overrides :attr:`device`.
+        """
         from embedlens.models import registry
         from embedlens.session import Session
 
         quiet_transformers()
-        check = None
-        if interventions:
-            from embedlens.interventions import plan
-
-            items = list(interventions)
-            check = functools.partial(plan, items)
+        groups = [list(items) for items in ([interventions] if interventions else []) + list(settings) if items]
+        check = functools.partial(_plan_each, groups) if groups else None
         adapter = registry.load_adapter(
             self.model,
             device=device or self.device,
@@ -185,6 +185,13 @@ class ModelArgs:
             check_layers=check,
         )
         return Session(adapter)
+
+
+def _plan_each(groups: list[list[Any]], num_layers: int) -> None:
+    from embedlens.interventions import plan
+
+    for items in groups:
+        plan(items, num_layers)
 
 
 _MODEL_PARAMETERS = (
