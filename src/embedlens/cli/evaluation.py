@@ -250,14 +250,14 @@ def inject_sweep(
         timing_repeats=timing_repeats,
         eval=_eval_options(batch_size, max_new_tokens, suffix, anchors, bootstrap),
     )
-    question_sets = _read_question_sets(datasets)
-    session = models.load()
     if options.scales and options.best_layer is None and options.layers is not None and max(options.layers) == 0:
         typer.echo(
             f"embedlens: warning: --layers {layers} has no injection layer above 0, so the norm-scaling "
             "experiment is skipped (pass --best-layer N to run it)",
             err=True,
         )
+    question_sets = _read_question_sets(datasets)
+    session = models.load()
     result = run_inject_sweep(session, question_sets, out, options=options, restart=restart, progress=progress)
     typer.echo((out / "sweep.md").read_text(encoding="utf-8"), nl=False)
     if result.scaling_rows:
