@@ -345,3 +345,28 @@ class TestConsoleScript:
         (code, stdout, stderr), _ = console_runs["error"]
         assert_user_error(code, stdout, stderr)
         assert "placeholder" in stderr
+
+
+class TestSummaries:
+    """The text the commands print comes from the result types, so notebooks get the same view."""
+
+    def test_probe_prints_the_result_summary(self, capsys, tiny, tiny_dir, image_path):
+        code, out, err = run_cli(capsys, *probe_args(tiny_dir, image_path, "-k", "2", "--layer", "1"))
+        assert code == 0, err
+        expected = tiny.probe(image_path, top_k=2, layer=1)
+        assert out == expected.summary() + "\n"
+        assert str(expected) == expected.summary()
+        lines = expected.summary().splitlines()
+        assert lines[0] == f"model   {tiny_dir}" and lines[3] == "lens    embedding lens at layer 1, top-2"
+        assert len([line for line in lines if line.startswith("  (")]) == 8  # the first eight tokens
+
+    def test_classification_summary_without_a_tokenizer(self, tiny, image_path, tiny_anchor_file):
+        from embedlens.taxonomy import Anchors
+
+        anchors = Anchors.load(tiny_anchor_file)
+        result = tiny.classify(image_path, anchors=anchors)
+        plain, named = result.summary(), result.summary(tiny.adapter.tokenizer)
+        vit = anchors.groups["vit_sink"][0]
+        piece = tiny.adapter.tokenizer.convert_ids_to_tokens(vit)
+        assert f"vit_sink {vit} |" in plain and f"vit_sink {vit} {piece!r}" in named
+        assert plain.splitlines()[-4:] == named.splitlines()[-4:]  # the same 4 x 4 map

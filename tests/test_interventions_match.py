@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import random_image
 from embedlens.interventions import Prune, Skip, intervene, parse
+from helpers import random_image
 from taxonomy_planting import OVERLAP_PATCH, PLANTED, PlantedProjector, plant, unit_rows
 
 #: Patch 12 matches vit_sink and llm_sink (label vit_sink); patch 13 matches llm_sink and dead (label llm_sink).

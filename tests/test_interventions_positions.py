@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import embedlens
-from conftest import random_image
 from embedlens.interventions import Prune, intervene
 from embedlens.models.tiny import TinySpec, save_tiny_llava
+from helpers import random_image
 from intervention_helpers import layer0_inputs, new_tokens
 
 #: A RoPE base this small turns the rotation by a whole radian-scale angle per position in every band.

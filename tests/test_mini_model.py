@@ -22,6 +22,7 @@ from PIL import Image
 import embedlens
 from embedlens.cache import cache_dir, manifest_problem
 from embedlens.dtypes import fast_dtype
+from embedlens.errors import InputError
 from embedlens.mini.assemble import MINI_CACHE_NAME, PROJECTOR_FILE, ensure_mini, mini_source_hash
 from embedlens.mini.train import TrainConfig, run_training
 from embedlens.synth.draw import COLOURS, draw_shape
@@ -82,12 +83,6 @@ class TestShippedModel:
         assert done.returncode == 0, done.stderr
         assert "embedlens-mini" in done.stdout
         assert manifest.stat().st_mtime_ns == before  # the cache was read, not rebuilt
-
-    def test_default_cli_model(self, mini_dir: Path, tmp_path: Path) -> None:
-        """``embedlens probe`` with no --model runs the mini model on the bundled example."""
-        from embedlens.cli import DEFAULT_MODEL
-
-        assert DEFAULT_MODEL == "embedlens-mini"
 
 
 class TestCache:
@@ -249,13 +244,13 @@ class TestTraining:
         del state["config"]["llm_dtype"]  # as written before the setting existed
         torch.save(state, checkpoint)
         assert run_training(tmp_path, config)["steps_done"] == 1
-        with pytest.raises(ValueError, match="another configuration"):
+        with pytest.raises(InputError, match="another configuration"):
             run_training(tmp_path, dataclasses.replace(config, llm_dtype="bfloat16"))
 
     @pytest.mark.slow
     def test_changed_settings_refuse_to_resume(self, mini_dir: Path, tmp_path: Path) -> None:
         run_training(tmp_path, TrainConfig(seed=3, images=6, steps=1, batch_size=2, minutes=10))
-        with pytest.raises(ValueError, match="another configuration"):
+        with pytest.raises(InputError, match="another configuration"):
             run_training(tmp_path, TrainConfig(seed=4, images=6, steps=1, batch_size=2, minutes=10))
 
     def test_shipped_projector_is_present(self) -> None:

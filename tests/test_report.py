@@ -17,7 +17,6 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from conftest import random_image
 from embedlens import InputError
 from embedlens.analysis.alignment import AlignOptions, run_align
 from embedlens.analysis.sweep import SweepOptions, run_inject_sweep
@@ -33,6 +32,7 @@ from embedlens.result import MultiLayerProbe, ProbeResult
 from embedlens.taxonomy import discover_anchors
 from embedlens.taxonomy.groups import CODES
 from embedlens.taxonomy.stats import StatsOptions, run_stats
+from helpers import random_image
 
 
 class TestParseLayers:

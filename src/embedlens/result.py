@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import datetime as _dt
 import hashlib
 import json
@@ -180,6 +181,40 @@ class ProbeResult:
     def to_json(self, **kwargs: Any) -> str:
         """JSON text of :meth:`to_dict`."""
         return json.dumps(self.to_dict(**kwargs), ensure_ascii=False)
+
+    def summary(self) -> str:
+        """A person's view (what ``embedlens probe`` prints): model, image, prompt, lens, grid, norms,
+        the most common top-1 tokens and the first 8 tokens with their neighbours. No final newline."""
+        rows, cols = self.grid
+        norms = self.norm
+        lines = [
+            f"model   {self.provenance.model}",
+            f"image   {self.image}",
+            f"prompt  {self.prompt!r}",
+            f"lens    {self.lens} lens at layer {self.layer}, top-{self.provenance.k}",
+            f"grid    {rows} x {cols} = {len(self)} visual tokens at positions "
+            f"{int(self.position.min())}..{int(self.position.max())}",
+            f"norm    min {norms.min():.3g}  median {float(sorted(norms)[len(norms) // 2]):.3g}  max {norms.max():.3g}",
+        ]
+        top1 = collections.Counter(
+            (int(ids[0]), toks[0]) for ids, toks in zip(self.top_ids, self.top_tokens, strict=True)
+        )
+        lines += [
+            "",
+            f"most common top-1 tokens ({len(top1)} distinct):",
+            f"  {'id':>7}  {'token':<16} {'patches':>7}  {'share':>6}",
+        ]
+        for (token_id, piece), count in top1.most_common(12):
+            lines.append(f"  {token_id:>7}  {piece!r:<16} {count:>7}  {count / len(self):>6.1%}")
+        show = min(8, len(self))
+        lines += ["", f"first {show} visual tokens (row, col): top-{self.provenance.k} tokens with scores"]
+        for i in range(show):
+            pairs = ", ".join(f"{t!r} {s:.3f}" for t, s in zip(self.top_tokens[i], self.top_sims[i], strict=True))
+            lines.append(f"  ({self.row[i]:>2}, {self.col[i]:>2})  {pairs}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
 
     def save(self, directory: str | Path) -> dict[str, Path]:
         """Write ``tokens.parquet`` and ``result.json`` into ``directory`` (each atomically)."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -289,6 +290,16 @@ def _atomic_image(image: Image.Image, path: Path) -> None:
     os.replace(handle.name, path)
 
 
+#: What a benchmark directory holds besides ``images/`` (replaced together by ``overwrite``).
+BENCH_FILES: tuple[str, ...] = ("items.jsonl", "control.jsonl", "meta.json")
+
+
+def holds_benchmark(directory: Path) -> bool:
+    """Whether ``directory`` already holds (part of) a benchmark: its files or a non-empty ``images/``."""
+    images = directory / "images"
+    return any((directory / name).exists() for name in BENCH_FILES) or (images.is_dir() and any(images.iterdir()))
+
+
 def generate_benchmark(
     out: str | Path,
     image_processor: Any,
@@ -299,11 +310,15 @@ def generate_benchmark(
     seed: int = 0,
     model: str = "",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write the benchmark for a model's processor to ``out``; returns the contents of ``meta.json``.
 
+    The benchmark is built in a temporary sibling directory and published when complete, so an
+    interrupted run leaves ``out`` as it was.
+
     Args:
-        out: Output directory (created; existing benchmark files are replaced).
+        out: Output directory (created).
         image_processor: The model's image processor (decides picture size and crop).
         patch: The vision tower's patch size in pixels.
         per_category: Items per category.
@@ -311,6 +326,12 @@ def generate_benchmark(
         seed: Everything depends only on ``(seed, category, index)``.
         model: Name recorded in ``meta.json``.
         progress: Show a progress bar.
+        overwrite: Replace a benchmark ``out`` already holds (its ``images/`` and :data:`BENCH_FILES`;
+            other files there are left alone). Without it such an ``out`` is refused.
+
+    Raises:
+        InputError: Bad ``per_category`` or ``categories``, ``out`` is a file, or ``out`` holds a
+            benchmark and ``overwrite`` is off.
     """
     if isinstance(per_category, bool) or not isinstance(per_category, int) or per_category <= 0:
         raise InputError(f"items per category must be a positive integer, got {per_category!r}")
@@ -321,8 +342,31 @@ def generate_benchmark(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file, not a directory")
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    if not overwrite and out.is_dir() and holds_benchmark(out):
+        raise InputError(f"{out} already holds a benchmark; pass --overwrite to replace it")
     geometry = PatchGeometry.from_processor(image_processor, patch)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        meta = _write_benchmark(staging, geometry, image_processor, per_category, categories, seed, model, progress)
+        _publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return meta
+
+
+def _write_benchmark(
+    out: Path,
+    geometry: PatchGeometry,
+    image_processor: Any,
+    per_category: int,
+    categories: tuple[str, ...],
+    seed: int,
+    model: str,
+    progress: bool,
+) -> dict[str, Any]:
+    """Write every image, ``items.jsonl``, ``control.jsonl`` and ``meta.json`` into the empty ``out``."""
+    (out / "images").mkdir(parents=True, exist_ok=True)
     items: list[Item] = []
     jobs = [(category, index) for category in categories for index in range(per_category)]
     for category, index in tqdm(jobs, desc="patchbench", unit="item", disable=not progress):
@@ -347,3 +391,26 @@ def generate_benchmark(
     }
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
     return meta
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move the finished benchmark in ``staging`` to ``out``: one rename when ``out`` is new, else
+    the old benchmark's entries are removed (``meta.json`` first) and the new ones moved in."""
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes the directory owner-only
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    for name in ("meta.json", *BENCH_FILES, "images"):
+        old = out / name
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        elif old.exists() or old.is_symlink():
+            old.unlink()
+    for name in ("images", "items.jsonl", "control.jsonl", "meta.json"):
+        os.replace(staging / name, out / name)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import math
+import pickle
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from embedlens.capture import capture
 from embedlens.dtypes import fast_dtype
+from embedlens.errors import InputError
 from embedlens.files import atomic_path, atomic_write_text
 from embedlens.mini.assemble import STRATEGIES, STRATEGY_KEY
 from embedlens.mini.lora import load_lora_tensors, lora_attached, lora_tensors, save_lora
@@ -262,15 +264,43 @@ class ProjectorTrainer:
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state` (the settings that shape the result must match)."""
-        saved = {**dataclasses.asdict(TrainConfig()), **state["config"]}  # settings added later: defaults
-        if _result_settings(saved) != _result_settings(dataclasses.asdict(self.config)):
-            raise ValueError("the checkpoint was made with another configuration; use a fresh --out directory")
+        """Resume from :meth:`state` (:class:`InputError` if it was made with other result-shaping settings)."""
+        check_same_settings(state, self.config)
         self.step = int(state["step"])
         self.projector.load_state_dict(state["projector"])
         load_lora_tensors(self.adapters, state.get("lora", {}))
         self.optimizer.load_state_dict(state["optimizer"])
         self.losses = list(state["losses"])
+
+
+def check_same_settings(state: dict[str, Any], config: TrainConfig) -> None:
+    """Refuse to resume from a checkpoint ``state`` made with other result-shaping settings than ``config``.
+
+    Raises:
+        InputError: Naming the settings that differ (saved -> asked for).
+    """
+    saved = _result_settings({**dataclasses.asdict(TrainConfig()), **state["config"]})  # newer settings: defaults
+    asked = _result_settings(dataclasses.asdict(config))
+    changed = [f"{name} {saved.get(name)!r} -> {asked[name]!r}" for name in asked if saved.get(name) != asked[name]]
+    if changed:
+        raise InputError(
+            f"the checkpoint was made with another configuration ({', '.join(changed)}); "
+            "use a fresh --out directory or the same settings"
+        )
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The checkpoint in ``path`` if there is one; a damaged one is an :class:`InputError`."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, weights_only=False, map_location="cpu")
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"cannot read the checkpoint {path} ({reason}); delete it to start over") from exc
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise InputError(f"{path} is not a train-mini checkpoint; delete it to start over")
+    return state
 
 
 def _result_settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -317,9 +347,16 @@ def run_training(out: Path, config: TrainConfig, *, wheels_dir: str | Path | Non
     Writes ``out/projector.safetensors`` (the weights to ship), with ``lora_rank`` also
     ``out/lora.safetensors`` (the LLM's adapters), ``out/train_log.json`` (config, data, loss curve,
     timings, software versions) and keeps ``out/checkpoint.pt`` / ``out/features.pt`` for resuming.
+
+    Raises:
+        InputError: ``out`` holds a checkpoint made with other settings, or a damaged one (checked
+            before anything is built).
     """
     from embedlens.mini.assemble import build_mini
 
+    state = _read_checkpoint(out / CHECKPOINT)
+    if state is not None:
+        check_same_settings(state, config)  # before minutes of building and data generation
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     torch.manual_seed(config.seed)
@@ -327,7 +364,7 @@ def run_training(out: Path, config: TrainConfig, *, wheels_dir: str | Path | Non
     samples = training_samples(config)
     llm = model.model.language_model
     with lora_attached(llm, config.lora_rank, seed=config.seed) if config.lora_rank else nullcontext({}) as adapters:
-        return _train(out, config, model, processor, samples, adapters, started)
+        return _train(out, config, model, processor, samples, adapters, started, state)
 
 
 def _train(
@@ -338,6 +375,7 @@ def _train(
     samples: list[Any],
     adapters: dict[str, Any],
     started: float,
+    state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The body of :func:`run_training`, with the LoRA adapters (if any) attached."""
     import platform
@@ -348,8 +386,8 @@ def _train(
 
     trainer = ProjectorTrainer(model, processor, samples, config, adapters)
     checkpoint = out / CHECKPOINT
-    if checkpoint.is_file():
-        trainer.load_state(torch.load(checkpoint, weights_only=False))
+    if state is not None:
+        trainer.load_state(state)
         logger.info("resuming from step %d", trainer.step)
     trainer.prepare_features(out / FEATURES)
     prepared = time.monotonic()

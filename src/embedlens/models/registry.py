@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors import SafetensorError
 
-from embedlens.errors import EmbedLensError, UnsupportedModelError
+from embedlens.errors import EmbedLensError, InputError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from embedlens.models.base import ModelAdapter
@@ -75,8 +75,15 @@ class ResolvedModel:
 
 
 def resolve(name: str, revision: str | None = None) -> ResolvedModel:
-    """Turn a built-in name, directory or hub id into a :class:`ResolvedModel`."""
+    """Turn a built-in name, directory or hub id into a :class:`ResolvedModel`.
+
+    Raises:
+        InputError: A ``revision`` for a built-in model or a local directory (only hub ids have
+            revisions; ``from_pretrained`` would ignore it silently).
+        UnsupportedModelError: A path that is not a model directory.
+    """
     if name in _BUILTINS:
+        _refuse_revision(name, revision, "a built-in model")
         return ResolvedModel(name=name, location=str(_BUILTINS[name]()))
     path = Path(name).expanduser()
     looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
@@ -85,8 +92,14 @@ def resolve(name: str, revision: str | None = None) -> ResolvedModel:
             raise UnsupportedModelError(f"{name} is not a model directory")
         if not (path / "config.json").is_file():
             raise UnsupportedModelError(f"{name} is not a supported model directory (it has no config.json)")
-        return ResolvedModel(name=name, location=str(path), revision=revision)
+        _refuse_revision(name, revision, "a local directory")
+        return ResolvedModel(name=name, location=str(path))
     return ResolvedModel(name=name, location=name, revision=revision)
+
+
+def _refuse_revision(name: str, revision: str | None, what: str) -> None:
+    if revision is not None:
+        raise InputError(f"a revision only applies to hub models, but {name} is {what} (drop --revision {revision})")
 
 
 def load_config(model: ResolvedModel, *, trust_remote_code: bool = False) -> Any:
@@ -136,6 +149,17 @@ def load_processor(model: ResolvedModel, *, trust_remote_code: bool = False) -> 
         raise UnsupportedModelError(f"cannot load the processor of {model.name!r}: {_first_line(exc)}") from exc
 
 
+def context_length(config: Any) -> int | None:
+    """The longest sequence the model's language part takes (``max_position_embeddings`` of its text
+    config, else of the config itself), or None when the config does not say."""
+    text_config = getattr(config, "text_config", None) or config
+    for source in (text_config, config):
+        value = getattr(source, "max_position_embeddings", None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -151,6 +175,9 @@ def load_adapter(
     device_map: str | dict[str, Any] | None = None,
     config: Any = None,
     processor: Any = None,
+    layer: int | None = None,
+    raw_prompt: str | None = None,
+    check_layers: Callable[[int], object] | None = None,
 ) -> ModelAdapter:
     """Load a model and its processor by built-in name, local directory or hub id.
 
@@ -163,15 +190,34 @@ def load_adapter(
         trust_remote_code: Passed to ``from_pretrained``; off by default.
         device_map: For models split over several devices (e.g. ``"auto"``), passed to ``from_pretrained``.
         config, processor: Already loaded config / processor of the same model (skips loading them).
+        layer: A layer the caller will read; checked against the config before the weights load.
+        raw_prompt: A raw prompt the caller will use; must hold the processor's image placeholder.
+        check_layers: Called with the number of decoder layers (from the config) before the weights
+            load, e.g. to check interventions; raise :class:`~embedlens.errors.InputError` to stop.
+
+    Everything cheap is checked before the weights are read: the dtype and device names, the
+    revision, the config and its family, ``layer``, ``check_layers`` and the placeholder.
+
+    Raises:
+        EmbedLensError: Any of those checks fails, or the model cannot be loaded.
     """
     import embedlens.models  # noqa: F401  (registers the adapters)
+    from embedlens.models.base import resolve_layer
 
+    torch_dtype = _torch_dtype(dtype)
+    target_device = resolve_device(device) if device_map is None else None
     resolved = resolve(name, revision)
     config = config if config is not None else load_config(resolved, trust_remote_code=trust_remote_code)
     adapter_cls = adapter_class_for(config)
-    torch_dtype = _torch_dtype(dtype)
+    if layer is not None:
+        resolve_layer(layer, adapter_cls.num_layers_from_config(config))
+    if check_layers is not None:
+        check_layers(adapter_cls.num_layers_from_config(config))
     if processor is None:
         processor = load_processor(resolved, trust_remote_code=trust_remote_code)
+    placeholder = getattr(processor, "image_token", "<image>")
+    if raw_prompt is not None and placeholder not in raw_prompt:
+        raise InputError(f"the raw prompt must contain the image placeholder {placeholder!r}")
     kwargs: dict[str, Any] = {
         "revision": resolved.revision,
         "trust_remote_code": trust_remote_code,
@@ -179,7 +225,6 @@ def load_adapter(
     }
     if device_map is not None:
         kwargs["device_map"] = device_map
-    target_device = resolve_device(device) if device_map is None else None
     try:
         model = adapter_cls.model_class().from_pretrained(resolved.location, **kwargs)
     except (OSError, ValueError, SafetensorError) as exc:

@@ -13,7 +13,7 @@ import pandas as pd
 from embedlens.errors import InputError
 from embedlens.result import RESULT_JSON, ProbeResult, write_result_files
 from embedlens.taxonomy.anchors import Anchors
-from embedlens.taxonomy.groups import GROUPS
+from embedlens.taxonomy.groups import GROUPS, LETTERS
 from embedlens.taxonomy.rule import Classification, classify_ids
 
 
@@ -85,6 +85,45 @@ class ClassifiedResult:
     def to_json(self, **kwargs: Any) -> str:
         """JSON text of :meth:`to_dict`."""
         return json.dumps(self.to_dict(**kwargs), ensure_ascii=False)
+
+    def summary(self, tokenizer: Any = None) -> str:
+        """A person's view (what ``embedlens classify`` prints): the rule, the anchors, counts and shares
+        per group, overlaps and a letter map of the grid. With ``tokenizer`` the anchor ids are shown
+        with their pieces. No final newline."""
+        probe, classification, anchors = self.probe, self.classification, self.anchors
+        rows, cols = probe.grid
+        total = len(self)
+        size = len(tokenizer) if tokenizer is not None else 0
+        described = []
+        for name, ids in anchors.groups.items():
+            if tokenizer is None:
+                shown = ", ".join(str(i) for i in ids)
+            else:
+                pieces = [repr(tokenizer.convert_ids_to_tokens(i)) if i < size else f"<row {i}>" for i in ids]
+                shown = ", ".join(f"{i} {p}" for i, p in zip(ids, pieces, strict=True))
+            described.append(f"{name} " + (shown or "-"))
+        lines = [
+            f"model    {probe.provenance.model}",
+            f"image    {probe.image}",
+            f"prompt   {probe.prompt!r}",
+            f"rule     any of the top-{classification.top_k} nearest input-embedding ids (layer {probe.layer}) "
+            f"is an anchor; precedence {' > '.join(classification.precedence)}",
+            f"anchors  {' | '.join(described)}  (for {anchors.model}, vocabulary {anchors.vocab_hash[:8]})",
+            f"grid     {rows} x {cols} = {total} visual tokens",
+            "",
+            f"  {'group':<9} {'tokens':>7}  {'share':>6}",
+        ]
+        for name, count in classification.counts.items():
+            lines.append(f"  {name:<9} {count:>7}  {(count / total if total else 0.0):>6.1%}")
+        pairs = ", ".join(f"{pair} {count}" for pair, count in classification.overlaps.items())
+        lines += [f"overlaps {pairs} ({classification.n_overlapping} tokens match 2+ groups)", ""]
+        lines.append("map (S = ViT sink, L = LLM sink, D = dead, . = alive)")
+        letters = [LETTERS[str(g)] for g in classification.group]
+        lines += ["  " + " ".join(letters[r * cols : (r + 1) * cols]) for r in range(rows)]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
 
     def save(self, directory: str | Path) -> dict[str, Path]:
         """Write ``tokens.parquet`` (with group columns) and ``result.json`` into ``directory``, each atomically."""

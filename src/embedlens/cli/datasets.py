@@ -1,0 +1,151 @@
+"""Over a dataset of images: ``embedlens stats`` and ``discover-anchors``."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from embedlens.cli.app import app
+from embedlens.cli.options import (
+    FRACTION,
+    POSITIVE_INT,
+    AnchorsOpt,
+    DatasetArg,
+    DatasetPromptOpt,
+    ImageBatchOpt,
+    ModelArgs,
+    ProgressOpt,
+    RestartOpt,
+    RuleTopKOpt,
+    file_path,
+    model_options,
+    out_dir_option,
+    remember_out,
+)
+from embedlens.errors import InputError
+
+
+def warn_malformed(source: object, problems: list) -> None:
+    """One warning line on stderr for the lines of a dataset that could not be used."""
+    from embedlens.datasets import describe_problems
+
+    if problems:
+        typer.echo(f"embedlens: warning: {source}: {describe_problems(problems)}", err=True)
+
+
+@app.command()
+@model_options
+def stats(
+    models: ModelArgs,
+    dataset: DatasetArg,
+    out: Annotated[Path, out_dir_option("Result directory (resumes the run it holds, if the settings match).")],
+    anchors: AnchorsOpt = None,
+    top_k: RuleTopKOpt = None,
+    prompt: DatasetPromptOpt = None,
+    batch_size: ImageBatchOpt = 4,
+    bootstrap: Annotated[
+        int, typer.Option(parser=POSITIVE_INT, help="Bootstrap resamples of images for the intervals.")
+    ] = 1000,
+    restart: RestartOpt = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """Group fractions (with intervals), per-token Parquet and heatmaps over a dataset; resumable.
+
+    Under `accelerate launch` or `torchrun` each process takes a contiguous share of the dataset and
+    rank 0 merges the result.
+    """
+    from embedlens.datasets import open_dataset
+    from embedlens.taxonomy.anchors import Anchors, builtin_anchors, no_builtin_message
+    from embedlens.taxonomy.stats import StatsOptions, run_stats, run_stats_distributed
+    from embedlens.taxonomy.summaries import stats_summary
+
+    options = StatsOptions(top_k=top_k, prompt=prompt, batch_size=batch_size, bootstrap=bootstrap)
+    data = open_dataset(dataset)
+    chosen = Anchors.load(anchors) if anchors is not None else builtin_anchors(models.model)
+    if chosen is None:
+        raise InputError(no_builtin_message(models.model))
+    with _process_group(models.device) as (rank, world, device):
+        if rank == 0:
+            warn_malformed(dataset, data.malformed)
+        session = models.load(device=device)
+        kwargs = {"anchors": chosen, "options": options, "restart": restart, "progress": progress}
+        if world > 1:
+            summary = run_stats_distributed(session, data, out, **kwargs)
+        else:
+            summary = run_stats(session, data, out, **kwargs)
+    if summary is not None:
+        typer.echo(stats_summary(summary))
+
+
+@contextlib.contextmanager
+def _process_group(device: str) -> Iterator[tuple[int, int, str]]:
+    """Join the ``torch.distributed`` group that ``accelerate launch`` / ``torchrun`` describe in the
+    environment (``WORLD_SIZE`` > 1), and leave it afterwards; yields ``(rank, world, device)``, the
+    device being this process's GPU under ``device="auto"`` when there are GPUs."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        yield 0, 1, device
+        return
+    import torch
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    if cuda:
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        yield dist.get_rank(), dist.get_world_size(), device
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+@app.command("discover-anchors")
+@model_options
+def discover_anchors(
+    models: ModelArgs,
+    dataset: DatasetArg,
+    out: Annotated[
+        Path,
+        typer.Option(
+            parser=file_path, callback=remember_out, help="Anchors JSON file to write (read back by --anchors)."
+        ),
+    ],
+    top_k: Annotated[
+        int, typer.Option("--top-k", "-k", parser=POSITIVE_INT, help="Nearest ids looked at per token.")
+    ] = 3,
+    min_fraction: Annotated[
+        float,
+        typer.Option(parser=FRACTION, help="An id must recur in at least this share of the images to be a candidate."),
+    ] = 0.5,
+    prompt: DatasetPromptOpt = None,
+    batch_size: Annotated[int, typer.Option(parser=POSITIVE_INT, help="Images per forward pass.")] = 4,
+    progress: ProgressOpt = True,
+) -> None:
+    """Find a model's sink and dead anchor ids over a dataset, with the evidence for each."""
+    from embedlens.context import DEFAULT_PROMPT
+    from embedlens.datasets import open_dataset
+    from embedlens.taxonomy.discover import DiscoveryConfig
+    from embedlens.taxonomy.discover import discover_anchors as discover
+    from embedlens.taxonomy.summaries import discovery_summary
+
+    config = DiscoveryConfig(top_k=top_k, min_image_fraction=min_fraction)
+    data = open_dataset(dataset)
+    warn_malformed(dataset, data.malformed)
+    session = models.load()
+    prompts = [item.prompt or prompt or DEFAULT_PROMPT for item in data.items]
+    found = discover(
+        session, [item.image for item in data.items], prompts, config=config, batch_size=batch_size, progress=progress
+    )
+    found.anchors.save(out)
+    typer.echo(discovery_summary(found, out))
