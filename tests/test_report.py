@@ -329,12 +329,9 @@ class TestReport:
             write_report([runs["probe"]], tmp_path)
 
     def test_command_writes_the_page(self, runs, tmp_path):
-        import typer
+        from embedlens.cli import app
 
-        from embedlens.report.command import report
-
-        app = typer.Typer()
-        app.command()(report)
-        result = CliRunner().invoke(app, [str(runs["probe"]), str(runs["stats"]), "--out", str(tmp_path / "r.html")])
+        args = ["report", str(runs["probe"]), str(runs["stats"]), "--out", str(tmp_path / "r.html")]
+        result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
         assert "sections: probe, stats" in result.output and (tmp_path / "r.html").is_file()

@@ -10,7 +10,8 @@ from __future__ import annotations
 # Each module registers its commands; ``--help`` lists them in this order.
 # isort: off
 from embedlens.cli import probe  # noqa: F401
-from embedlens.cli import datasets, evaluation, train  # noqa: F401
+from embedlens.cli import datasets, evaluation, report, train  # noqa: F401
+
 # isort: on
 from embedlens.cli.app import app, main, run
 from embedlens.cli.options import DEFAULT_MODEL, parse_layer_list

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -24,6 +25,7 @@ from embedlens.cli.options import (
     out_dir_option,
     split_list,
 )
+from embedlens.cli.report import ReportOpt, write_run_report
 from embedlens.errors import InputError
 
 if TYPE_CHECKING:
@@ -56,35 +58,82 @@ def probe(
     prompt: PromptOpt = None,
     raw_prompt: RawPromptOpt = None,
     layer: Annotated[int, typer.Option(help="0 = projector output; l = output of decoder layer l; -1 = last.")] = 0,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            help="Several layers from ONE forward pass instead: all, or e.g. 0,8,16 or 0-32:4 "
+            "(one tokens.parquet with lens and layer columns)."
+        ),
+    ] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", parser=POSITIVE_INT, help="Tokens per visual token.")] = 10,
-    lens: Annotated[LensName, typer.Option(help="embedding (input table, cosine) or logit.")] = LensName.embedding,
+    lens: Annotated[
+        list[LensName], typer.Option(help="embedding (input table, cosine) or logit; with --layers, repeat for both.")
+    ] = [LensName.embedding],  # noqa: B006  (typer reads the default; it is never mutated)
     exclude: Annotated[
         list[str], typer.Option(help="Token kinds never returned: special, bytes (repeat or comma-separate).")
     ] = [],  # noqa: B006  (typer reads the default; it is never mutated)
     out: Annotated[Path | None, out_dir_option("Directory for tokens.parquet, result.json and top1.png.")] = None,
     as_json: JsonOpt = False,
+    report: ReportOpt = False,
 ) -> None:
     """Show what every visual token encodes: its nearest vocabulary tokens."""
     from embedlens.lens import check_exclude
 
     if prompt is not None and raw_prompt is not None:
         raise InputError("give either --prompt or --raw-prompt, not both")
+    if report and out is None:
+        raise InputError("--report writes OUT/report.html: give --out")
+    lenses = list(dict.fromkeys(name.value for name in lens))
+    if layers is None and len(lenses) > 1:
+        raise InputError("several --lens values need --layers (e.g. --layers 0)")
+    if layers is not None and layer != 0:
+        raise InputError("give either --layer or --layers, not both")
     kinds = check_exclude(split_list(exclude))
     image = _image(image)
     session = models.load(raw_prompt=raw_prompt, layer=layer)
-    result = session.probe(
-        image, prompt=prompt, raw_prompt=raw_prompt, layer=layer, top_k=top_k, lens=lens.value, exclude=kinds
-    )
-    written = []
-    if out is not None:
-        from embedlens.pictures.probe import save_top1_grid
-
-        written = [*result.save(out).values(), save_top1_grid(result, out / "top1.png")]
+    chosen = lenses if layers is not None else lenses[0]
+    options = {"layer": layer, "layers": layers, "top_k": top_k, "lens": chosen, "exclude": kinds}
+    result = session.probe(image, prompt=prompt, raw_prompt=raw_prompt, **options)
+    first = result.results[0] if layers is not None else result
+    written = _save_probe(result, out, multi=layers is not None, report=report) if out is not None else []
     if as_json:
-        sys.stdout.write(result.to_json(provenance=False) + "\n")
+        sys.stdout.write(_probe_json(result, layers is not None) + "\n")
         return
-    typer.echo(result.summary())
+    typer.echo(first.summary())
+    if layers is not None:
+        typer.echo(f"layers   {', '.join(map(str, result.layers))} with the {' and '.join(result.lenses)} lens")
     _echo_written(written)
+
+
+def _save_probe(result: Any, out: Path, *, multi: bool, report: bool) -> list[Path]:
+    """Write a probe's files into ``out`` (a multi-layer probe writes its own picture of the view)."""
+    from embedlens.pictures.probe import save_top1_grid
+
+    written = [*result.save(out).values()]
+    if not multi:
+        written.append(save_top1_grid(result, out / "top1.png"))
+    if report:
+        written += [*([] if multi else _view(result.view, out)), write_run_report(out)]
+    return written
+
+
+def _view(view: Any, out: Path) -> list[Path]:
+    """``out/view.png``, the picture the model saw (the report draws its grid on it), when there is one.
+
+    Written only with ``--report``, so a plain run's files stay as documented; without it the report
+    draws on the source image cropped to the grid's shape."""
+    from embedlens.report import save_view
+
+    saved = save_view(view, out)
+    return [] if saved is None else [saved]
+
+
+def _probe_json(result: Any, multi: bool) -> str:
+    """One JSON object: a probe's (see the README), or ``{"layers", "lenses", "results"}`` for several layers."""
+    if not multi:
+        return result.to_json(provenance=False)
+    results = [one.to_dict(provenance=False) for one in result.results]
+    return json.dumps({"layers": list(result.layers), "lenses": list(result.lenses), "results": results})
 
 
 @app.command()
@@ -100,6 +149,7 @@ def classify(
         Path | None, out_dir_option("Directory for tokens.parquet, result.json and groups.png (the group map).")
     ] = None,
     as_json: JsonOpt = False,
+    report: ReportOpt = False,
 ) -> None:
     """Label every visual token ViT sink, LLM sink, dead or alive (the paper's anchor rule)."""
     from embedlens.taxonomy.anchors import Anchors, builtin_anchors, no_builtin_message
@@ -109,6 +159,8 @@ def classify(
     chosen = Anchors.load(anchors) if anchors is not None else builtin_anchors(models.model)
     if chosen is None:
         raise InputError(no_builtin_message(models.model))
+    if report and out is None:
+        raise InputError("--report writes OUT/report.html: give --out")
     image = _image(image)
     session = models.load(raw_prompt=raw_prompt)
     result = session.classify(image, prompt=prompt, raw_prompt=raw_prompt, anchors=chosen, top_k=top_k)
@@ -117,6 +169,8 @@ def classify(
         from embedlens.pictures.groups import save_group_map
 
         written = [*result.save(out).values(), save_group_map(result, out / "groups.png")]
+        if report:
+            written += [*_view(result.probe.view, out), write_run_report(out)]
     if as_json:
         sys.stdout.write(result.to_json(provenance=False) + "\n")
         return

@@ -1,7 +1,4 @@
-"""``embedlens report RUN_DIR [RUN_DIR ...] --out report.html``: the typer command function.
-
-Registered by the CLI with ``app.command()(report)``; it imports nothing heavy until it runs.
-"""
+"""``embedlens report RUN_DIR [RUN_DIR ...] --out report.html``, and ``--report`` on the other commands."""
 
 from __future__ import annotations
 
@@ -10,7 +7,29 @@ from typing import Annotated
 
 import typer
 
+from embedlens.cli.app import app
+from embedlens.errors import InputError
 
+#: ``--report`` on the commands whose output folder the report reads.
+ReportOpt = Annotated[
+    bool, typer.Option("--report", help="Also write OUT/report.html: the interactive, offline HTML report.")
+]
+
+
+def write_run_report(out: Path | None) -> Path:
+    """Write ``out/report.html`` for the run in ``out``; the path written.
+
+    Raises:
+        InputError: When no output folder was given.
+    """
+    from embedlens.report import write_report
+
+    if out is None:
+        raise InputError("--report writes OUT/report.html: give --out")
+    return write_report([out], out / "report.html").path
+
+
+@app.command()
 def report(
     run_dirs: Annotated[
         list[Path],
