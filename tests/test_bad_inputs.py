@@ -268,7 +268,7 @@ CASES: list[Case] = [
         cmd("stats {ds_long} --anchors {anchors} --out {out} --batch-size 1 --bootstrap 10"),
         expect="interrupt",
         out="out",
-        interrupt_after=4.0,
+        interrupt_after=3.0,
         resumable=True,
     ),
     # ---------------------------------------------------------------- discover-anchors
@@ -296,7 +296,7 @@ CASES: list[Case] = [
         cmd("make-patchbench --out {out} --per-category 100000"),
         expect="interrupt",
         out="out",
-        interrupt_after=4.0,
+        interrupt_after=3.0,
     ),
     # ---------------------------------------------------------------- eval
     Case("eval-dataset-missing", cmd("eval {missing} --out {out}"), out="out"),
@@ -518,7 +518,7 @@ def _build(root: Path, tiny_dir: Path, anchors_file: Path) -> Workspace:
         ),
         "ds_good": str(_jsonl(root / "good.jsonl", [row, row2])),
         "ds_bom": str(_jsonl(root / "bom.jsonl", [row, row2], bom=True)),
-        "ds_long": str(_jsonl(root / "long.jsonl", [row2] * 400)),
+        "ds_long": str(_jsonl(root / "long.jsonl", [row2] * 2000)),
         "questions": str(_jsonl(root / "questions.jsonl", [question, {**question, "image": "images/other.png"}])),
         "questions_bad_row": str(_jsonl(root / "questions-bad.jsonl", [question, "[1, 2", question])),
     }
