@@ -30,6 +30,7 @@ from embedlens.bench.runner import (
 )
 from embedlens.bench.vqa import QuestionSet, read_questions, score, yes_no
 from embedlens.interventions import Inject, Prune
+from embedlens.runs import directory as run_directory
 from embedlens.synth.qa import normalize_answer
 from test_taxonomy_cli import assert_user_error, run_cli
 
@@ -117,7 +118,7 @@ class TestResume:
         table, whole_dir = whole
         batches = 3 * 3  # 12 questions in batches of 4, under 3 settings (the baseline first)
 
-        real_write = runner.atomic_write_text
+        real_write = run_directory.atomic_write_text
         committed: list[Path] = []
 
         def dies_after_commit(path, text):
@@ -128,10 +129,10 @@ class TestResume:
                     raise KeyboardInterrupt
 
         out = tmp_path / "killed"
-        monkeypatch.setattr(runner, "atomic_write_text", dies_after_commit)
+        monkeypatch.setattr(run_directory, "atomic_write_text", dies_after_commit)
         with pytest.raises(KeyboardInterrupt):
             evaluate(tiny, bench_questions, settings, out)
-        monkeypatch.setattr(runner, "atomic_write_text", real_write)
+        monkeypatch.setattr(run_directory, "atomic_write_text", real_write)
         parts = sorted((out / "parts").glob("*.json"))
         assert parts == sorted(committed) and len(parts) == kill_after
         assert not (out / ITEMS_FILE).exists() and not (out / TABLE_JSON).exists()

@@ -48,16 +48,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm.auto import tqdm
 
 from embedlens.analysis.words import word_table
 from embedlens.capture import run_captured
 from embedlens.context import DEFAULT_PROMPT
 from embedlens.datasets import Dataset, DatasetItem
 from embedlens.errors import InputError
-from embedlens.images import load_image
 from embedlens.paths import atomic_path, atomic_write_text
-from embedlens.resume import PARTS_DIR, prepare_run_dir, read_parts
+from embedlens.runs import (
+    Commit,
+    RunDir,
+    contiguous_batches,
+    execute,
+    load_readable,
+    placeholder_problem,
+    ranks,
+    resolved,
+)
 from embedlens.taxonomy.groups import ALIVE, GROUPS
 
 if TYPE_CHECKING:
@@ -65,7 +72,8 @@ if TYPE_CHECKING:
 
 ALIGN_FORMAT = "embedlens-align"
 #: Layout of the committed parts; a run with parts of another layout is refused (pass --restart).
-PARTS_VERSION = 2
+#: Version 3: one record per image (``index``, ``key``, ``status``, ``reason``) beside each batch's totals.
+PARTS_VERSION = 3
 #: Visual groups, in table order; ``visual`` is every visual token.
 VISUAL_GROUPS: tuple[str, ...] = ("visual", ALIVE, *GROUPS)
 #: Rows of the layer table that describe text.
@@ -558,14 +566,15 @@ def _rule(session: ModelContext, options: AlignOptions) -> tuple[tuple[str, ...]
 def run_identity(
     session: ModelContext, dataset: Dataset, options: AlignOptions, passages: Sequence[str]
 ) -> dict[str, Any]:
-    """Everything that decides the result; a resumed run must match it."""
+    """Everything that decides the result and the layout of the parts; a resumed run must match it."""
     return {
         "format": ALIGN_FORMAT + "-run",
         "parts_version": PARTS_VERSION,
         "model": session.adapter.source,
         "config_hash": session.config_hash,
-        "dataset": str(dataset.source),
-        "items": [[item.key, str(item.image), item.prompt] for item in dataset.items],
+        "dataset": str(resolved(dataset.source)),
+        "items": len(dataset.items),
+        "items_hash": dataset.fingerprint(),
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(options).items()},
         "passages": list(passages),
     }
@@ -579,8 +588,11 @@ def run_align(
     options: AlignOptions | None = None,
     restart: bool = False,
     progress: bool = True,
-) -> AlignResult:
+) -> AlignResult | None:
     """Measure layer alignment over ``dataset``; resumable; writes tables, summary and plots to ``out``.
+
+    Under several processes each takes a contiguous share and rank 0 merges (the others return None).
+    Rows whose prompt holds the image placeholder are skipped and listed, before ``out`` is touched.
 
     Args:
         session: The loaded model.
@@ -591,56 +603,73 @@ def run_align(
         progress: Show a progress bar.
     """
     options = options or AlignOptions()
-    out = Path(out)
-    num_layers = session.num_layers
-    lens_layers = _lens_layers(options, num_layers)
+    run = RunDir(out, "align", (LAYERS_FILE, SUMMARY_FILE, TABLE_FILE, *PLOTS))
+    run.check_target()
+    lens_layers = _lens_layers(options, session.num_layers)
     passages = reference_passages(options.text)
     rule = _rule(session, options)
-    identity = run_identity(session, dataset, options, passages)
-    outputs = (LAYERS_FILE, SUMMARY_FILE, TABLE_FILE, *PLOTS)
-    prepare_run_dir(out, identity, restart=restart, kind="align", outputs=outputs)
-    reference = text_reference(session, passages)
-    rows = max(int(session.adapter.input_embeddings.weight.shape[0]), int(session.adapter.lm_head.weight.shape[0]))
-    words = torch.from_numpy(word_table(session.adapter.tokenizer, rows))
-    unit_on_device = reference.unit.to(session.adapter.device)
-    context = _Context(session, reference, unit_on_device, rule, words, lens_layers, options)
-    parts = out / PARTS_DIR
-    done = {int(r["first"]): r for r in read_parts(parts, "b*.json")}
-    items = dataset.items
-    batches = [items[i : i + options.batch_size] for i in range(0, len(items), options.batch_size)]
-    bar = tqdm(total=len(items), desc="align", unit="image", disable=not progress)
-    try:
-        for batch in batches:
-            first = batch[0].index
-            if first in done:
-                bar.update(len(batch))
-                continue
-            readable, images, unreadable = [], [], []
-            for item in batch:
-                try:
-                    images.append(load_image(item.image))
-                    readable.append(item)
-                except InputError as exc:
-                    unreadable.append(f"{item.key}: {exc}")
-            if readable:
-                _batch_totals(context, readable, images).save(parts / f"b{first:07d}.npz")
-            record = {"first": first, "images": len(readable), "unreadable": unreadable}
-            atomic_write_text(parts / f"b{first:07d}.json", json.dumps([record]))
-            done[first] = record
-            bar.update(len(batch))
-    finally:
-        bar.close()
-    return _merge(session, dataset, out, context, done)
+    placeholder = session.adapter.image_placeholder
+    problem = placeholder_problem(options.prompt, placeholder)
+    if problem is not None:
+        raise InputError(f"--prompt: {problem}")
+    dataset = dataset.without_placeholder(placeholder)
+    with run.session(run_identity(session, dataset, options, passages), restart=restart, device=session.adapter.device):
+        reference = text_reference(session, passages)
+        rows = max(int(session.adapter.input_embeddings.weight.shape[0]), int(session.adapter.lm_head.weight.shape[0]))
+        words = torch.from_numpy(word_table(session.adapter.tokenizer, rows))
+        unit_on_device = reference.unit.to(session.adapter.device)
+        context = _Context(session, reference, unit_on_device, rule, words, lens_layers, options)
+        share = dataset.shard(ranks.rank(), ranks.world_size())
+        done = set(run.records(_index))
+        todo = [item for item in share if item.index not in done]
+        execute(
+            run,
+            contiguous_batches(todo, options.batch_size),
+            lambda batch: _commit_batch(context, batch),
+            total=len(share),
+            done=len(share) - len(todo),
+            desc="align",
+            unit="image",
+            progress=progress,
+        )
+        return run.finish(lambda: _merge(session, dataset, run, context))
 
 
-def _merge(session: ModelContext, dataset: Dataset, out: Path, context: _Context, done: dict[int, Any]) -> AlignResult:
+def _index(record: dict[str, Any]) -> int:
+    return int(record["index"])
+
+
+def _commit_batch(context: _Context, batch: Sequence[DatasetItem]) -> Commit:
+    """The totals of one batch's readable images (``.npz``) and one record per image."""
+    readable, skipped = load_readable(batch)
+    records = [{"index": item.index, "key": item.key, "status": "ok"} for item, _ in readable]
+    records += [{"index": item.index, "key": item.key, "status": "unreadable", "reason": why} for item, why in skipped]
+    records.sort(key=_index)
+    name = f"b{batch[0].index:07d}"
+    if not readable:
+        return Commit(name, records, size=len(batch))
+    totals = _batch_totals(context, [item for item, _ in readable], [image for _, image in readable])
+    return Commit(name, records, data=totals.save, suffix=".npz", size=len(batch))
+
+
+def _merge(session: ModelContext, dataset: Dataset, run: RunDir, context: _Context) -> AlignResult:
     layers = session.num_layers + 1
     totals = Totals.zeros(layers, int(context.reference.unit.shape[-1]))
+    owners = run.claimed(_index)
+    missing = [item.key for item in dataset.items if item.index not in owners]
+    if missing:
+        raise InputError(f"{len(missing)} of {len(dataset)} images are not done yet; run the same command again")
     unreadable: list[str] = []
-    for first, record in sorted(done.items()):
-        unreadable += record["unreadable"]
-        if record["images"]:
-            totals.add(Totals.load(out / PARTS_DIR / f"b{first:07d}.npz"))
+    for part in run.committed():
+        mine = [owners[_index(record)].marker == part.marker for record in part.records]
+        if not any(mine):
+            continue  # every image of this part was committed earlier by another part
+        if not all(mine):
+            raise InputError(f"{run.out} holds overlapping align parts; pass --restart to start over")
+        unreadable += [f"{r['key']}: {r['reason']}" for r in part.records if r["status"] != "ok"]
+        if any(r["status"] == "ok" for r in part.records):
+            totals.add(Totals.load(part.data(".npz")))
+    out = run.out
     if totals.images == 0:
         raise InputError(f"none of the {len(dataset)} images could be read; first problem: {unreadable[0]}")
     rows = layer_rows(totals, context.reference, context.lens_layers)

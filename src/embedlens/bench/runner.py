@@ -17,28 +17,39 @@ merge writes:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
 
 from embedlens.bench.flops import sample_flops
 from embedlens.bench.vqa import Question, QuestionSet, relaxed_score, score, yes_no, yes_no_f1
 from embedlens.errors import InputError
-from embedlens.images import load_image
 from embedlens.interventions import Intervention, Prune, describe, parse, plan
 from embedlens.interventions.generation import generate_batch
 from embedlens.paths import atomic_path, atomic_write_text
-from embedlens.resume import PARTS_DIR, prepare_run_dir, read_parts
+from embedlens.runs import (
+    Commit,
+    RunDir,
+    bootstrap_interval,
+    contiguous_batches,
+    execute,
+    items_hash,
+    load_readable,
+    path_label,
+    placeholder_problem,
+    rank,
+    resolved,
+    shard,
+    world_size,
+)
 from embedlens.synth.qa import normalize_answer
 
 if TYPE_CHECKING:
@@ -49,6 +60,8 @@ ITEMS_FILE = "items.parquet"
 TABLE_JSON = "table.json"
 TABLE_MD = "table.md"
 BASELINE = "baseline"
+#: The committed parts of an evaluation (``s<setting>-b<first question>``).
+_PARTS = "s*-b*.json"
 
 
 @dataclass(frozen=True)
@@ -154,55 +167,61 @@ class EvalOptions:
 def run_identity(
     session: ModelContext, questions: QuestionSet, settings: Sequence[Setting], options: EvalOptions
 ) -> dict[str, Any]:
-    """Everything that decides the answers; a resumed run must match it exactly."""
-    digest = hashlib.sha256()
-    for q in questions.items:
-        digest.update(json.dumps([q.id, str(q.image), q.question, q.answers, q.type, q.prune_target]).encode())
+    """Everything that decides the answers and the layout of the parts; a resumed run must match it."""
+    rows = (
+        (q.id, path_label(q.image, questions.source), q.question, q.answers, q.type, q.prune_target)
+        for q in questions.items
+    )
     return {
         "format": EVAL_FORMAT + "-run",
         "model": session.adapter.source,
         "config_hash": session.config_hash,
         "settings": [s.to_dict() for s in settings],
-        "questions": str(questions.source),
+        "questions": str(resolved(questions.source)),
         "items": len(questions.items),
-        "items_hash": digest.hexdigest(),
+        "items_hash": items_hash(rows),
         "max_new_tokens": options.max_new_tokens,
         "suffix": options.suffix,
         "anchors": options.anchors,
+        "batch_size": options.batch_size,
     }
 
 
-def _batches(items: Sequence[Question], size: int) -> list[list[Question]]:
-    """Consecutive questions, at most ``size`` per batch, control rows never mixed with others."""
-    batches: list[list[Question]] = []
-    for q in items:
-        last = batches[-1] if batches else None
-        if last and len(last) < size and last[-1].prune_target == q.prune_target and last[-1].index + 1 == q.index:
-            last.append(q)
-        else:
-            batches.append([q])
-    return batches
+def _check_targets(session: ModelContext, questions: QuestionSet, settings: Sequence[Setting]) -> None:
+    """Refuse, before any answer, a setting that prunes ``target`` on questions without target patches
+    (it would silently prune nothing)."""
+    lacking = [q.id for q in questions.items if q.target_patches is None]
+    for setting in settings:
+        if lacking and plan(list(setting.interventions), session.num_layers).needs_targets:
+            raise InputError(
+                f"setting {setting.name!r} prunes 'target' but question {lacking[0]} has no target_patches"
+            )
+
+
+def _same_split(a: Question, b: Question) -> bool:
+    """Control rows (``prune_target``) are never batched with plain ones."""
+    return a.prune_target == b.prune_target
+
+
+def without_placeholder(questions: QuestionSet, placeholder: str) -> QuestionSet:
+    """``questions`` without the rows whose question holds the model's image placeholder (each listed in
+    ``skipped``), the others numbered again; ``questions`` itself when none does."""
+    refused = {q.index: placeholder_problem(q.question, placeholder) for q in questions.items}
+    if not any(refused.values()):
+        return questions
+    kept = [q for q in questions.items if refused[q.index] is None]
+    skipped = [*questions.skipped, *(f"{q.id}: {refused[q.index]}" for q in questions.items if refused[q.index])]
+    return QuestionSet(questions.source, [replace(q, index=i) for i, q in enumerate(kept)], skipped)
 
 
 def _answer_batch(
     session: ModelContext, setting: Setting, batch: Sequence[Question], options: EvalOptions
 ) -> list[dict[str, Any]]:
     """Answer one batch under one setting; one record per question."""
-    records: list[dict[str, Any]] = []
-    readable: list[tuple[Question, Any]] = []
-    for q in batch:
-        try:
-            readable.append((q, load_image(q.image)))
-        except InputError as exc:
-            records.append({"index": q.index, "status": "unreadable", "reason": str(exc)})
+    readable, skipped = load_readable(batch)
+    records: list[dict[str, Any]] = [{"index": q.index, "status": "unreadable", "reason": why} for q, why in skipped]
     if readable:
         items = list(setting.interventions)
-        if plan(items, session.num_layers).needs_targets:
-            lacking = [q.id for q, _ in readable if q.target_patches is None]
-            if lacking:
-                raise InputError(
-                    f"setting {setting.name!r} prunes 'target' but question {lacking[0]} has no target_patches"
-                )
         if readable[0][0].prune_target:
             policy = plan(items, session.num_layers).positions
             items.append(Prune(group="target", positions=policy))  # type: ignore[arg-type]
@@ -244,41 +263,50 @@ def collect(
     *,
     progress: bool = True,
 ) -> int:
-    """Answer every (setting, question) not yet committed under ``out/parts``; returns how many ran."""
-    parts = out / PARTS_DIR
-    done = {(r["setting"], r["index"]) for r in read_parts(parts, "s*-b*.json")}
-    total = len(settings) * len(questions.items)
-    bar = tqdm(total=total, initial=len(done), desc="eval", unit="answer", disable=not progress)
-    ran = 0
-    try:
-        for number, setting in enumerate(settings):
-            todo = [q for q in questions.items if (number, q.index) not in done]
-            for batch in _batches(todo, options.batch_size):
-                records = [{**r, "setting": number} for r in _answer_batch(session, setting, batch, options)]
-                atomic_write_text(parts / f"s{number:03d}-b{batch[0].index:07d}.json", json.dumps(records))
-                ran += len(batch)
-                bar.update(len(batch))
-    finally:
-        bar.close()
-    return ran
+    """Answer every (setting, question) of this rank's share not yet committed under ``out/parts``;
+    returns how many ran."""
+    run = eval_run(out)
+    done = set(run.records(_answer_key, _PARTS))
+    share = shard(questions.items, rank(), world_size())
+    batches = [
+        (number, batch)
+        for number in range(len(settings))
+        for batch in contiguous_batches(
+            [q for q in share if (number, q.index) not in done], options.batch_size, together=_same_split
+        )
+    ]
+
+    def compute(job: tuple[int, list[Question]]) -> Commit:
+        number, batch = job
+        records = [{**r, "setting": number} for r in _answer_batch(session, settings[number], batch, options)]
+        return Commit(f"s{number:03d}-b{batch[0].index:07d}", records, size=len(batch))
+
+    total = len(settings) * len(share)
+    mine = sum((number, q.index) in done for number in range(len(settings)) for q in share)
+    return execute(run, batches, compute, total=total, done=mine, desc="eval", unit="answer", progress=progress)
+
+
+def _answer_key(record: dict[str, Any]) -> tuple[int, int]:
+    return int(record["setting"]), int(record["index"])
+
+
+def eval_run(out: str | Path) -> RunDir:
+    """The run directory of an evaluation in ``out``."""
+    return RunDir(out, "eval", (ITEMS_FILE, TABLE_JSON, TABLE_MD))
 
 
 # --------------------------------------------------------------------------- merging
 def _interval(values: np.ndarray, resamples: int, confidence: float, rng: np.random.Generator) -> list[float]:
     """Percentile bootstrap interval of the mean of ``values`` (rows resampled)."""
-    if values.size == 0:
-        return [float("nan"), float("nan")]
-    picks = rng.integers(0, values.shape[0], size=(resamples, values.shape[0]))
-    means = values[picks].mean(axis=1)
-    tail = (1 - confidence) / 2 * 100
-    return [float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))]
+    low, high = bootstrap_interval(values, resamples, confidence, rng)
+    return [float(low[0]), float(high[0])]
 
 
 def merge(
     out: Path, questions: QuestionSet, settings: Sequence[Setting], options: EvalOptions, *, seed: int = 0
 ) -> dict[str, Any]:
     """Write ``items.parquet``, ``table.json`` and ``table.md`` from the committed parts."""
-    records = {(r["setting"], r["index"]): r for r in read_parts(out / PARTS_DIR, "s*-b*.json")}
+    records = eval_run(out).records(_answer_key, _PARTS)
     missing = len(settings) * len(questions.items) - len(records)
     if missing:
         raise InputError(f"{missing} answers are not committed yet; run the evaluation again to finish it")
@@ -482,8 +510,12 @@ def run_eval(
     options: EvalOptions | None = None,
     restart: bool = False,
     progress: bool = True,
-) -> dict[str, Any]:
-    """Evaluate the baseline and ``settings`` on ``questions``; resumable; returns the summary.
+) -> dict[str, Any] | None:
+    """Evaluate the baseline and ``settings`` on ``questions``; resumable; returns the summary (under
+    several processes each answers its share and rank 0 merges and returns it, the others None).
+
+    Rows whose question holds the model's image placeholder are skipped and listed (``skipped_rows``),
+    and settings are checked against the questions, before the output directory is touched.
 
     Args:
         session: The loaded model.
@@ -495,9 +527,16 @@ def run_eval(
         progress: Show a progress bar.
     """
     options = options or EvalOptions()
+    run = eval_run(out)
+    run.check_target()
     chosen = with_baseline(settings, session.num_layers)
-    out = Path(out)
+    placeholder = session.adapter.image_placeholder
+    problem = placeholder_problem(options.suffix, placeholder)
+    if problem is not None:
+        raise InputError(f"--suffix: {problem}")
+    questions = without_placeholder(questions, placeholder)
+    _check_targets(session, questions, chosen)
     identity = run_identity(session, questions, chosen, options)
-    prepare_run_dir(out, identity, restart=restart, kind="eval", outputs=(ITEMS_FILE, TABLE_JSON, TABLE_MD))
-    collect(session, questions, chosen, out, options, progress=progress)
-    return merge(out, questions, chosen, options)
+    with run.session(identity, restart=restart, device=session.adapter.device):
+        collect(session, questions, chosen, run.out, options, progress=progress)
+        return run.finish(lambda: merge(run.out, questions, chosen, options))
