@@ -458,6 +458,26 @@ def test_target_setting_needs_target_patches(tiny, tmp_path):
     (tmp_path / "q.jsonl").write_text(json.dumps(row) + "\n")
     with pytest.raises(InputError, match="prunes 'target' but question line 1 has no target_patches"):
         evaluate(tiny, read_questions(tmp_path / "q.jsonl"), [parse_setting("prune:target")], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before any answer, nothing to resume or restart
+
+
+class TestRows:
+    """A row the model would refuse must not abort an evaluation after parts were committed: it is
+    skipped and listed before any answer, and the rest runs."""
+
+    def test_placeholder_in_a_question_is_skipped_and_listed(self, tiny, tmp_path):
+        rows = []
+        for i, question in enumerate(["What is it?", "Where is <image> the cat?", "Which colour?"]):
+            random_image(i).save(tmp_path / f"{i}.png")
+            rows.append({"image": f"{i}.png", "question": question, "answers": ["cat"]})
+        (tmp_path / "q.jsonl").write_text("\ufeff" + "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        questions = read_questions(tmp_path / "q.jsonl")
+        table = evaluate(tiny, questions, [parse_setting("prune:[0]")], tmp_path / "out")
+        assert table["items"] == 2 and table["skipped_rows"] == 1
+        frame = items(tmp_path / "out")
+        assert sorted(set(frame["id"])) == ["line 1", "line 3"] and (frame["status"] == "ok").all()
+        with pytest.raises(InputError, match="--suffix: the prompt contains the image placeholder"):
+            evaluate(tiny, questions, [], tmp_path / "o2", options=EvalOptions(suffix=" <image>"))
 
 
 class TestUnreadableImages:

@@ -679,7 +679,7 @@ def _merge(session: ModelContext, dataset: Dataset, run: RunDir, context: _Conte
         "format": ALIGN_FORMAT,
         "model": session.adapter.source,
         "config_hash": session.config_hash,
-        "dataset": str(dataset.source),
+        "dataset": str(resolved(dataset.source)),
         "images": totals.images,
         "unreadable": unreadable,
         "groups_from": "anchors" if context.rule is not None else "none (no anchors: one 'visual' group)",

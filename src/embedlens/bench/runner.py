@@ -375,7 +375,7 @@ def summarise(
     baseline = by_setting[0]
     summary: dict[str, Any] = {
         "format": EVAL_FORMAT,
-        "questions": str(questions.source),
+        "questions": str(resolved(questions.source)),
         "items": len(questions.items),
         "answered_in_every_setting": len(ok_items),
         "skipped_rows": len(questions.skipped),

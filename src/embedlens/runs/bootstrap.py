@@ -34,7 +34,7 @@ def bootstrap_interval(
         Lower and upper bounds, each shape ``[k]`` (``[1]`` for 1-D ``values``); NaN without rows.
     """
     table = np.asarray(values)
-    table = table.reshape(table.shape[0], -1)
+    table = table.reshape(table.shape[0], int(np.prod(table.shape[1:], dtype=np.int64)))
     n, k = table.shape
     if n == 0:
         return np.full(k, np.nan), np.full(k, np.nan)

@@ -420,7 +420,7 @@ def _summary(
             "anchors": identity["anchors"]["groups"],
             "anchors_model": identity["anchors"]["model"],
         },
-        "dataset": {"source": str(dataset.source), "items": len(dataset), "malformed": list(dataset.malformed)},
+        "dataset": {"source": str(resolved(dataset.source)), "items": len(dataset), "malformed": list(dataset.malformed)},
         "images": {"total": len(ordered), "used": len(used), "skipped": len(skipped), "skipped_list": skipped},
         "tokens": int(tokens.sum()),
         "groups": groups,
