@@ -87,7 +87,7 @@ class TestLock:
         out = tmp_path / "out"
         out.mkdir()
         (out / LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "elsewhere.invalid"}))
-        with pytest.raises(InputError, match="in use by pid 1 on elsewhere.invalid"):
+        with pytest.raises(InputError, match=r"in use by pid 1 on elsewhere\.invalid"):
             RunLock(out).acquire()
 
     def test_damaged_lock_is_stale(self, tmp_path):

@@ -40,6 +40,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,16 +56,7 @@ from embedlens.context import DEFAULT_PROMPT
 from embedlens.datasets import Dataset, DatasetItem
 from embedlens.errors import InputError
 from embedlens.paths import atomic_path, atomic_write_text
-from embedlens.runs import (
-    Commit,
-    RunDir,
-    contiguous_batches,
-    execute,
-    load_readable,
-    placeholder_problem,
-    ranks,
-    resolved,
-)
+from embedlens.runs import Commit, RunDir, load_readable, refuse_placeholder, resolved, run_share
 from embedlens.taxonomy.groups import ALIVE, GROUPS
 
 if TYPE_CHECKING:
@@ -608,29 +600,17 @@ def run_align(
     lens_layers = _lens_layers(options, session.num_layers)
     passages = reference_passages(options.text)
     rule = _rule(session, options)
-    placeholder = session.adapter.image_placeholder
-    problem = placeholder_problem(options.prompt, placeholder)
-    if problem is not None:
-        raise InputError(f"--prompt: {problem}")
-    dataset = dataset.without_placeholder(placeholder)
+    refuse_placeholder(options.prompt, session.adapter.image_placeholder, "--prompt")
+    dataset = dataset.without_placeholder(session.adapter.image_placeholder)
     with run.session(run_identity(session, dataset, options, passages), restart=restart, device=session.adapter.device):
         reference = text_reference(session, passages)
         rows = max(int(session.adapter.input_embeddings.weight.shape[0]), int(session.adapter.lm_head.weight.shape[0]))
         words = torch.from_numpy(word_table(session.adapter.tokenizer, rows))
         unit_on_device = reference.unit.to(session.adapter.device)
         context = _Context(session, reference, unit_on_device, rule, words, lens_layers, options)
-        share = dataset.shard(ranks.rank(), ranks.world_size())
-        done = set(run.records(_index))
-        todo = [item for item in share if item.index not in done]
-        execute(
-            run,
-            contiguous_batches(todo, options.batch_size),
-            lambda batch: _commit_batch(context, batch),
-            total=len(share),
-            done=len(share) - len(todo),
-            desc="align",
-            unit="image",
-            progress=progress,
+        compute = partial(_commit_batch, context)
+        run_share(
+            run, dataset.items, compute, batch_size=options.batch_size, desc="align", unit="image", progress=progress
         )
         return run.finish(lambda: _merge(session, dataset, run, context))
 

@@ -46,6 +46,7 @@ from embedlens.runs import (
     path_label,
     placeholder_problem,
     rank,
+    refuse_placeholder,
     resolved,
     shard,
     world_size,
@@ -530,11 +531,8 @@ def run_eval(
     run = eval_run(out)
     run.check_target()
     chosen = with_baseline(settings, session.num_layers)
-    placeholder = session.adapter.image_placeholder
-    problem = placeholder_problem(options.suffix, placeholder)
-    if problem is not None:
-        raise InputError(f"--suffix: {problem}")
-    questions = without_placeholder(questions, placeholder)
+    refuse_placeholder(options.suffix, session.adapter.image_placeholder, "--suffix")
+    questions = without_placeholder(questions, session.adapter.image_placeholder)
     _check_targets(session, questions, chosen)
     identity = run_identity(session, questions, chosen, options)
     with run.session(identity, restart=restart, device=session.adapter.device):

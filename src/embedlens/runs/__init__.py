@@ -19,11 +19,12 @@ from embedlens.runs.items import (
     load_readable,
     path_label,
     placeholder_problem,
+    refuse_placeholder,
     resolved,
     shard,
 )
 from embedlens.runs.lock import LOCK_FILE, RunLock
-from embedlens.runs.loop import Commit, execute
+from embedlens.runs.loop import Commit, execute, run_share
 from embedlens.runs.ranks import (
     barrier,
     is_main,
@@ -59,7 +60,9 @@ __all__ = [
     "process_device",
     "process_state",
     "rank",
+    "refuse_placeholder",
     "resolved",
+    "run_share",
     "shard",
     "world_size",
 ]

@@ -112,3 +112,10 @@ def placeholder_problem(prompt: str | None, placeholder: str) -> str | None:
     if prompt and placeholder and placeholder in prompt:
         return f"the prompt contains the image placeholder {placeholder!r} (the image is placed for you)"
     return None
+
+
+def refuse_placeholder(text: str | None, placeholder: str, option: str) -> None:
+    """Raise if a setting (``option``: ``"--prompt"``, ``"--suffix"``) holds the image placeholder."""
+    problem = placeholder_problem(text, placeholder)
+    if problem is not None:
+        raise InputError(f"{option}: {problem}")

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 from tqdm.auto import tqdm
 
 from embedlens.runs.directory import RunDir
+from embedlens.runs.items import contiguous_batches, shard
 from embedlens.runs.ranks import rank, world_size
 
 _B = TypeVar("_B")
@@ -71,3 +72,27 @@ def execute(
     finally:
         bar.close()
     return ran
+
+
+def run_share(
+    run: RunDir,
+    items: Sequence[_B],
+    compute: Callable[[list[_B]], Commit],
+    *,
+    batch_size: int,
+    pattern: str = "*.json",
+    desc: str,
+    unit: str = "img",
+    progress: bool = True,
+    after: Callable[[Commit], None] | None = None,
+) -> int:
+    """Do this rank's contiguous share of ``items`` (each with an ``index``) in contiguous batches of
+    at most ``batch_size``, skipping the items whose record (``index``) is committed under ``pattern``;
+    returns how many of the share were done before."""
+    share = shard(items, rank(), world_size())
+    done = set(run.records(lambda record: int(record["index"]), pattern))
+    todo = [item for item in share if item.index not in done]  # type: ignore[attr-defined]
+    resumed = len(share) - len(todo)
+    batches = contiguous_batches(todo, batch_size)
+    execute(run, batches, compute, total=len(share), done=resumed, desc=desc, unit=unit, progress=progress, after=after)
+    return resumed

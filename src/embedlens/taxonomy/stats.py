@@ -41,12 +41,11 @@ from embedlens.runs import (
     Commit,
     RunDir,
     bootstrap_interval,
-    contiguous_batches,
-    execute,
     load_readable,
-    placeholder_problem,
     ranks,
+    refuse_placeholder,
     resolved,
+    run_share,
 )
 from embedlens.taxonomy.anchors import Anchors
 from embedlens.taxonomy.classify import AnchorsLike, classify_batch, resolve_anchors, rule_settings
@@ -186,7 +185,8 @@ def collect(
         out: The run's output directory.
         anchors: Anchors, an anchors JSON path, or None for the model's built-in anchors.
         options: Rule and batching options.
-        rank: This process's rank; ``world``: the number of processes (None: from the launcher).
+        rank: This process's rank (None: from the launcher); ``world``: with ``rank``, take only that
+            share of a ``world`` of processes yourself (None: the launcher's processes split the items).
         progress: Show a progress bar (on stderr).
         on_batch: Called after each committed batch with the running :class:`Progress`.
     """
@@ -194,24 +194,15 @@ def collect(
     run = stats_run(out)
     run.require()
     rank = ranks.rank() if rank is None else rank
-    world = ranks.world_size() if world is None else world
     chosen = resolve_anchors(session, anchors)
-    share = dataset.shard(rank, world)
-    done = set(run.records(_index, _PARTS))
-    todo = [item for item in share if item.index not in done]
-    state = Progress(resumed=len(share) - len(todo))
+    state = Progress()
     sequence = [_next_sequence(run.parts, rank)]
 
     def compute(batch: list[DatasetItem]) -> Commit:
         tokens, records = _classify_batch(session, batch, chosen, options)
         sequence[0] += 1
-        return Commit(
-            f"r{rank:03d}-b{sequence[0] - 1:06d}",
-            records,
-            data=lambda tmp: pq.write_table(tokens, tmp),
-            suffix=".parquet",
-            size=len(batch),
-        )
+        name = f"r{rank:03d}-b{sequence[0] - 1:06d}"
+        return Commit(name, records, data=lambda tmp: pq.write_table(tokens, tmp), suffix=".parquet", size=len(batch))
 
     def count(commit: Commit) -> None:
         state.batches += 1
@@ -220,8 +211,10 @@ def collect(
         if on_batch is not None:
             on_batch(state)
 
-    batches = contiguous_batches(todo, options.batch_size)
-    execute(run, batches, compute, total=len(share), done=state.resumed, desc="stats", progress=progress, after=count)
+    items = dataset.shard(rank, world) if world is not None else dataset.items
+    state.resumed = run_share(
+        run, items, compute, batch_size=options.batch_size, pattern=_PARTS, desc="stats", progress=progress, after=count
+    )
     return state
 
 
@@ -420,7 +413,11 @@ def _summary(
             "anchors": identity["anchors"]["groups"],
             "anchors_model": identity["anchors"]["model"],
         },
-        "dataset": {"source": str(resolved(dataset.source)), "items": len(dataset), "malformed": list(dataset.malformed)},
+        "dataset": {
+            "source": str(resolved(dataset.source)),
+            "items": len(dataset),
+            "malformed": list(dataset.malformed),
+        },
         "images": {"total": len(ordered), "used": len(used), "skipped": len(skipped), "skipped_list": skipped},
         "tokens": int(tokens.sum()),
         "groups": groups,
@@ -490,11 +487,8 @@ def run_stats(
     run = stats_run(out)
     run.check_target()
     _, chosen, _ = rule_settings(session, anchors, options.top_k, options.precedence)
-    placeholder = session.adapter.image_placeholder
-    problem = placeholder_problem(options.prompt, placeholder)
-    if problem is not None:
-        raise InputError(f"--prompt: {problem}")
-    dataset = dataset.without_placeholder(placeholder)
+    refuse_placeholder(options.prompt, session.adapter.image_placeholder, "--prompt")
+    dataset = dataset.without_placeholder(session.adapter.image_placeholder)
     with run.session(run_identity(session, dataset, chosen, options), restart=restart, device=session.adapter.device):
         collect(session, dataset, run.out, anchors=chosen, options=options, progress=progress, on_batch=on_batch)
         return run.finish(lambda: merge(run.out, dataset, options, picture=picture))
