@@ -15,13 +15,13 @@ import torch.multiprocessing as mp
 import embedlens
 from embedlens import InputError
 from embedlens.datasets import open_dataset
+from embedlens.runs import bootstrap_interval
 from embedlens.runs import directory as run_directory
 from embedlens.taxonomy.stats import (
     IMAGES_FILE,
     SUMMARY_FILE,
     TOKENS_FILE,
     StatsOptions,
-    bootstrap_interval,
     run_stats,
 )
 from taxonomy_planting import NUM_TOKENS, PLANTED, expected_groups, plant
