@@ -63,6 +63,7 @@ from embedlens.datasets import Dataset, DatasetItem
 from embedlens.errors import InputError
 from embedlens.paths import atomic_path, atomic_write_text
 from embedlens.runs import Commit, RunDir, load_readable, refuse_placeholder, resolved, run_share
+from embedlens.runs.options import check_options
 from embedlens.taxonomy.groups import ALIVE
 
 if TYPE_CHECKING:
@@ -119,10 +120,7 @@ class AlignOptions:
     batch_size: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("lens_top_k", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise InputError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        check_options(self, ("lens_top_k", "batch_size"))
 
 
 # --------------------------------------------------------------------------- the run

@@ -50,6 +50,7 @@ from embedlens.runs import (
     shard,
     world_size,
 )
+from embedlens.runs.options import check_options
 
 if TYPE_CHECKING:
     from embedlens.context import ModelContext
@@ -154,12 +155,7 @@ class EvalOptions:
     confidence: float = 0.95
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_new_tokens", "bootstrap"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise InputError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if not 0 < self.confidence < 1:
-            raise InputError(f"confidence must be between 0 and 1, got {self.confidence!r}")
+        check_options(self, ("batch_size", "max_new_tokens", "bootstrap"), confidence=True)
 
 
 def run_identity(

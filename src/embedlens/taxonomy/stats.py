@@ -46,6 +46,7 @@ from embedlens.runs import (
     resolved,
     run_share,
 )
+from embedlens.runs.options import check_options
 from embedlens.taxonomy.anchors import Anchors
 from embedlens.taxonomy.classify import AnchorsLike, classify_batch, resolve_anchors, rule_settings
 from embedlens.taxonomy.groups import CODES
@@ -123,12 +124,7 @@ class StatsOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "bootstrap"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise InputError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if not 0 < self.confidence < 1:
-            raise InputError(f"confidence must be between 0 and 1, got {self.confidence!r}")
+        check_options(self, ("batch_size", "bootstrap"), confidence=True)
 
 
 @dataclass
