@@ -32,6 +32,7 @@ from embedlens.bench.vqa import QuestionSet, read_questions, score, yes_no
 from embedlens.interventions import Inject, Prune
 from embedlens.runs import directory as run_directory
 from embedlens.synth.qa import normalize_answer
+from test_runs import as_launched, free_port
 from test_taxonomy_cli import assert_user_error, run_cli
 
 #: Small and fast: 4 questions per batch, 2 new tokens, few bootstrap resamples.
@@ -190,6 +191,42 @@ class TestResume:
         (tmp_path / "out").write_text("x")
         with pytest.raises(InputError, match="is a file"):
             evaluate(tiny, bench_questions, [], tmp_path / "out")
+
+
+def _eval_worker(rank: int, world: int, port: int, model_dir: str, questions: str, out: str) -> None:
+    """One process of an ``accelerate launch`` running the plain ``run_eval``."""
+    import torch
+
+    import embedlens
+    from embedlens.runs import process_state
+
+    as_launched(rank, world, port)
+    try:
+        torch.set_num_threads(1)
+        session = embedlens.load(model_dir, device="cpu")
+        settings = [parse_setting(s) for s in WHOLE_SETTINGS]
+        table = evaluate(session, read_questions(questions), settings, Path(out))
+        assert (table is not None) == (rank == 0)  # rank 0 merges and returns the table
+    finally:
+        process_state().destroy_process_group()
+
+
+class TestTwoProcesses:
+    """Under ``accelerate launch`` every process answers its share and rank 0 merges: the files must be
+    exactly those of one process."""
+
+    def test_gloo_equals_one_process(self, tiny_dir, bench_dir, whole, tmp_path):
+        import torch.multiprocessing as mp
+
+        _, whole_dir = whole
+        args = (2, free_port(), str(tiny_dir), str(bench_dir), str(tmp_path / "two"))
+        mp.start_processes(_eval_worker, args=args, nprocs=2, join=True, start_method="spawn")
+        two = tmp_path / "two"
+        assert json.loads((two / TABLE_JSON).read_text()) == json.loads((whole_dir / TABLE_JSON).read_text())
+        pd.testing.assert_frame_equal(items(two), items(whole_dir))
+        firsts = sorted({int(p.stem.split("-b")[1]) for p in (two / "parts").glob("s000-*.json")})
+        assert firsts == [0, 4, 6, 10]  # two shares of six questions, each in batches of at most four
+        assert not (two / "run.lock").exists()
 
 
 class TestControlSplit:

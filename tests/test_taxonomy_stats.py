@@ -25,6 +25,7 @@ from embedlens.taxonomy.stats import (
     run_stats,
 )
 from taxonomy_planting import NUM_TOKENS, PLANTED, expected_groups, plant
+from test_runs import as_launched, free_port
 
 GOOD = 5
 
@@ -220,12 +221,9 @@ class TestResume:
 # --------------------------------------------------------------------------- two processes
 def _worker(rank: int, world: int, port: int, model_dir: str, dataset_dir: str, out: str) -> None:
     """One process of an ``accelerate launch``: the launcher's environment, then the plain ``run_stats``."""
-    import os
-
     from embedlens.runs import process_state
 
-    env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world, "LOCAL_WORLD_SIZE": world}
-    os.environ.update({k: str(v) for k, v in env.items()}, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    as_launched(rank, world, port)
     try:
         torch.set_num_threads(1)
         session = embedlens.load(model_dir, device="cpu")
@@ -242,14 +240,6 @@ def _worker(rank: int, world: int, port: int, model_dir: str, dataset_dir: str, 
         process_state().destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class TestTwoProcesses:
     def test_gloo_equals_one_process(self, tiny_dir, planted, dataset_dir, tmp_path):
         session, anchors = planted
@@ -257,7 +247,7 @@ class TestTwoProcesses:
         one = run_stats(
             session, dataset, tmp_path / "one", anchors=anchors, options=StatsOptions(batch_size=2), progress=False
         )
-        args = (2, _free_port(), str(tiny_dir), str(dataset_dir), str(tmp_path / "two"))
+        args = (2, free_port(), str(tiny_dir), str(dataset_dir), str(tmp_path / "two"))
         mp.start_processes(_worker, args=args, nprocs=2, join=True, start_method="spawn")
         two = tmp_path / "two"
         assert json.loads((two / SUMMARY_FILE).read_text()) == one.data
