@@ -16,11 +16,11 @@ import contextlib
 import json
 import os
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from embedlens.errors import InputError
-from embedlens.paths import atomic_path
 
 LOCK_FILE = "run.lock"
 
@@ -69,16 +69,21 @@ class RunLock:
         if self.held:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.path.with_name(f".{LOCK_FILE}.{os.getpid()}")) as mine:
-            mine.write_text(json.dumps(self.owner), encoding="utf-8")
+        fd, name = tempfile.mkstemp(prefix=f".{LOCK_FILE}.", suffix=".tmp", dir=self.path.parent)
+        mine = Path(name)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(json.dumps(self.owner))
             for _ in range(8):
                 try:
-                    os.link(mine, self.path)
+                    os.link(mine, self.path)  # atomic, and fails if a lock exists
                 except FileExistsError:
                     self._take_over_if_stale()
                     continue
                 self.held = True
                 return
+        finally:
+            mine.unlink(missing_ok=True)
         raise InputError(f"{self.path.parent} is locked by another {self.kind} run that keeps changing; try again")
 
     def _take_over_if_stale(self) -> None:

@@ -85,11 +85,12 @@ def run_share(
     unit: str = "img",
     progress: bool = True,
     after: Callable[[Commit], None] | None = None,
+    split: bool = True,
 ) -> int:
-    """Do this rank's contiguous share of ``items`` (each with an ``index``) in contiguous batches of
-    at most ``batch_size``, skipping the items whose record (``index``) is committed under ``pattern``;
-    returns how many of the share were done before."""
-    share = shard(items, rank(), world_size())
+    """Do this rank's contiguous share of ``items`` (all of them with ``split`` False; each item has an
+    ``index``) in contiguous batches of at most ``batch_size``, skipping the items whose record
+    (``index``) is committed under ``pattern``; returns how many of the share were done before."""
+    share = shard(items, rank(), world_size()) if split else list(items)
     done = set(run.records(lambda record: int(record["index"]), pattern))
     todo = [item for item in share if item.index not in done]  # type: ignore[attr-defined]
     resumed = len(share) - len(todo)

@@ -227,7 +227,15 @@ def collect(
 
     items = dataset.shard(rank, world) if world is not None else dataset.items
     state.resumed = run_share(
-        run, items, compute, batch_size=options.batch_size, pattern=_PARTS, desc="stats", progress=progress, after=count
+        run,
+        items,
+        compute,
+        batch_size=options.batch_size,
+        pattern=_PARTS,
+        desc="stats",
+        progress=progress,
+        after=count,
+        split=world is None,
     )
     return state
 
