@@ -149,6 +149,19 @@ class TestRunDir:
         assert again.identity() == {"top_k": 3}
         again.close()
 
+    def test_replaced_identity_takes_its_uncommitted_data_files_along(self, tmp_path):
+        run = RunDir(tmp_path, "align")
+        run.open({"batch_size": 2}, restart=False)
+        (run.parts / "b0000000.npz").write_bytes(b"killed before its record")
+        run.close()
+        run.open({"batch_size": 3}, restart=False)
+        assert list(run.parts.iterdir()) == [] and run.identity() == {"batch_size": 3}
+        run.commit("b0000000", [{"index": 0}])
+        run.close()
+        (tmp_path / "run.json").write_text("{")
+        with pytest.raises(InputError, match=r"run\.json is unreadable .*; pass --restart"):
+            run.open({"batch_size": 3}, restart=False)
+
     def test_records_keep_the_first_commit_of_each_item(self, tmp_path):
         run = RunDir(tmp_path, "x")
         run.open({}, restart=False)

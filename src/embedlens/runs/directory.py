@@ -92,18 +92,22 @@ class RunDir:
         run_file = self.out / RUN_FILE
         if restart:
             self.clear()
-        elif run_file.exists() and self.committed():
+        elif run_file.exists():
             try:
                 stored = json.loads(run_file.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise InputError(f"{run_file} is unreadable ({exc}); pass --restart to start over") from exc
+                stored = {"unreadable": str(exc)}
             changed = sorted(k for k in set(identity) | set(stored) if stored.get(k) != identity.get(k))
-            if changed:
+            if changed and self.committed():
+                if "unreadable" in stored:
+                    raise InputError(f"{run_file} is unreadable ({stored['unreadable']}); pass --restart to start over")
                 raise InputError(
                     f"{self.out} holds a {self.kind} run with other settings ({', '.join(changed)}); "
                     "pass --restart to replace it, or choose another --out"
                 )
-        elif not run_file.exists() and self.parts.exists():
+            if changed:
+                self.clear()  # nothing committed: nothing to lose, and no stale data file may stay
+        elif self.parts.exists():
             raise InputError(f"{self.out} holds {self.kind} parts without {RUN_FILE}; pass --restart to start over")
         self.parts.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_file, json.dumps(identity, ensure_ascii=False, indent=1))
