@@ -170,7 +170,7 @@ class TestRunDir:
         (run.parts / "b2.json").write_text("[{")  # an interrupted write: not committed
         records = run.records(lambda r: r["index"])
         assert {k: r["v"] for k, r in records.items()} == {0: "first", 1: "first", 2: "first"}
-        owners = run.claimed(lambda r: r["index"])
+        owners = run.claimed(lambda r: [r["index"]])
         assert owners[1].marker.name == "b0.json" and owners[2].marker.name == "b1.json"
         run.close()
 

@@ -87,7 +87,7 @@ __all__ = [
 
 ALIGN_FORMAT = "embedlens-align"
 #: Layout of the committed parts; a run with parts of another layout is refused (pass --restart).
-#: Version 3: one record per image (``index``, ``key``, ``status``, ``reason``) beside each batch's totals.
+#: Version 3: each batch's record also lists the images it covers (``items``).
 PARTS_VERSION = 3
 LAYERS_FILE = "layers.parquet"
 SUMMARY_FILE = "summary.json"
@@ -214,45 +214,50 @@ def run_align(
         unit_on_device = reference.unit.to(session.adapter.device)
         context = BatchContext(session, reference, unit_on_device, rule, words, lens_layers, options)
         compute = partial(_commit_batch, context)
-        run_share(
-            run, dataset.items, compute, batch_size=options.batch_size, desc="align", unit="image", progress=progress
-        )
+        size = options.batch_size
+        run_share(run, dataset.items, compute, batch_size=size, keys=_covered, desc="align", progress=progress)
         return run.finish(lambda: _merge(session, dataset, run, context))
 
 
-def _index(record: dict[str, Any]) -> int:
-    return int(record["index"])
+def _covered(record: dict[str, Any]) -> list[int]:
+    """The images a part's record covers (its batch, readable or not)."""
+    return [int(index) for index in record["items"]]
 
 
 def _commit_batch(context: BatchContext, batch: Sequence[DatasetItem]) -> Commit:
-    """The totals of one batch's readable images (``.npz``) and one record per image."""
+    """The totals of one batch's readable images (``.npz``) and the batch's record: its first index, the
+    images counted, the unreadable ones (``key: why``) and every index it covers (``items``)."""
     readable, skipped = load_readable(batch)
-    records = [{"index": item.index, "key": item.key, "status": "ok"} for item, _ in readable]
-    records += [{"index": item.index, "key": item.key, "status": "unreadable", "reason": why} for item, why in skipped]
-    records.sort(key=_index)
+    record = {
+        "first": batch[0].index,
+        "images": len(readable),
+        "unreadable": [f"{item.key}: {why}" for item, why in skipped],
+        "items": [item.index for item in batch],
+    }
     name = f"b{batch[0].index:07d}"
     if not readable:
-        return Commit(name, records, size=len(batch))
+        return Commit(name, [record], size=len(batch))
     totals = _batch_totals(context, [item for item, _ in readable], [image for _, image in readable])
-    return Commit(name, records, data=totals.save, suffix=".npz", size=len(batch))
+    return Commit(name, [record], data=totals.save, suffix=".npz", size=len(batch))
 
 
 def _merge(session: ModelContext, dataset: Dataset, run: RunDir, context: BatchContext) -> AlignResult:
     layers = session.num_layers + 1
     totals = Totals.zeros(layers, int(context.reference.unit.shape[-1]))
-    owners = run.claimed(_index)
+    owners = run.claimed(_covered)
     missing = [item.key for item in dataset.items if item.index not in owners]
     if missing:
         raise InputError(f"{len(missing)} of {len(dataset)} images are not done yet; run the same command again")
     unreadable: list[str] = []
     for part in run.committed():
-        mine = [owners[_index(record)].marker == part.marker for record in part.records]
+        (record,) = part.records
+        mine = [owners[index].marker == part.marker for index in _covered(record)]
         if not any(mine):
             continue  # every image of this part was committed earlier by another part
         if not all(mine):
             raise InputError(f"{run.out} holds overlapping align parts; pass --restart to start over")
-        unreadable += [f"{r['key']}: {r['reason']}" for r in part.records if r["status"] != "ok"]
-        if any(r["status"] == "ok" for r in part.records):
+        unreadable += record["unreadable"]
+        if record["images"]:
             totals.add(Totals.load(part.data(".npz")))
     out = run.out
     if totals.images == 0:

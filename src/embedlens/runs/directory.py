@@ -188,12 +188,16 @@ class RunDir:
                 found.append(Part(marker, records))
         return found
 
-    def claimed(self, key: Callable[[dict[str, Any]], Hashable], pattern: str = "*.json") -> dict[Hashable, Part]:
-        """The part that owns each item (``key(record)``): the first that committed it."""
+    def claimed(
+        self, keys: Callable[[dict[str, Any]], Iterable[Hashable]], pattern: str = "*.json"
+    ) -> dict[Hashable, Part]:
+        """The part that owns each item: the first that committed it. ``keys(record)``: the items a
+        record covers (one for a per-item record, a whole batch for a batch's totals)."""
         owners: dict[Hashable, Part] = {}
         for part in self.committed(pattern):
             for record in part.records:
-                owners.setdefault(key(record), part)
+                for key in keys(record):
+                    owners.setdefault(key, part)
         return owners
 
     def records(self, key: Callable[[dict[str, Any]], Hashable], pattern: str = "*.json") -> dict[Hashable, dict]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -86,12 +86,14 @@ def run_share(
     progress: bool = True,
     after: Callable[[Commit], None] | None = None,
     split: bool = True,
+    keys: Callable[[dict[str, Any]], Iterable[int]] = lambda record: (int(record["index"]),),
 ) -> int:
     """Do this rank's contiguous share of ``items`` (all of them with ``split`` False; each item has an
     ``index``) in contiguous batches of at most ``batch_size``, skipping the items whose record
-    (``index``) is committed under ``pattern``; returns how many of the share were done before."""
+    covers them (``keys(record)``, default its ``index``) is committed under ``pattern``; returns how many
+    of the share were done before."""
     share = shard(items, rank(), world_size()) if split else list(items)
-    done = set(run.records(lambda record: int(record["index"]), pattern))
+    done = set(run.claimed(keys, pattern))
     todo = [item for item in share if item.index not in done]  # type: ignore[attr-defined]
     resumed = len(share) - len(todo)
     batches = contiguous_batches(todo, batch_size)

@@ -352,7 +352,7 @@ def merge(
 def _write_tokens(run: RunDir, target: Path) -> None:
     """Concatenate the committed Parquet parts in dataset order, one part in memory at a time; an item
     committed twice (never under the lock, but the merge does not rely on it) keeps its first part's rows."""
-    owners = run.claimed(_index, _PARTS)
+    owners = run.claimed(lambda record: (_index(record),), _PARTS)
     committed = []
     for part in run.committed(_PARTS):
         mine = sorted(index for index, owner in owners.items() if owner.marker == part.marker)
