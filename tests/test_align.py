@@ -8,6 +8,7 @@ every measure must then point at ``p``.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -201,6 +202,15 @@ class TestRun:
         assert pd.read_parquet(tmp_path / "out" / "layers.parquet").equals(
             pd.read_parquet(baseline_run.out / "layers.parquet")
         )
+
+    def test_a_batch_committed_twice_counts_once(self, tiny, folder, baseline_run, tmp_path):
+        """Merged totals are sums: a part committed twice would double its images; the merge keeps the first."""
+        out = tmp_path / "out"
+        shutil.copytree(baseline_run.out, out)
+        for part in (out / "parts").glob("b0000000.*"):
+            shutil.copy(part, part.with_name("b9999999" + part.suffix))
+        again = run_align(tiny, open_dataset(folder), out, options=FAST, progress=False)
+        assert again.summary == baseline_run.summary and again.summary["images"] == 5
 
     def test_other_settings_refused(self, tiny, folder, baseline_run):
         with pytest.raises(InputError, match="other settings"):

@@ -46,7 +46,7 @@ DEVICE_COMMANDS = {"probe", "classify", "generate", "stats", "discover-anchors",
 PROGRESS_COMMANDS = {"stats", "discover-anchors", "make-patchbench", "eval", "align", "inject-sweep"}
 #: Seconds one case may run before it is killed (a hang is a failure, not a stuck suite).
 CASE_TIMEOUT = 90.0
-#: Temporary files of ``embedlens.paths`` (``.NAME.XXXX.tmp``): none may survive a failed or interrupted run.
+#: Temporary files of ``embedlens.files`` (``.NAME.XXXX.tmp``): none may survive a failed or interrupted run.
 TEMP_NAME = re.compile(r"^\..*\.tmp$")
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or not hasattr(os, "mkfifo"), reason="needs fork and FIFOs")

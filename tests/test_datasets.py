@@ -77,6 +77,53 @@ class TestJsonl:
             open_dataset(source)
 
 
+class TestReliability:
+    """Datasets are written by other tools and sit next to results; none of that may change what a run
+    reads."""
+
+    def test_utf8_bom(self, tmp_path):
+        touch(tmp_path / "a.png")
+        source = tmp_path / "data.jsonl"
+        source.write_text("\ufeff" + json.dumps({"image": "a.png"}) + "\n", encoding="utf-8")
+        assert [item.key for item in open_dataset(source).items] == ["line 1"]
+
+    def test_run_folders_inside_the_dataset_are_not_scanned(self, tmp_path):
+        touch(tmp_path / "a.png")
+        touch(tmp_path / "out" / "heatmap.png")
+        touch(tmp_path / "out" / "run.json", b"{}")
+        touch(tmp_path / "busy" / "x.png")
+        touch(tmp_path / "busy" / "run.lock", b"{}")
+        touch(tmp_path / "mine" / "y.png")
+        touch(tmp_path / "sub" / "b.png")
+        dataset = open_dataset(tmp_path, exclude=[tmp_path / "mine"])
+        assert [item.key for item in dataset.items] == ["a.png", "sub/b.png"]
+
+    def test_fingerprint_is_the_same_however_addressed(self, tmp_path, monkeypatch):
+        touch(tmp_path / "ds" / "a.png")
+        (tmp_path / "link").symlink_to(tmp_path / "ds")
+        monkeypatch.chdir(tmp_path)
+        prints = {open_dataset(p).fingerprint() for p in ("ds", tmp_path / "ds", "link", "./ds/")}
+        assert len(prints) == 1
+        touch(tmp_path / "ds" / "b.png")
+        assert open_dataset("ds").fingerprint() not in prints
+
+    def test_placeholder_rows_listed_with_their_lines(self, tmp_path):
+        rows = [
+            {"image": "a.png", "prompt": "<image> hi"},
+            "bad",
+            {"image": "b.png"},
+            {"image": "c.png", "prompt": "ok"},
+        ]
+        source = tmp_path / "d.jsonl"
+        source.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows), encoding="utf-8")
+        dataset = open_dataset(source).without_placeholder("<image>")
+        assert [(i.index, i.key) for i in dataset.items] == [(0, "line 3"), (1, "line 4")]
+        assert [m.split(":")[0] for m in dataset.malformed] == ["line 1", "line 2"]
+        assert "image placeholder '<image>'" in dataset.malformed[0]
+        plain = open_dataset(source)
+        assert plain.without_placeholder("<image>").items != plain.items and plain.without_placeholder("<x>") is plain
+
+
 class TestShard:
     @pytest.mark.parametrize("size", [0, 1, 5, 7])
     @pytest.mark.parametrize("world", [1, 2, 3])

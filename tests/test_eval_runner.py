@@ -28,8 +28,10 @@ from embedlens.bench.runner import (
 )
 from embedlens.bench.vqa import QuestionSet, read_questions, score, yes_no
 from embedlens.interventions import Inject, Prune
+from embedlens.runs import directory as run_directory
 from embedlens.synth.qa import normalize_answer
 from helpers import assert_user_error, random_image, run_cli
+from test_runs import as_launched, free_port
 
 #: Small and fast: 4 questions per batch, 2 new tokens, few bootstrap resamples.
 OPTIONS = EvalOptions(batch_size=4, max_new_tokens=2, bootstrap=200)
@@ -107,7 +109,7 @@ class TestResume:
         table, whole_dir = whole
         batches = 3 * 3  # 12 questions in batches of 4, under 3 settings (the baseline first)
 
-        real_write = runner.atomic_write_text
+        real_write = run_directory.atomic_write_text
         committed: list[Path] = []
 
         def dies_after_commit(path, text):
@@ -118,10 +120,10 @@ class TestResume:
                     raise KeyboardInterrupt
 
         out = tmp_path / "killed"
-        monkeypatch.setattr(runner, "atomic_write_text", dies_after_commit)
+        monkeypatch.setattr(run_directory, "atomic_write_text", dies_after_commit)
         with pytest.raises(KeyboardInterrupt):
             evaluate(tiny, bench_questions, settings, out)
-        monkeypatch.setattr(runner, "atomic_write_text", real_write)
+        monkeypatch.setattr(run_directory, "atomic_write_text", real_write)
         parts = sorted((out / "parts").glob("*.json"))
         assert parts == sorted(committed) and len(parts) == kill_after
         assert not (out / ITEMS_FILE).exists() and not (out / TABLE_JSON).exists()
@@ -179,6 +181,42 @@ class TestResume:
         (tmp_path / "out").write_text("x")
         with pytest.raises(InputError, match="is a file"):
             evaluate(tiny, bench_questions, [], tmp_path / "out")
+
+
+def _eval_worker(rank: int, world: int, port: int, model_dir: str, questions: str, out: str) -> None:
+    """One process of an ``accelerate launch`` running the plain ``run_eval``."""
+    import torch
+
+    import embedlens
+    from embedlens.runs import process_state
+
+    as_launched(rank, world, port)
+    try:
+        torch.set_num_threads(1)
+        session = embedlens.load(model_dir, device="cpu")
+        settings = [parse_setting(s) for s in WHOLE_SETTINGS]
+        table = evaluate(session, read_questions(questions), settings, Path(out))
+        assert (table is not None) == (rank == 0)  # rank 0 merges and returns the table
+    finally:
+        process_state().destroy_process_group()
+
+
+class TestTwoProcesses:
+    """Under ``accelerate launch`` every process answers its share and rank 0 merges: the files must be
+    exactly those of one process."""
+
+    def test_gloo_equals_one_process(self, tiny_dir, bench_dir, whole, tmp_path):
+        import torch.multiprocessing as mp
+
+        _, whole_dir = whole
+        args = (2, free_port(), str(tiny_dir), str(bench_dir), str(tmp_path / "two"))
+        mp.start_processes(_eval_worker, args=args, nprocs=2, join=True, start_method="spawn")
+        two = tmp_path / "two"
+        assert json.loads((two / TABLE_JSON).read_text()) == json.loads((whole_dir / TABLE_JSON).read_text())
+        pd.testing.assert_frame_equal(items(two), items(whole_dir))
+        firsts = sorted({int(p.stem.split("-b")[1]) for p in (two / "parts").glob("s000-*.json")})
+        assert firsts == [0, 4, 6, 10]  # two shares of six questions, each in batches of at most four
+        assert not (two / "run.lock").exists()
 
 
 class TestControlSplit:
@@ -447,6 +485,26 @@ def test_target_setting_needs_target_patches(tiny, tmp_path):
     (tmp_path / "q.jsonl").write_text(json.dumps(row) + "\n")
     with pytest.raises(InputError, match="prunes 'target' but question line 1 has no target_patches"):
         evaluate(tiny, read_questions(tmp_path / "q.jsonl"), [parse_setting("prune:target")], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before any answer, nothing to resume or restart
+
+
+class TestRows:
+    """A row the model would refuse must not abort an evaluation after parts were committed: it is
+    skipped and listed before any answer, and the rest runs."""
+
+    def test_placeholder_in_a_question_is_skipped_and_listed(self, tiny, tmp_path):
+        rows = []
+        for i, question in enumerate(["What is it?", "Where is <image> the cat?", "Which colour?"]):
+            random_image(i).save(tmp_path / f"{i}.png")
+            rows.append({"image": f"{i}.png", "question": question, "answers": ["cat"]})
+        (tmp_path / "q.jsonl").write_text("\ufeff" + "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        questions = read_questions(tmp_path / "q.jsonl")
+        table = evaluate(tiny, questions, [parse_setting("prune:[0]")], tmp_path / "out")
+        assert table["items"] == 2 and table["skipped_rows"] == 1
+        frame = items(tmp_path / "out")
+        assert sorted(set(frame["id"])) == ["line 1", "line 3"] and (frame["status"] == "ok").all()
+        with pytest.raises(InputError, match="--suffix: the prompt contains the image placeholder"):
+            evaluate(tiny, questions, [], tmp_path / "o2", options=EvalOptions(suffix=" <image>"))
 
 
 class TestUnreadableImages:

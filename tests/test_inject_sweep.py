@@ -181,6 +181,22 @@ class TestRun:
         assert result.scaling_rows == [] and all(r["prefill_ms"] is None for r in result.rows)
         assert not (tmp_path / "out" / "scaling.md").exists()
 
+    def test_timing_synchronises_the_device(self, tiny, bench_dir, monkeypatch):
+        """Prefill on a GPU is asynchronous: every timed prefill must be fenced by a synchronisation on
+        both sides, or the sweep times the launch of the kernels instead of their work."""
+        from embedlens.bench import accounting
+
+        events: list[str] = []
+        real_prefill = accounting.prefill_once
+        monkeypatch.setattr(accounting, "_sync", lambda device: events.append("sync"))
+        monkeypatch.setattr(accounting, "prefill_once", lambda *a: (events.append("prefill"), real_prefill(*a)))
+        options = SweepOptions(layers=(0,), skip_until=0, timing_items=2, timing_repeats=1, eval=QUICK.eval)
+        chosen = sweep.sweep_settings(tiny.num_layers, options)
+        seconds = sweep.time_settings(tiny, read_questions(bench_dir), [c.setting for c in chosen], options)
+        assert set(seconds) == {"baseline", "inject@0"} and all(v > 0 for v in seconds.values())
+        prefills = 2 * 2 * 2  # (warm-up + 1 round) x 2 questions x 2 settings
+        assert events == ["sync", "prefill", "sync"] * prefills
+
     def test_bad_best_layer(self, tiny, bench_dir, tmp_path):
         options = SweepOptions(layers=(0,), best_layer=7, eval=QUICK.eval)
         with pytest.raises(InputError, match="best-layer"):

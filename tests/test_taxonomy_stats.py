@@ -10,23 +10,22 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import embedlens
 from embedlens import InputError
 from embedlens.datasets import open_dataset
-from embedlens.taxonomy import stats as stats_module
+from embedlens.runs import bootstrap_interval
+from embedlens.runs import directory as run_directory
 from embedlens.taxonomy.stats import (
     IMAGES_FILE,
     SUMMARY_FILE,
     TOKENS_FILE,
     StatsOptions,
-    bootstrap_interval,
     run_stats,
-    run_stats_distributed,
 )
 from taxonomy_planting import NUM_TOKENS, PLANTED, expected_groups, plant
+from test_runs import as_launched, free_port
 
 GOOD = 5
 
@@ -118,16 +117,18 @@ class TestPlanted:
 
 
 class TestInterval:
+    """Group shares: the one bootstrap of :mod:`embedlens.runs` with each image weighted by its tokens."""
+
     def test_two_opposite_images(self):
         counts = np.array([[4, 0], [0, 4]])
-        low, high = bootstrap_interval(counts, 2000, 0.95, seed=0)
+        low, high = bootstrap_interval(counts, 2000, 0.95, seed=0, weights=counts.sum(axis=1))
         assert low.tolist() == [0.0, 0.0] and high.tolist() == [1.0, 1.0]
 
     def test_width_shrinks_like_the_standard_error(self):
         rng = np.random.default_rng(1)
         fractions = rng.uniform(0.2, 0.6, size=400)
         counts = np.stack([np.round(fractions * 100), 100 - np.round(fractions * 100)], axis=1).astype(int)
-        low, high = bootstrap_interval(counts, 2000, 0.95, seed=0)
+        low, high = bootstrap_interval(counts, 2000, 0.95, seed=0, weights=counts.sum(axis=1))
         share = counts[:, 0] / 100
         expected = 2 * 1.96 * share.std(ddof=1) / np.sqrt(len(share))
         assert high[0] - low[0] == pytest.approx(expected, rel=0.15)
@@ -135,8 +136,8 @@ class TestInterval:
 
     def test_reproducible(self):
         counts = np.random.default_rng(2).integers(0, 10, size=(30, 4))
-        first = bootstrap_interval(counts, 500, 0.9, seed=3)
-        second = bootstrap_interval(counts, 500, 0.9, seed=3)
+        first = bootstrap_interval(counts, 500, 0.9, seed=3, weights=counts.sum(axis=1))
+        second = bootstrap_interval(counts, 500, 0.9, seed=3, weights=counts.sum(axis=1))
         assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
 
 
@@ -171,7 +172,7 @@ class TestResume:
         dataset = open_dataset(dataset_dir)
         options = StatsOptions(batch_size=2)
         whole = run_stats(session, dataset, tmp_path / "whole", anchors=anchors, options=options, progress=False)
-        real_write = stats_module.atomic_write_text
+        real_write = run_directory.atomic_write_text
         records = []
 
         def dies_on_second_record(path, text):
@@ -181,11 +182,11 @@ class TestResume:
                     raise KeyboardInterrupt
             real_write(path, text)
 
-        monkeypatch.setattr(stats_module, "atomic_write_text", dies_on_second_record)
+        monkeypatch.setattr(run_directory, "atomic_write_text", dies_on_second_record)
         out = tmp_path / "out"
         with pytest.raises(KeyboardInterrupt):
             run_stats(session, dataset, out, anchors=anchors, options=options, progress=False)
-        monkeypatch.setattr(stats_module, "atomic_write_text", real_write)
+        monkeypatch.setattr(run_directory, "atomic_write_text", real_write)
         assert len(list((out / "parts").glob("*.parquet"))) == 2 and len(list((out / "parts").glob("*.json"))) == 1
         resumed = run_stats(session, dataset, out, anchors=anchors, options=options, progress=False)
         assert resumed.data == whole.data
@@ -218,13 +219,16 @@ class TestResume:
 
 
 # --------------------------------------------------------------------------- two processes
-def _worker(rank: int, world: int, init: str, model_dir: str, dataset_dir: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+def _worker(rank: int, world: int, port: int, model_dir: str, dataset_dir: str, out: str) -> None:
+    """One process of an ``accelerate launch``: the launcher's environment, then the plain ``run_stats``."""
+    from embedlens.runs import process_state
+
+    as_launched(rank, world, port)
     try:
         torch.set_num_threads(1)
         session = embedlens.load(model_dir, device="cpu")
         anchors, _ = plant(session)
-        run_stats_distributed(
+        run_stats(
             session,
             open_dataset(dataset_dir),
             out,
@@ -233,7 +237,7 @@ def _worker(rank: int, world: int, init: str, model_dir: str, dataset_dir: str, 
             progress=False,
         )
     finally:
-        dist.destroy_process_group()
+        process_state().destroy_process_group()
 
 
 class TestTwoProcesses:
@@ -243,8 +247,7 @@ class TestTwoProcesses:
         one = run_stats(
             session, dataset, tmp_path / "one", anchors=anchors, options=StatsOptions(batch_size=2), progress=False
         )
-        init = f"file://{tmp_path / 'rendezvous'}"
-        args = (2, init, str(tiny_dir), str(dataset_dir), str(tmp_path / "two"))
+        args = (2, free_port(), str(tiny_dir), str(dataset_dir), str(tmp_path / "two"))
         mp.start_processes(_worker, args=args, nprocs=2, join=True, start_method="spawn")
         two = tmp_path / "two"
         assert json.loads((two / SUMMARY_FILE).read_text()) == one.data

@@ -9,6 +9,11 @@ A dataset is either
   but with a ``question`` (an evaluation JSONL) uses the question. Blank lines are ignored.
   Malformed lines are not fatal: they are skipped and reported with their line numbers.
 
+A folder's sub-folders that hold an EmbedLens run (a ``run.json`` or ``run.lock`` beside its
+outputs) are never scanned, and neither are the folders named in ``exclude``: a run whose ``--out``
+lies inside the dataset folder does not see its own pictures as new images on the next run.
+A JSONL file may start with a UTF-8 byte-order mark.
+
 Items keep their position in that order (``index``) and a stable ``key`` (the relative path for a
 folder; ``"line N"`` for JSONL), so that a run can be split across processes and resumed, and still
 merge into one result in dataset order. Whether an image can be decoded is only known when it is
@@ -18,12 +23,17 @@ opened; the commands skip unreadable images and list them.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from embedlens.errors import InputError
+from embedlens.runs.items import items_hash, path_label, placeholder_problem, resolved
+from embedlens.runs.items import shard as shard_items
+from embedlens.runs.lock import LOCK_FILE
 
+#: A folder holding this file is an EmbedLens run's output, not part of a dataset.
+RUN_MARKER = "run.json"
 #: File suffixes taken as images when a folder is read (lower case).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
@@ -62,21 +72,43 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.items)
 
+    def fingerprint(self) -> str:
+        """The identity of the item list (keys, image paths relative to the dataset, prompts), the same
+        however the dataset is addressed (relative, absolute, through a symlink)."""
+        return items_hash((item.key, path_label(item.image, self.source), item.prompt) for item in self.items)
+
     def shard(self, rank: int, world: int) -> list[DatasetItem]:
         """The contiguous share of process ``rank`` out of ``world`` (sizes differ by at most one).
 
         Contiguous shares keep each process's items in dataset order, so per-process outputs
         concatenated by rank are in dataset order too.
         """
-        if world < 1 or not 0 <= rank < world:
-            raise InputError(f"process rank {rank} is outside a world of {world}")
-        start = len(self.items) * rank // world
-        stop = len(self.items) * (rank + 1) // world
-        return self.items[start:stop]
+        return shard_items(self.items, rank, world)
+
+    def without_placeholder(self, placeholder: str) -> Dataset:
+        """This dataset without the items whose prompt contains the model's image ``placeholder``
+        (``prepare`` would refuse their whole batch); each is listed in ``malformed`` with its line,
+        the others are numbered again. Returns ``self`` when none does."""
+        refused = {item.index: placeholder_problem(item.prompt, placeholder) for item in self.items}
+        if not any(refused.values()):
+            return self
+        kept = [item for item in self.items if refused[item.index] is None]
+        problems = [f"{item.key}: {refused[item.index]}" for item in self.items if refused[item.index]]
+        malformed = sorted([*self.malformed, *problems], key=_line_number)
+        return Dataset(self.source, [replace(item, index=i) for i, item in enumerate(kept)], malformed)
 
 
-def open_dataset(source: str | Path) -> Dataset:
+def _line_number(message: str) -> int:
+    head = message.split(":", 1)[0]
+    return int(head[5:]) if head.startswith("line ") and head[5:].isdigit() else 0
+
+
+def open_dataset(source: str | Path, *, exclude: Iterable[str | Path] = ()) -> Dataset:
     """Read a dataset folder or JSONL file (see the module docs).
+
+    Args:
+        source: The folder or JSONL file.
+        exclude: Folders whose images are not part of the dataset (e.g. the run's ``--out``).
 
     Raises:
         InputError: The source is missing, is neither a folder nor a ``.jsonl`` file, or holds no
@@ -86,7 +118,7 @@ def open_dataset(source: str | Path) -> Dataset:
     if not path.exists():
         raise InputError(f"dataset not found: {path}")
     if path.is_dir():
-        dataset = _read_folder(path)
+        dataset = _read_folder(path, {resolved(folder) for folder in exclude})
     elif path.suffix.lower() in {".jsonl", ".ndjson"}:
         dataset = _read_jsonl(path)
     else:
@@ -99,14 +131,25 @@ def open_dataset(source: str | Path) -> Dataset:
     return dataset
 
 
-def _read_folder(folder: Path) -> Dataset:
+def _read_folder(folder: Path, exclude: set[Path]) -> Dataset:
     found = []
+    skipped: dict[Path, bool] = {}
+
+    def left_out(directory: Path) -> bool:
+        if directory not in skipped:
+            run = (directory / RUN_MARKER).is_file() or (directory / LOCK_FILE).is_file()
+            skipped[directory] = (directory != folder and run) or resolved(directory) in exclude
+        return skipped[directory]
+
     for path in folder.rglob("*"):
         relative = path.relative_to(folder)
         if any(part.startswith(".") for part in relative.parts):
             continue
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-            found.append(relative)
+        if not (path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES):
+            continue
+        if any(left_out(folder.joinpath(*relative.parts[:depth])) for depth in range(len(relative.parts))):
+            continue
+        found.append(relative)
     found.sort(key=lambda p: p.as_posix())
     items = [DatasetItem(i, rel.as_posix(), folder / rel) for i, rel in enumerate(found)]
     return Dataset(source=folder, items=items)
@@ -114,7 +157,7 @@ def _read_folder(folder: Path) -> Dataset:
 
 def _read_jsonl(file: Path) -> Dataset:
     try:
-        lines = file.read_text(encoding="utf-8").splitlines()
+        lines = file.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as exc:
         raise InputError(f"dataset {file} is not UTF-8 text") from exc
     except OSError as exc:

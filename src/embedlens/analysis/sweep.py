@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import re
 import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,14 +27,15 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
-from embedlens.bench.accounting import prefill_once
-from embedlens.bench.runner import BASELINE, EvalOptions, Setting, run_eval
-from embedlens.bench.vqa import QuestionSet
+from embedlens.bench.accounting import timed_prefill
+from embedlens.bench.runner import BASELINE, EvalOptions, Setting, run_eval, without_placeholder
+from embedlens.bench.vqa import Question, QuestionSet
 from embedlens.errors import InputError
 from embedlens.files import atomic_path, atomic_write_text
-from embedlens.images import load_image
 from embedlens.interventions import Inject, Scale, Skip, describe, intervene
+from embedlens.runs import load_readable, on_main
 
 if TYPE_CHECKING:
     from embedlens.context import ModelContext
@@ -139,12 +139,9 @@ def time_settings(
     """
     if not options.timing_items:
         return {}
-    usable = []
-    for q in questions.items:
-        try:
-            usable.append((q, load_image(q.image)))
-        except InputError:
-            continue
+    usable: list[tuple[Question, Image.Image]] = []
+    for q in questions.items:  # one at a time: only as many images are opened as are timed
+        usable += load_readable([q])[0]
         if len(usable) == options.timing_items:
             break
     batches = [session.prepare([image], [q.question + options.eval.suffix]) for q, image in usable]
@@ -155,9 +152,7 @@ def time_settings(
         for index, batch in enumerate(batches):
             for setting in everything:
                 with intervene(session, setting.interventions, anchors=anchors, sample_ids=[index]):
-                    start = time.perf_counter()
-                    prefill_once(session, batch)
-                    elapsed = time.perf_counter() - start
+                    elapsed = timed_prefill(session, batch)
                 if round_:  # round 0 warms up
                     times[setting.name][index].append(elapsed)
     return {name: sum(statistics.median(per) for per in rows) for name, rows in times.items()}
@@ -297,7 +292,7 @@ def _evaluate(
     restart: bool,
     progress: bool,
 ) -> dict[str, dict[str, Any]]:
-    tables = {}
+    tables: dict[str, Any] = {}  # each evaluation's table (None on ranks other than 0)
     for number, questions in enumerate(datasets):
         name = dataset_name(questions, number)
         tables[name] = run_eval(
@@ -344,6 +339,9 @@ def run_inject_sweep(
         options: See :class:`SweepOptions`.
         restart: Discard earlier evaluations in ``out``.
         progress: Show progress bars.
+
+    Under several processes each evaluation is split between them; rank 0 times prefill and writes the
+    tables, and every rank returns the same result.
     """
     if not datasets:
         raise InputError("the sweep needs at least one dataset")
@@ -355,26 +353,37 @@ def run_inject_sweep(
     if options.best_layer is not None and not 0 <= options.best_layer < session.num_layers:
         raise InputError(f"best-layer must be in 0..{session.num_layers - 1}, got {options.best_layer}")
     tables = _evaluate(session, datasets, chosen, out, "sweep", options, restart=restart, progress=progress)
-    seconds = time_settings(session, datasets[0], [c.setting for c in chosen], options)
-    rows = sweep_rows(chosen, tables, seconds)
-    best = options.best_layer if options.best_layer is not None else best_layer(rows)
-    names = list(tables)
+    names = [dataset_name(q, number) for number, q in enumerate(datasets)]
     title = f"Injection sweep on {session.adapter.source}: {', '.join(names)}"
-    out.mkdir(parents=True, exist_ok=True)
-    _write_rows(rows, out / SWEEP_FILE)
-    atomic_write_text(out / SWEEP_MD, render_sweep(rows, names, best, title))
-    from embedlens.pictures.plots import plot_sweep
 
-    plot_sweep(rows, out, title=title)
+    def first_stage() -> tuple[list[dict[str, Any]], int | None]:
+        timed = without_placeholder(datasets[0], session.adapter.image_placeholder)
+        seconds = time_settings(session, timed, [c.setting for c in chosen], options)
+        rows = sweep_rows(chosen, tables, seconds)
+        best = options.best_layer if options.best_layer is not None else best_layer(rows)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_rows(rows, out / SWEEP_FILE)
+        atomic_write_text(out / SWEEP_MD, render_sweep(rows, names, best, title))
+        from embedlens.pictures.plots import plot_sweep
+
+        plot_sweep(rows, out, title=title)
+        return rows, best
+
+    rows, best = on_main(first_stage, share=True)  # type: ignore[misc]  (rank 0 times and writes)
     scaling_rows: list[dict[str, Any]] = []
     if options.scales and best is not None:
         scaled = scaling_settings(best, options.scales)
         scaling_tables = _evaluate(
             session, datasets, scaled, out, "scaling", options, restart=restart, progress=progress
         )
-        scaling_rows = sweep_rows(scaled, scaling_tables, {})
-        _write_rows(scaling_rows, out / "scaling.parquet")
-        atomic_write_text(out / SCALING_MD, render_scaling(scaling_rows, names, best, options.scales))
+
+        def second_stage() -> list[dict[str, Any]]:
+            found = sweep_rows(scaled, scaling_tables, {})
+            _write_rows(found, out / "scaling.parquet")
+            atomic_write_text(out / SCALING_MD, render_scaling(found, names, best, options.scales))
+            return found
+
+        scaling_rows = on_main(second_stage, share=True) or []
     summary = {
         "model": session.adapter.source,
         "datasets": {name: str(q.source) for name, q in zip(names, datasets, strict=True)},
@@ -383,5 +392,5 @@ def run_inject_sweep(
         "scaling_rows": scaling_rows,
         "timing": {"items": options.timing_items, "repeats": options.timing_repeats},
     }
-    atomic_write_text(out / SWEEP_JSON, json.dumps(summary, indent=1))
+    on_main(lambda: atomic_write_text(out / SWEEP_JSON, json.dumps(summary, indent=1)))
     return SweepResult(rows=rows, best_layer=best, scaling_rows=scaling_rows, out=out)

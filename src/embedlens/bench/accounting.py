@@ -75,6 +75,17 @@ def prefill_once(session: ModelContext, batch: PreparedBatch) -> None:
         session.model(**batch.inputs, use_cache=True, logits_to_keep=1)
 
 
+def timed_prefill(session: ModelContext, batch: PreparedBatch) -> float:
+    """Wall-clock seconds of one prefill (:func:`prefill_once`), the device synchronised before and
+    after so that queued GPU work is neither counted nor missed."""
+    device = session.adapter.device
+    _sync(device)
+    start = time.perf_counter()
+    prefill_once(session, batch)
+    _sync(device)
+    return time.perf_counter() - start
+
+
 def time_prefill(
     session: ModelContext,
     batch: PreparedBatch,
@@ -90,16 +101,12 @@ def time_prefill(
     """
     if repeats < 1 or warmup < 0:
         raise InputError(f"timing needs repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
-    device = session.adapter.device
     times = []
     with intervene(session, interventions, anchors=anchors) as run:
         for index in range(warmup + repeats):
-            _sync(device)
-            start = time.perf_counter()
-            prefill_once(session, batch)
-            _sync(device)
+            elapsed = timed_prefill(session, batch)
             if index >= warmup:
-                times.append(time.perf_counter() - start)
+                times.append(elapsed)
     return statistics.median(times), run
 
 

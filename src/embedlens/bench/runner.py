@@ -17,38 +17,50 @@ merge writes:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
-from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
 
+from embedlens.bench.eval_table import EVAL_FORMAT, render_markdown, summarise
 from embedlens.bench.flops import sample_flops
-from embedlens.bench.vqa import Question, QuestionSet, relaxed_score, score, yes_no, yes_no_f1
+from embedlens.bench.vqa import Question, QuestionSet, relaxed_score, score, yes_no
 from embedlens.errors import InputError
 from embedlens.files import atomic_path, atomic_write_text
-from embedlens.images import load_image
 from embedlens.interventions import Intervention, Prune, describe, parse, plan
 from embedlens.interventions.generation import generate_batch
-from embedlens.resume import PARTS_DIR, prepare_run_dir, read_parts
-from embedlens.synth.qa import normalize_answer
+from embedlens.runs import (
+    Commit,
+    RunDir,
+    contiguous_batches,
+    execute,
+    items_hash,
+    load_readable,
+    path_label,
+    placeholder_problem,
+    rank,
+    refuse_placeholder,
+    resolved,
+    shard,
+    world_size,
+)
+from embedlens.runs.options import check_options
 
 if TYPE_CHECKING:
     from embedlens.context import ModelContext
 
-EVAL_FORMAT = "embedlens-eval"
 ITEMS_FILE = "items.parquet"
 TABLE_JSON = "table.json"
 TABLE_MD = "table.md"
 BASELINE = "baseline"
+#: The committed parts of an evaluation (``s<setting>-b<first question>``).
+_PARTS = "s*-b*.json"
 
 
 @dataclass(frozen=True)
@@ -143,66 +155,67 @@ class EvalOptions:
     confidence: float = 0.95
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_new_tokens", "bootstrap"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise InputError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if not 0 < self.confidence < 1:
-            raise InputError(f"confidence must be between 0 and 1, got {self.confidence!r}")
+        check_options(self, ("batch_size", "max_new_tokens", "bootstrap"), confidence=True)
 
 
 def run_identity(
     session: ModelContext, questions: QuestionSet, settings: Sequence[Setting], options: EvalOptions
 ) -> dict[str, Any]:
-    """Everything that decides the answers; a resumed run must match it exactly."""
-    digest = hashlib.sha256()
-    for q in questions.items:
-        digest.update(json.dumps([q.id, str(q.image), q.question, q.answers, q.type, q.prune_target]).encode())
+    """Everything that decides the answers and the layout of the parts; a resumed run must match it."""
+    rows = (
+        (q.id, path_label(q.image, questions.source), q.question, q.answers, q.type, q.prune_target)
+        for q in questions.items
+    )
     return {
         "format": EVAL_FORMAT + "-run",
         "model": session.adapter.source,
         "config_hash": session.config_hash,
         "settings": [s.to_dict() for s in settings],
-        "questions": str(questions.source),
+        "questions": str(resolved(questions.source)),
         "items": len(questions.items),
-        "items_hash": digest.hexdigest(),
+        "items_hash": items_hash(rows),
         "max_new_tokens": options.max_new_tokens,
         "suffix": options.suffix,
         "anchors": options.anchors,
+        "batch_size": options.batch_size,
     }
 
 
-def _batches(items: Sequence[Question], size: int) -> list[list[Question]]:
-    """Consecutive questions, at most ``size`` per batch, control rows never mixed with others."""
-    batches: list[list[Question]] = []
-    for q in items:
-        last = batches[-1] if batches else None
-        if last and len(last) < size and last[-1].prune_target == q.prune_target and last[-1].index + 1 == q.index:
-            last.append(q)
-        else:
-            batches.append([q])
-    return batches
+def _check_targets(session: ModelContext, questions: QuestionSet, settings: Sequence[Setting]) -> None:
+    """Refuse, before any answer, a setting that prunes ``target`` on questions without target patches
+    (it would silently prune nothing)."""
+    lacking = [q.id for q in questions.items if q.target_patches is None]
+    for setting in settings:
+        if lacking and plan(list(setting.interventions), session.num_layers).needs_targets:
+            raise InputError(
+                f"setting {setting.name!r} prunes 'target' but question {lacking[0]} has no target_patches"
+            )
+
+
+def _same_split(a: Question, b: Question) -> bool:
+    """Control rows (``prune_target``) are never batched with plain ones."""
+    return a.prune_target == b.prune_target
+
+
+def without_placeholder(questions: QuestionSet, placeholder: str) -> QuestionSet:
+    """``questions`` without the rows whose question holds the model's image placeholder (each listed in
+    ``skipped``), the others numbered again; ``questions`` itself when none does."""
+    refused = {q.index: placeholder_problem(q.question, placeholder) for q in questions.items}
+    if not any(refused.values()):
+        return questions
+    kept = [q for q in questions.items if refused[q.index] is None]
+    skipped = [*questions.skipped, *(f"{q.id}: {refused[q.index]}" for q in questions.items if refused[q.index])]
+    return QuestionSet(questions.source, [replace(q, index=i) for i, q in enumerate(kept)], skipped)
 
 
 def _answer_batch(
     session: ModelContext, setting: Setting, batch: Sequence[Question], options: EvalOptions
 ) -> list[dict[str, Any]]:
     """Answer one batch under one setting; one record per question."""
-    records: list[dict[str, Any]] = []
-    readable: list[tuple[Question, Any]] = []
-    for q in batch:
-        try:
-            readable.append((q, load_image(q.image)))
-        except InputError as exc:
-            records.append({"index": q.index, "status": "unreadable", "reason": str(exc)})
+    readable, skipped = load_readable(batch)
+    records: list[dict[str, Any]] = [{"index": q.index, "status": "unreadable", "reason": why} for q, why in skipped]
     if readable:
         items = list(setting.interventions)
-        if plan(items, session.num_layers).needs_targets:
-            lacking = [q.id for q, _ in readable if q.target_patches is None]
-            if lacking:
-                raise InputError(
-                    f"setting {setting.name!r} prunes 'target' but question {lacking[0]} has no target_patches"
-                )
         if readable[0][0].prune_target:
             policy = plan(items, session.num_layers).positions
             items.append(Prune(group="target", positions=policy))  # type: ignore[arg-type]
@@ -244,41 +257,44 @@ def collect(
     *,
     progress: bool = True,
 ) -> int:
-    """Answer every (setting, question) not yet committed under ``out/parts``; returns how many ran."""
-    parts = out / PARTS_DIR
-    done = {(r["setting"], r["index"]) for r in read_parts(parts, "s*-b*.json")}
-    total = len(settings) * len(questions.items)
-    bar = tqdm(total=total, initial=len(done), desc="eval", unit="answer", disable=not progress)
-    ran = 0
-    try:
-        for number, setting in enumerate(settings):
-            todo = [q for q in questions.items if (number, q.index) not in done]
-            for batch in _batches(todo, options.batch_size):
-                records = [{**r, "setting": number} for r in _answer_batch(session, setting, batch, options)]
-                atomic_write_text(parts / f"s{number:03d}-b{batch[0].index:07d}.json", json.dumps(records))
-                ran += len(batch)
-                bar.update(len(batch))
-    finally:
-        bar.close()
-    return ran
+    """Answer every (setting, question) of this rank's share not yet committed under ``out/parts``;
+    returns how many ran."""
+    run = eval_run(out)
+    done = set(run.records(_answer_key, _PARTS))
+    share = shard(questions.items, rank(), world_size())
+    batches = [
+        (number, batch)
+        for number in range(len(settings))
+        for batch in contiguous_batches(
+            [q for q in share if (number, q.index) not in done], options.batch_size, together=_same_split
+        )
+    ]
+
+    def compute(job: tuple[int, list[Question]]) -> Commit:
+        number, batch = job
+        records = [{**r, "setting": number} for r in _answer_batch(session, settings[number], batch, options)]
+        return Commit(f"s{number:03d}-b{batch[0].index:07d}", records, size=len(batch))
+
+    total = len(settings) * len(share)
+    mine = sum((number, q.index) in done for number in range(len(settings)) for q in share)
+    return execute(run, batches, compute, total=total, done=mine, desc="eval", unit="answer", progress=progress)
+
+
+def _answer_key(record: dict[str, Any]) -> tuple[int, int]:
+    return int(record["setting"]), int(record["index"])
+
+
+def eval_run(out: str | Path) -> RunDir:
+    """The run directory of an evaluation in ``out``."""
+    return RunDir(out, "eval", (ITEMS_FILE, TABLE_JSON, TABLE_MD))
 
 
 # --------------------------------------------------------------------------- merging
-def _interval(values: np.ndarray, resamples: int, confidence: float, rng: np.random.Generator) -> list[float]:
-    """Percentile bootstrap interval of the mean of ``values`` (rows resampled)."""
-    if values.size == 0:
-        return [float("nan"), float("nan")]
-    picks = rng.integers(0, values.shape[0], size=(resamples, values.shape[0]))
-    means = values[picks].mean(axis=1)
-    tail = (1 - confidence) / 2 * 100
-    return [float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))]
-
-
 def merge(
     out: Path, questions: QuestionSet, settings: Sequence[Setting], options: EvalOptions, *, seed: int = 0
 ) -> dict[str, Any]:
     """Write ``items.parquet``, ``table.json`` and ``table.md`` from the committed parts."""
-    records = {(r["setting"], r["index"]): r for r in read_parts(out / PARTS_DIR, "s*-b*.json")}
+    records = eval_run(out).records(_answer_key, _PARTS)
     missing = len(settings) * len(questions.items) - len(records)
     if missing:
         raise InputError(f"{missing} answers are not committed yet; run the evaluation again to finish it")
@@ -322,157 +338,6 @@ def merge(
     return table
 
 
-def summarise(
-    rows: Sequence[dict[str, Any]],
-    questions: QuestionSet,
-    settings: Sequence[Setting],
-    options: EvalOptions,
-    *,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Per setting and category: scores with intervals, paired deltas, yes/no F1, tokens and FLOPs."""
-    rng = np.random.default_rng(seed)
-    ok_items = [
-        q.index
-        for q in questions.items
-        if all(r["status"] == "ok" for r in rows if r["index"] == q.index)  # answered in every setting
-    ]
-    by_setting: dict[int, dict[int, dict[str, Any]]] = defaultdict(dict)
-    for r in rows:
-        by_setting[r["setting_index"]][r["index"]] = r
-    categories = sorted({q.category for q in questions.items})
-    category_items = {
-        c: [q for q in questions.items if q.category == c and q.index in set(ok_items)] for c in categories
-    }
-    baseline = by_setting[0]
-    summary: dict[str, Any] = {
-        "format": EVAL_FORMAT,
-        "questions": str(questions.source),
-        "items": len(questions.items),
-        "answered_in_every_setting": len(ok_items),
-        "skipped_rows": len(questions.skipped),
-        "confidence": options.confidence,
-        "categories": categories,
-        "settings": [],
-        "families": [],
-    }
-    for number, setting in enumerate(settings):
-        mine = by_setting[number]
-        entry: dict[str, Any] = {**setting.to_dict(), "categories": {}}
-        for category in categories:
-            items = category_items[category]
-            scores = np.array([mine[q.index]["score"] for q in items], dtype=float)
-            base = np.array([baseline[q.index]["score"] for q in items], dtype=float)
-            relaxed = np.array([mine[q.index]["relaxed"] for q in items], dtype=float)
-            cell: dict[str, Any] = {
-                "n": len(items),
-                "score": float(scores.mean()) if items else float("nan"),
-                "interval": _interval(scores, options.bootstrap, options.confidence, rng),
-                "relaxed": float(relaxed.mean()) if items else float("nan"),
-            }
-            if number:
-                cell["delta"] = float((scores - base).mean()) if items else float("nan")
-                cell["delta_interval"] = _interval(scores - base, options.bootstrap, options.confidence, rng)
-            yes_items = [q for q in items if q.type == "yesno"]
-            if yes_items:
-                predicted = [mine[q.index]["yesno"] for q in yes_items]
-                truth = [normalize_answer(q.answers[0]) for q in yes_items]
-                cell["yesno_accuracy"] = float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)]))
-                cell["yesno_f1"] = yes_no_f1(predicted, truth)
-                cell["yesno_n"] = len(yes_items)
-            entry["categories"][category] = cell
-        answered = [mine[i] for i in ok_items]
-        entry["tokens_layer0"] = float(np.mean([r["tokens_layer0"] for r in answered])) if answered else None
-        entry["tokens_mean"] = float(np.mean([r["tokens_mean"] for r in answered])) if answered else None
-        entry["pruned"] = float(np.mean([r["pruned"] for r in answered])) if answered else None
-        entry["gflops"] = float(np.mean([r["gflops"] for r in answered])) if answered else None
-        all_scores = np.array([r["score"] for r in answered], dtype=float)
-        entry["overall"] = float(all_scores.mean()) if answered else float("nan")
-        entry["overall_relaxed"] = float(np.mean([r["relaxed"] for r in answered])) if answered else float("nan")
-        entry["overall_interval"] = _interval(all_scores, options.bootstrap, options.confidence, rng)
-        summary["settings"].append(entry)
-    base_flops = summary["settings"][0]["gflops"]
-    for entry in summary["settings"]:
-        entry["flops_ratio"] = entry["gflops"] / base_flops if base_flops else None
-    families = sorted({s.family for s in settings if s.family})
-    for family in families:
-        members = [e for s, e in zip(settings, summary["settings"], strict=True) if s.family == family]
-        cell = {"name": family, "seeds": len(members), "categories": {}}
-        for category in [*categories, "overall"]:
-            values = [m["overall"] if category == "overall" else m["categories"][category]["score"] for m in members]
-            cell["categories"][category] = {"mean": float(np.mean(values)), "spread": float(np.std(values))}
-        cell["pruned"] = float(np.mean([m["pruned"] for m in members]))
-        summary["families"].append(cell)
-    return summary
-
-
-def _pct(value: float) -> str:
-    return "n/a" if value != value else f"{value * 100:.1f}"
-
-
-def render_markdown(table: dict[str, Any]) -> str:
-    """The summary as markdown tables: scores (with intervals and deltas), yes/no, tokens and FLOPs."""
-    categories = table["categories"]
-    level = round(table["confidence"] * 100)
-    lines = [
-        f"Scores in % ({level}% bootstrap intervals over questions); delta = setting - baseline, paired.",
-        f"{table['answered_in_every_setting']} of {table['items']} questions answered in every setting"
-        + (f"; {table['skipped_rows']} rows skipped" if table["skipped_rows"] else "")
-        + ".",
-        "",
-        "| setting | " + " | ".join(categories) + " | overall | pruned | tokens L0 | FLOPs |",
-        "|---" * (len(categories) + 5) + "|",
-    ]
-    for entry in table["settings"]:
-        cells = []
-        for category in categories:
-            cell = entry["categories"][category]
-            text = f"{_pct(cell['score'])} [{_pct(cell['interval'][0])}, {_pct(cell['interval'][1])}]"
-            if "delta" in cell:
-                low, high = cell["delta_interval"]
-                text += f"<br>Δ {cell['delta'] * 100:+.1f} [{low * 100:+.1f}, {high * 100:+.1f}]"
-            cells.append(text)
-        overall = f"{_pct(entry['overall'])}"
-        ratio = entry["flops_ratio"]
-        lines.append(
-            f"| {entry['name']} | " + " | ".join(cells) + f" | {overall} | {entry['pruned']:.1f} | "
-            f"{entry['tokens_layer0']:.1f} | {entry['gflops']:.3g} G ({ratio:.2f}x) |"
-        )
-    if table["families"]:
-        lines += ["", "| random control (over seeds) | " + " | ".join(categories) + " | overall | pruned |"]
-        lines.append("|---" * (len(categories) + 3) + "|")
-        for family in table["families"]:
-            cells = [
-                f"{_pct(family['categories'][c]['mean'])} ± {_pct(family['categories'][c]['spread'])}"
-                for c in [*categories, "overall"]
-            ]
-            lines.append(
-                f"| {family['name']} ({family['seeds']} seeds) | " + " | ".join(cells) + f" | {family['pruned']:.1f} |"
-            )
-    lines += [
-        "",
-        "Relaxed scores in % (the answer appears as whole words in the reply; letters and yes/no still strict):",
-        "",
-        "| setting | " + " | ".join(categories) + " | overall |",
-        "|---" * (len(categories) + 2) + "|",
-    ]
-    for entry in table["settings"]:
-        cells = [_pct(entry["categories"][c]["relaxed"]) for c in categories]
-        lines.append(f"| {entry['name']} | " + " | ".join(cells) + f" | {_pct(entry['overall_relaxed'])} |")
-    yes_rows = [
-        (entry["name"], c, entry["categories"][c])
-        for entry in table["settings"]
-        for c in categories
-        if "yesno_f1" in entry["categories"][c]
-    ]
-    if yes_rows:
-        lines += ["", "| setting | category | yes/no questions | accuracy | F1 (yes) |", "|---|---|---|---|---|"]
-        for name, category, cell in yes_rows:
-            accuracy, f1 = _pct(cell["yesno_accuracy"]), _pct(cell["yesno_f1"])
-            lines.append(f"| {name} | {category} | {cell['yesno_n']} | {accuracy} | {f1} |")
-    return "\n".join(lines) + "\n"
-
-
 def run_eval(
     session: ModelContext,
     questions: QuestionSet,
@@ -482,8 +347,12 @@ def run_eval(
     options: EvalOptions | None = None,
     restart: bool = False,
     progress: bool = True,
-) -> dict[str, Any]:
-    """Evaluate the baseline and ``settings`` on ``questions``; resumable; returns the summary.
+) -> dict[str, Any] | None:
+    """Evaluate the baseline and ``settings`` on ``questions``; resumable; returns the summary (under
+    several processes each answers its share and rank 0 merges and returns it, the others None).
+
+    Rows whose question holds the model's image placeholder are skipped and listed (``skipped_rows``),
+    and settings are checked against the questions, before the output directory is touched.
 
     Args:
         session: The loaded model.
@@ -495,9 +364,13 @@ def run_eval(
         progress: Show a progress bar.
     """
     options = options or EvalOptions()
+    run = eval_run(out)
+    run.check_target()
     chosen = with_baseline(settings, session.num_layers)
-    out = Path(out)
+    refuse_placeholder(options.suffix, session.adapter.image_placeholder, "--suffix")
+    questions = without_placeholder(questions, session.adapter.image_placeholder)
+    _check_targets(session, questions, chosen)
     identity = run_identity(session, questions, chosen, options)
-    prepare_run_dir(out, identity, restart=restart, kind="eval", outputs=(ITEMS_FILE, TABLE_JSON, TABLE_MD))
-    collect(session, questions, chosen, out, options, progress=progress)
-    return merge(out, questions, chosen, options)
+    with run.session(identity, restart=restart, device=session.adapter.device):
+        collect(session, questions, chosen, run.out, options, progress=progress)
+        return run.finish(lambda: merge(run.out, questions, chosen, options))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -26,6 +24,7 @@ from embedlens.cli.options import (
     out_dir_option,
     remember_out,
 )
+from embedlens.cli.report import ReportOpt, write_run_report
 from embedlens.errors import InputError
 
 
@@ -52,6 +51,7 @@ def stats(
     ] = 1000,
     restart: RestartOpt = False,
     progress: ProgressOpt = True,
+    report: ReportOpt = False,
 ) -> None:
     """Group fractions (with intervals), per-token Parquet and heatmaps over a dataset; resumable.
 
@@ -59,55 +59,24 @@ def stats(
     rank 0 merges the result.
     """
     from embedlens.datasets import open_dataset
+    from embedlens.runs import is_main, process_device
     from embedlens.taxonomy.anchors import Anchors, builtin_anchors, no_builtin_message
-    from embedlens.taxonomy.stats import StatsOptions, run_stats, run_stats_distributed
+    from embedlens.taxonomy.stats import StatsOptions, run_stats
     from embedlens.taxonomy.summaries import stats_summary
 
     options = StatsOptions(top_k=top_k, prompt=prompt, batch_size=batch_size, bootstrap=bootstrap)
-    data = open_dataset(dataset)
+    data = open_dataset(dataset, exclude=[out])
     chosen = Anchors.load(anchors) if anchors is not None else builtin_anchors(models.model)
     if chosen is None:
         raise InputError(no_builtin_message(models.model))
-    with _process_group(models.device) as (rank, world, device):
-        if rank == 0:
-            warn_malformed(dataset, data.malformed)
-        session = models.load(device=device)
-        kwargs = {"anchors": chosen, "options": options, "restart": restart, "progress": progress}
-        if world > 1:
-            summary = run_stats_distributed(session, data, out, **kwargs)
-        else:
-            summary = run_stats(session, data, out, **kwargs)
-    if summary is not None:
+    if is_main():
+        warn_malformed(dataset, data.malformed)
+    session = models.load(device=process_device(models.device))
+    summary = run_stats(session, data, out, anchors=chosen, options=options, restart=restart, progress=progress)
+    if summary is not None:  # None on every process but the first, which merges
         typer.echo(stats_summary(summary))
-
-
-@contextlib.contextmanager
-def _process_group(device: str) -> Iterator[tuple[int, int, str]]:
-    """Join the ``torch.distributed`` group that ``accelerate launch`` / ``torchrun`` describe in the
-    environment (``WORLD_SIZE`` > 1), and leave it afterwards; yields ``(rank, world, device)``, the
-    device being this process's GPU under ``device="auto"`` when there are GPUs."""
-    import os
-
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world <= 1:
-        yield 0, 1, device
-        return
-    import torch
-    import torch.distributed as dist
-
-    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
-    cuda = torch.cuda.is_available() and device in ("auto", "cuda")
-    if cuda:
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    started = not dist.is_initialized()
-    if started:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    try:
-        yield dist.get_rank(), dist.get_world_size(), device
-    finally:
-        if started:
-            dist.destroy_process_group()
+        if report:
+            typer.echo(f"wrote {write_run_report(out)}")
 
 
 @app.command("discover-anchors")

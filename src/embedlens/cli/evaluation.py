@@ -32,6 +32,7 @@ from embedlens.cli.options import (
     parse_layer_list,
     quiet_transformers,
 )
+from embedlens.cli.report import ReportOpt, write_run_report
 from embedlens.errors import InputError
 
 if TYPE_CHECKING:
@@ -137,6 +138,7 @@ def eval_(
     bootstrap: BootstrapOpt = 1000,
     restart: RestartOpt = False,
     progress: ProgressOpt = True,
+    report: ReportOpt = False,
 ) -> None:
     """Evaluate the baseline and intervention settings side by side, in one run and code path; resumable."""
     from embedlens.bench.runner import parse_setting, render_markdown, run_eval
@@ -151,10 +153,17 @@ def eval_(
         settings = preset_settings(preset, seed_list) + settings
     options = _eval_options(batch_size, max_new_tokens, suffix, anchors, bootstrap)
     [questions] = _read_question_sets([dataset])
-    session = models.load(settings=[setting.interventions for setting in settings])
+    from embedlens.runs import process_device
+
+    checked = [setting.interventions for setting in settings]
+    session = models.load(settings=checked, device=process_device(models.device))
     table = run_eval(session, questions, settings, out, options=options, restart=restart, progress=progress)
+    if table is None:  # every process but the first, which merges and writes the tables
+        return
     typer.echo(render_markdown(table), nl=False)
     typer.echo(f"wrote {out / 'items.parquet'}, {out / 'table.md'} and {out / 'table.json'}")
+    if report:
+        typer.echo(f"wrote {write_run_report(out)}")
 
 
 @app.command()
@@ -176,10 +185,12 @@ def align(
     batch_size: ImageBatchOpt = 4,
     restart: RestartOpt = False,
     progress: ProgressOpt = True,
+    report: ReportOpt = False,
 ) -> None:
     """Where visual tokens belong in the LLM: norms, alignment to text states and readability per layer."""
     from embedlens.analysis.alignment import AlignOptions, run_align
     from embedlens.datasets import open_dataset
+    from embedlens.runs import is_main, process_device
 
     options = AlignOptions(
         prompt=prompt,
@@ -190,14 +201,19 @@ def align(
         text=str(text) if text is not None else None,
         batch_size=batch_size,
     )
-    data = open_dataset(dataset)
-    warn_malformed(dataset, data.malformed)
-    session = models.load()
+    data = open_dataset(dataset, exclude=[out])
+    if is_main():
+        warn_malformed(dataset, data.malformed)
+    session = models.load(device=process_device(models.device))
     result = run_align(session, data, out, options=options, restart=restart, progress=progress)
+    if result is None:  # every process but the first, which merges and writes the tables
+        return
     typer.echo((out / "table.md").read_text(encoding="utf-8"), nl=False)
     if result.unreadable:
         typer.echo(f"skipped {len(result.unreadable)} unreadable image(s), first: {result.unreadable[0]}")
     typer.echo(f"wrote {out}/layers.parquet, summary.json, table.md, norms.png, alignment.png, readability.png")
+    if report:
+        typer.echo(f"wrote {write_run_report(out)}")
 
 
 @app.command("inject-sweep")
@@ -233,6 +249,7 @@ def inject_sweep(
     bootstrap: BootstrapOpt = 1000,
     restart: RestartOpt = False,
     progress: ProgressOpt = True,
+    report: ReportOpt = False,
 ) -> None:
     """Accuracy, FLOPs and prefill time for every injection layer, with the baseline; then norm scaling."""
     from embedlens.analysis.sweep import SweepOptions, run_inject_sweep
@@ -266,3 +283,5 @@ def inject_sweep(
     typer.echo(
         f"wrote {out}/sweep.parquet, sweep.md, sweep.json, sweep.png" + (", scaling.md" if result.scaling_rows else "")
     )
+    if report:
+        typer.echo(f"wrote {write_run_report(out)}")
