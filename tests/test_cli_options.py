@@ -15,7 +15,7 @@ import torch
 from embedlens.bench.patchbench import generate_benchmark
 from embedlens.errors import InputError
 from embedlens.mini.train import CHECKPOINT, TrainConfig
-from embedlens.models import registry
+from embedlens.models import loading, registry
 from test_cli import assert_user_error, run_cli
 
 
@@ -32,7 +32,7 @@ def loads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict]]:
         calls.append((name, kwargs))
         raise LoaderStopped("loader reached")
 
-    monkeypatch.setattr(registry, "load_adapter", record)
+    monkeypatch.setattr(loading, "load_adapter", record)
     return calls
 
 

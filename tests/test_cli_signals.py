@@ -13,7 +13,7 @@ import time
 import pytest
 
 from embedlens.cli.app import RESUMABLE
-from embedlens.models import registry
+from embedlens.models import loading
 from helpers import random_image
 from test_cli import run_cli
 
@@ -42,7 +42,7 @@ def interrupting_loader(monkeypatch: pytest.MonkeyPatch) -> None:
     def interrupt(name: str, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(registry, "load_adapter", interrupt)
+    monkeypatch.setattr(loading, "load_adapter", interrupt)
 
 
 class TestInProcess:

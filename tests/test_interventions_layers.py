@@ -180,7 +180,7 @@ class TestScale:
 def test_inject_and_exit_under_both_attention_kinds(tiny_dir, attn):
     """The masks Inject and Exit build for their layers suit eager attention as well as SDPA."""
     import embedlens
-    from embedlens.models.registry import load_adapter
+    from embedlens.models.loading import load_adapter
 
     adapter = load_adapter(str(tiny_dir), device="cpu")
     adapter.model.set_attn_implementation(attn)

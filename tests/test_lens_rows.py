@@ -65,9 +65,8 @@ class TestRowsPastTheTokenizer:
             EmbeddingLens(padded_tiny.adapter, vocab_limit=0)
 
 
-@pytest.fixture(scope="module")
-def llava_hf_shaped(tmp_path_factory) -> embedlens.Session:
-    """A tiny llava-hf-shaped checkpoint: LLaMA's vocabulary plus ``<image>`` (32000) and ``<pad>`` (32001),
+def save_llava_hf_shaped(directory: Path) -> Path:
+    """Save a tiny llava-hf-shaped checkpoint: LLaMA's vocabulary plus ``<image>`` (32000) and ``<pad>`` (32001),
     a 32064-row table whose rows from 32000 on sit at the mean embedding (as llava-hf's conversion set them)."""
     tokenizer = AutoTokenizer.from_pretrained(str(LLAMA_DIR), gguf_file="ggml-vocab-llama-spm.gguf")
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
@@ -84,10 +83,20 @@ def llava_hf_shaped(tmp_path_factory) -> embedlens.Session:
         mean = table[:LLAMA_ROWS].mean(dim=0)
         extra = LLAVA_HF_ROWS - LLAMA_ROWS
         table[LLAMA_ROWS:] = mean + 1e-3 * mean.norm() * torch.randn(extra, table.shape[1], generator=generator)
-    directory = tmp_path_factory.mktemp("llava-hf-shaped")
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
-    return embedlens.load(str(directory), device="cpu")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def llava_hf_dir(tmp_path_factory) -> Path:
+    """Saved under a LLaVA-1.5-7B name, so the built-in anchors (and their base vocabulary) apply."""
+    return save_llava_hf_shaped(tmp_path_factory.mktemp("models") / "llava-1.5-7b-hf")
+
+
+@pytest.fixture(scope="module")
+def llava_hf_shaped(llava_hf_dir) -> embedlens.Session:
+    return embedlens.load(str(llava_hf_dir), device="cpu")
 
 
 class TestBaseVocabulary:
@@ -112,3 +121,28 @@ class TestBaseVocabulary:
         assert lens.rows_left_out == LLAVA_HF_ROWS - LLAMA_ROWS
         found = lens.top_k(self._mean_leaning(llava_hf_shaped), 3)
         assert int(found.ids.max()) < LLAMA_ROWS
+
+
+class TestWhoUsesTheBaseVocabulary:
+    """The rule always reads anchors within their base vocabulary; plain probes do so only under the paper
+    profile; provenance says which rows were searched."""
+
+    def test_default_probe_searches_every_token(self, llava_hf_shaped, make_image):
+        result = llava_hf_shaped.probe(make_image(1), top_k=3)
+        assert result.provenance.profile == "default"
+        assert result.provenance.vocab_limit is None and result.provenance.rows_left_out == 62
+
+    def test_paper_profile_probe_searches_the_base(self, llava_hf_dir, make_image):
+        session = embedlens.load(str(llava_hf_dir), device="cpu", profile="paper")
+        assert session.vocab_limit == LLAMA_ROWS
+        result = session.probe(make_image(1), top_k=3)
+        assert result.provenance.profile == "paper"
+        assert result.provenance.vocab_limit == LLAMA_ROWS and result.provenance.rows_left_out == 64
+        assert int(result.top_ids.max()) < LLAMA_ROWS
+        assert result.text.startswith("A chat between a curious human")
+
+    def test_rule_reads_the_anchors_base_under_any_profile(self, llava_hf_shaped, make_image):
+        classified = llava_hf_shaped.classify(make_image(2))  # the built-in LLaVA-1.5-7B anchors
+        assert classified.anchors.base_vocab_size == LLAMA_ROWS
+        assert classified.probe.provenance.vocab_limit == LLAMA_ROWS
+        assert int(classified.probe.top_ids.max()) < LLAMA_ROWS

@@ -44,9 +44,7 @@ class TestPadToSquare:
 
 @pytest.fixture
 def paper_tiny(tiny_dir):
-    session = embedlens.load(str(tiny_dir), device="cpu")
-    session.adapter.profile = get_profile("paper")
-    return session
+    return embedlens.load(str(tiny_dir), device="cpu", profile="paper")
 
 
 class TestPaperProfileOnLlava:
@@ -73,3 +71,20 @@ class TestPaperProfileOnLlava:
         ids = batch.inputs["input_ids"][0]
         assert bool((ids[span.positions] == paper_tiny.adapter.image_token_id).all())
         assert batch.texts[0].startswith(VICUNA_V1_SYSTEM)
+
+
+def test_cli_profile_option(tmp_path):
+    """``--profile`` reaches the loader: an unknown name is one line and exit 2, ``paper`` changes the text."""
+    import subprocess
+    import sys
+
+    run = [sys.executable, "-m", "embedlens.cli", "probe", "--model", "tiny-llava", "--json", "-k", "1"]
+    bad = subprocess.run([*run, "--profile", "papr"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "embedlens: error: unknown profile 'papr'; choose from default, paper"
+    ]
+    import json
+
+    default = json.loads(subprocess.run(run, capture_output=True, text=True, check=True).stdout)
+    paper = json.loads(subprocess.run([*run, "--profile", "paper"], capture_output=True, text=True, check=True).stdout)
+    assert [t["position"] for t in paper["tokens"]] != [t["position"] for t in default["tokens"]]  # longer prompt

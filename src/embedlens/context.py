@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from functools import cached_property
-from typing import overload
 
 import numpy as np
 import torch
@@ -96,7 +95,9 @@ class ModelContext:
 
     def __init__(self, adapter: ModelAdapter) -> None:
         self.adapter = adapter
-        self._lenses: dict[tuple[str, tuple[str, ...]], Lens] = {}
+        #: Lenses return only ids below this unless told otherwise (None: every row the tokenizer has).
+        self.vocab_limit: int | None = None
+        self._lenses: dict[tuple[str, tuple[str, ...], int | None], Lens] = {}
 
     @property
     def model(self) -> torch.nn.Module:
@@ -118,11 +119,15 @@ class ModelContext:
         """SHA-256 of the model config."""
         return config_hash(self.adapter.model.config)
 
-    def lens(self, name: str = "embedding", exclude: Iterable[str] = ()) -> Lens:
-        """The lens called ``name`` with the given exclusions (normalised tables are cached)."""
-        key = (name, tuple(sorted(set(exclude))))
+    def lens(self, name: str = "embedding", exclude: Iterable[str] = (), vocab_limit: int | None = None) -> Lens:
+        """The lens called ``name`` with the given exclusions (normalised tables are cached).
+
+        ``vocab_limit`` restricts it to ids below that (a base vocabulary); None means :attr:`vocab_limit`.
+        """
+        limit = self.vocab_limit if vocab_limit is None else vocab_limit
+        key = (name, tuple(sorted(set(exclude))), limit)
         if key not in self._lenses:
-            self._lenses[key] = lens_class(name)(self.adapter, exclude=key[1])
+            self._lenses[key] = lens_class(name)(self.adapter, exclude=key[1], vocab_limit=limit)
         return self._lenses[key]
 
     def prepare(
@@ -145,34 +150,6 @@ class ModelContext:
         loaded = [[load_image(image)] for image in images]
         return self.adapter.prepare(loaded, asked, raw=raw_prompts is not None)
 
-    @overload
-    def probe_batch(
-        self,
-        images: Sequence[ImageLike],
-        prompts: Sequence[str] | None = None,
-        *,
-        raw_prompts: Sequence[str] | None = None,
-        layer: int = 0,
-        layers: None = None,
-        top_k: int = 10,
-        lens: str = "embedding",
-        exclude: Iterable[str] = (),
-    ) -> list[ProbeResult]: ...
-
-    @overload
-    def probe_batch(
-        self,
-        images: Sequence[ImageLike],
-        prompts: Sequence[str] | None = None,
-        *,
-        raw_prompts: Sequence[str] | None = None,
-        layer: int = 0,
-        layers: LayerSpec,
-        top_k: int = 10,
-        lens: str | Sequence[str] = "embedding",
-        exclude: Iterable[str] = (),
-    ) -> list[MultiLayerProbe]: ...
-
     def probe_batch(
         self,
         images: Sequence[ImageLike],
@@ -184,6 +161,7 @@ class ModelContext:
         top_k: int = 10,
         lens: str | Sequence[str] = "embedding",
         exclude: Iterable[str] = (),
+        vocab_limit: int | None = None,
     ) -> list[ProbeResult] | list[MultiLayerProbe]:
         """What every visual token of several images encodes, in one forward pass (left-padded batch).
 
@@ -200,6 +178,7 @@ class ModelContext:
             lens: ``"embedding"`` (input embedding table, cosine) or ``"logit"`` (final norm + LM head);
                 with ``layers``, also a list of both.
             exclude: Token kinds the lens never returns: ``"special"``, ``"bytes"``.
+            vocab_limit: Return only ids below this (a base vocabulary; default: :attr:`vocab_limit`).
 
         Returns:
             One :class:`~embedlens.result.ProbeResult` per sample, each holding ``rows * cols`` tokens;
@@ -208,12 +187,11 @@ class ModelContext:
         if layers is not None:
             if layer != 0:
                 raise InputError("give either layer or layers, not both")
-            return self.probe_layers(
-                images, prompts, raw_prompts=raw_prompts, layers=layers, top_k=top_k, lens=lens, exclude=exclude
-            )
+            options = {"top_k": top_k, "lens": lens, "exclude": exclude, "vocab_limit": vocab_limit}
+            return self.probe_layers(images, prompts, raw_prompts=raw_prompts, layers=layers, **options)
         if not isinstance(lens, str):
             raise InputError("several lenses need layers= (e.g. layers=[0])")
-        per_sample = self._probe_forward(images, prompts, raw_prompts, (layer,), (lens,), top_k, exclude)
+        per_sample = self._probe_forward(images, prompts, raw_prompts, (layer,), (lens,), top_k, exclude, vocab_limit)
         return [results[0] for results in per_sample]
 
     def probe_layers(
@@ -226,6 +204,7 @@ class ModelContext:
         top_k: int = 10,
         lens: str | Sequence[str] = "embedding",
         exclude: Iterable[str] = (),
+        vocab_limit: int | None = None,
     ) -> list[MultiLayerProbe]:
         """Every visual token at several layers, with one or both lenses, from ONE forward pass.
 
@@ -249,6 +228,7 @@ class ModelContext:
             top_k: Tokens per visual token.
             lens: ``"embedding"``, ``"logit"``, or a list of both.
             exclude: Token kinds the lenses never return.
+            vocab_limit: Return only ids below this (default: :attr:`vocab_limit`).
 
         Returns:
             One :class:`~embedlens.result.MultiLayerProbe` per sample.
@@ -257,7 +237,7 @@ class ModelContext:
         names = (lens,) if isinstance(lens, str) else tuple(dict.fromkeys(lens))
         if not names:
             raise InputError("no lens given")
-        per_sample = self._probe_forward(images, prompts, raw_prompts, chosen, names, top_k, exclude)
+        per_sample = self._probe_forward(images, prompts, raw_prompts, chosen, names, top_k, exclude, vocab_limit)
         return [MultiLayerProbe(results) for results in per_sample]
 
     def _probe_forward(
@@ -269,12 +249,13 @@ class ModelContext:
         lenses: Sequence[str],
         top_k: int,
         exclude: Iterable[str],
+        vocab_limit: int | None,
     ) -> list[list[ProbeResult]]:
         """One forward pass; per sample, one result per (lens, layer), lens-major, layers as given."""
         if top_k <= 0:
             raise InputError(f"top-k must be a positive integer, got {top_k}")
         resolved = [self.adapter.check_layer(layer) for layer in layers]
-        chosen = [self.lens(name, exclude) for name in lenses]
+        chosen = [self.lens(name, exclude, vocab_limit) for name in lenses]
         asked = prompt_texts(len(images), prompts, raw_prompts)
         batch = self.prepare(images, prompts, raw_prompts=raw_prompts)
         captured = run_captured(self.adapter, batch.inputs, resolved)
@@ -297,6 +278,9 @@ class ModelContext:
             dtype=str(self.adapter.model.dtype).removeprefix("torch."),
             transformers_version=transformers.__version__,
             torch_version=torch.__version__,
+            profile=self.adapter.profile.name,
+            vocab_limit=chosen[0].vocab_limit,
+            rows_left_out=chosen[0].rows_left_out,
         )
         out: list[list[ProbeResult]] = [[] for _ in spans]
         for lens in chosen:

@@ -63,6 +63,9 @@ class Provenance:
         dtype: The model's dtype.
         embedlens_version, transformers_version, torch_version, python_version: Software versions.
         created: UTC time of the run (ISO 8601).
+        profile: The profile the model was fed and read with (see :mod:`embedlens.profiles`).
+        vocab_limit: The lens returned only ids below this (a base vocabulary), or None.
+        rows_left_out: Embedding-table rows the lens never returned (past the tokenizer or the limit).
     """
 
     model: str
@@ -79,6 +82,9 @@ class Provenance:
     torch_version: str = ""
     python_version: str = field(default_factory=platform.python_version)
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    profile: str = "default"
+    vocab_limit: int | None = None
+    rows_left_out: int = 0
 
 
 @dataclass

@@ -20,10 +20,12 @@ from embedlens.images import ImageLike
 from embedlens.inputs import Texts, one_or_many
 from embedlens.interventions import Intervention, InterventionRun
 from embedlens.interventions.generation import generate_batch
-from embedlens.models.base import PreparedBatch
-from embedlens.models.registry import load_adapter
+from embedlens.models.base import ModelAdapter, PreparedBatch
+from embedlens.models.loading import load_adapter
+from embedlens.profiles import Profile
 from embedlens.result import MultiLayerProbe, ProbeResult
 from embedlens.taxonomy import Anchors, ClassifiedResult
+from embedlens.taxonomy.anchors import builtin_anchors
 from embedlens.taxonomy.classify import classify_batch
 
 __all__ = ["DEFAULT_PROMPT", "Session", "load"]
@@ -37,6 +39,7 @@ def load(
     revision: str | None = None,
     trust_remote_code: bool = False,
     device_map: str | dict | None = None,
+    profile: str | Profile | None = None,
 ) -> Session:
     """Load a model for probing.
 
@@ -47,6 +50,8 @@ def load(
         revision: Hub revision.
         trust_remote_code: Off by default.
         device_map: Passed to ``from_pretrained`` to split a model over devices (e.g. ``"auto"``).
+        profile: How the model is fed and read: ``"default"`` (the checkpoint's processor and chat template)
+            or ``"paper"`` (the reference's LLaVA-1.5 settings; see :mod:`embedlens.profiles`).
 
     Example:
         >>> import embedlens
@@ -61,6 +66,7 @@ def load(
         revision=revision,
         trust_remote_code=trust_remote_code,
         device_map=device_map,
+        profile=profile,
     )
     return Session(adapter)
 
@@ -68,9 +74,18 @@ def load(
 class Session(ModelContext):
     """A loaded model with the probe / classify / generate verbs (see :func:`load`).
 
+    Under a profile that asks for the base vocabulary (``paper``), lenses return only ids of the base
+    vocabulary the model's built-in anchors declare (LLaMA's 32000 rows for LLaVA-1.5).
+
     Args:
         adapter: The model's adapter.
     """
+
+    def __init__(self, adapter: ModelAdapter) -> None:
+        super().__init__(adapter)
+        if adapter.profile.base_vocabulary:
+            anchors = builtin_anchors(adapter.source)
+            self.vocab_limit = anchors.base_vocab_size if anchors is not None else None
 
     def probe(
         self,

@@ -214,7 +214,7 @@ def _labels(context: BatchContext, layer0: torch.Tensor) -> np.ndarray:
     from embedlens.taxonomy.rule import classify_ids
 
     order, anchors, k = context.rule
-    ids = context.session.lens("embedding").top_k(layer0, k).ids
+    ids = context.session.lens("embedding", vocab_limit=anchors.base_vocab_size).top_k(layer0, k).ids
     labels = classify_ids(ids, anchors, top_k=k, precedence=order).group
     return np.array([VISUAL_GROUPS.index(str(name)) for name in labels], dtype=np.int64)
 

@@ -104,6 +104,13 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Built-in name, dir
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")]
 DtypeOpt = Annotated[str, typer.Option(help="auto, float32, float16 or bfloat16.")]
 RevisionOpt = Annotated[str | None, typer.Option(help="Hub revision of the model (hub ids only).")]
+ProfileOpt = Annotated[
+    str,
+    typer.Option(
+        help="default (the checkpoint's processor and chat template) or paper (the reference's LLaVA-1.5 "
+        "settings: pad to square, vicuna_v1 prompt, base-vocabulary lens, membership targets, eager attention)."
+    ),
+]
 RawPromptOpt = Annotated[
     str | None, typer.Option("--raw-prompt", help="Full model text used verbatim; must hold the image placeholder.")
 ]
@@ -147,12 +154,14 @@ class ModelArgs:
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...
         dtype: ``auto``, ``float32``, ``float16`` or ``bfloat16``.
         revision: Hub revision (hub ids only).
+        profile: How the model is fed and read: ``default`` or ``paper`` (see :mod:`embedlens.profiles`).
     """
 
     model: str = DEFAULT_MODEL
     device: str = "auto"
     dtype: str = "auto"
     revision: str | None = None
+    profile: str = "default"
 
     def load(
         self,
@@ -167,15 +176,15 @@ class ModelArgs:
 
         ``layer``, ``raw_prompt``, ``interventions`` (used together) and each of ``settings`` (lists of
         interventions used one at a time) are checked against the config before the weights load (see
-        :func:`embedlens.models.registry.load_adapter`); ``device`` overrides :attr:`device`.
+        :func:`embedlens.models.loading.load_adapter`); ``device`` overrides :attr:`device`.
         """
-        from embedlens.models import registry
+        from embedlens.models import loading
         from embedlens.session import Session
 
         quiet_transformers()
         groups = [list(items) for items in ([interventions] if interventions else []) + list(settings) if items]
         check = functools.partial(_plan_each, groups) if groups else None
-        adapter = registry.load_adapter(
+        adapter = loading.load_adapter(
             self.model,
             device=device or self.device,
             dtype=self.dtype,
@@ -183,6 +192,7 @@ class ModelArgs:
             layer=layer,
             raw_prompt=raw_prompt,
             check_layers=check,
+            profile=self.profile,
         )
         return Session(adapter)
 
@@ -199,6 +209,7 @@ _MODEL_PARAMETERS = (
     ("device", DeviceOpt, "auto"),
     ("dtype", DtypeOpt, "auto"),
     ("revision", RevisionOpt, None),
+    ("profile", ProfileOpt, "default"),
 )
 
 

@@ -163,7 +163,7 @@ def label_tokens(
     if everything.shape[0] == 0:
         ids = torch.zeros(0, k, dtype=torch.long)
     else:
-        ids = context.lens("embedding").top_k(everything.detach(), k).ids
+        ids = context.lens("embedding", vocab_limit=chosen.base_vocab_size).top_k(everything.detach(), k).ids
     found = classify_ids(ids, chosen, top_k=k, precedence=order)
     start = 0
     for sample in tokens:

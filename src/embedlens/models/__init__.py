@@ -1,13 +1,8 @@
 """Model adapters: one per family, plus the registry and the built-in models."""
 
-from embedlens.models import builtins, llava  # noqa: F401  (registration side effects)
 from embedlens.models.base import ModelAdapter, PreparedBatch, VisualSpan, resolve_layer
-from embedlens.models.registry import (
-    load_adapter,
-    register_adapter,
-    register_builtin,
-    supported_families,
-)
+from embedlens.models.loading import load_adapter
+from embedlens.models.registry import register_adapter, register_builtin, supported_families
 
 __all__ = [
     "ModelAdapter",

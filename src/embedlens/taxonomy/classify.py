@@ -84,7 +84,17 @@ def classify_batch(
         precedence: Group order for tokens matching several groups (default vit_sink > llm_sink > dead).
     """
     order, chosen, k = rule_settings(session, anchors, top_k, precedence)
-    probes = session.probe_batch(images, prompts, raw_prompts=raw_prompts, layer=layer, top_k=k, lens="embedding")
+    # Anchors belong to a base vocabulary when they declare one: ids appended after it (llava-hf's <image>,
+    # <pad>, padding rows near the mean embedding) must not push the anchors out of a token's top-k.
+    probes = session.probe_batch(
+        images,
+        prompts,
+        raw_prompts=raw_prompts,
+        layer=layer,
+        top_k=k,
+        lens="embedding",
+        vocab_limit=chosen.base_vocab_size,
+    )
     return [
         ClassifiedResult(
             probe=probe,
