@@ -1,5 +1,5 @@
 # EmbedLens developer entry points. Two commands matter to a newcomer:
-#   make demo   install (first time) and probe the bundled example image with the default model
+#   make demo   install (first time), probe the bundled example image with the default model, write the report
 #   make test   install (first time) and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench clean chromium
 
 # LMMS_EVAL: the lmms-eval the plugin tests run against, installed without its dependencies plus the
 # lean set its import and a local task need (requirements/lmms-lean.txt explains why).
@@ -27,9 +27,13 @@ $(BIN)/.lmms-installed: $(BIN)/.installed requirements/lmms-lean.txt
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/embedlens probe --out demo
+	$(BIN)/embedlens probe --out demo --report
 
-test: $(BIN)/.installed $(BIN)/.lmms-installed
+# The report's browser tests open pages in Debian's headless Chromium (nothing is downloaded at run time).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
+
+test: $(BIN)/.installed $(BIN)/.lmms-installed chromium
 	$(BIN)/python -m pytest -q
 
 lint: $(BIN)/.installed
