@@ -162,8 +162,7 @@ def _execute(run: PlannedRun, out: Path, env: Mapping[str, str] | None) -> tuple
     if run.kind == "lmms" and (folder / "lmms").exists():
         shutil.rmtree(folder / "lmms")  # an unfinished earlier attempt
     folder.mkdir(parents=True, exist_ok=True)
-    record = {**run.to_dict(), "label": _label(run)}
-    atomic_write_text(folder / RUN_FILE, json.dumps(record, ensure_ascii=False, indent=1, default=str))
+    atomic_write_text(folder / RUN_FILE, json.dumps(run.to_dict(), ensure_ascii=False, indent=1, default=str))
     started = time.perf_counter()
     with open(folder / LOG_FILE, "w", encoding="utf-8") as log:
         log.write(f"$ {shlex.join(run.command)}\n")
@@ -176,10 +175,6 @@ def _execute(run: PlannedRun, out: Path, env: Mapping[str, str] | None) -> tuple
             log.write(f"cannot start: {exc}\n")
             return 127, time.perf_counter() - started
     return done.returncode, time.perf_counter() - started
-
-
-def _label(run: PlannedRun) -> str:
-    return run.row or run.name
 
 
 def _finish(run: PlannedRun, out: Path, seconds: float) -> str | None:

@@ -53,7 +53,6 @@ class FinishedRun:
     Attributes:
         name: Folder name.
         row: Table row key.
-        label: Row label the run was planned with.
         interventions: Its setting in the notation.
         seed: Random-control seed, or None.
         scores: Task -> 0..100 score (tasks whose metric is missing are left out).
@@ -61,7 +60,6 @@ class FinishedRun:
 
     name: str
     row: str
-    label: str
     interventions: str
     seed: int | None
     scores: dict[str, float]
@@ -91,7 +89,6 @@ def finished_runs(out: Path, suite: TaskSuite) -> list[FinishedRun]:
             FinishedRun(
                 name=folder.name,
                 row=str(record.get("row", "")),
-                label=str(record.get("label", record.get("row", ""))),
                 interventions=str(record.get("interventions", "")),
                 seed=record.get("seed"),
                 scores=scores,
