@@ -33,17 +33,31 @@ def llava7b(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vision = CLIPVisionConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336,
-        patch_size=14, projection_dim=768,
-    )  # fmt: skip
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+    )
     text = LlamaConfig(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096,
-    )  # fmt: skip
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32064,
+        max_position_embeddings=4096,
+    )
     config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2,
-        vision_feature_select_strategy="default", projector_hidden_act="gelu",
-    )  # fmt: skip
+        vision_config=vision,
+        text_config=text,
+        image_token_id=32000,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
     folder = tmp_path_factory.mktemp("llava7b")
     config.save_pretrained(folder)
     return folder
@@ -208,9 +222,13 @@ class TestDryRunCommand:
 
     @pytest.mark.parametrize(
         ("args", "fragment"),
-        [(["--tasks", "nope"], "unknown task"), (["--seeds", "a"], "comma-separated integers"),
-         (["--profile", "papr"], "unknown profile"), (["--images", "/nonexistent"], "not a folder")],
-    )  # fmt: skip
+        [
+            (["--tasks", "nope"], "unknown task"),
+            (["--seeds", "a"], "comma-separated integers"),
+            (["--profile", "papr"], "unknown profile"),
+            (["--images", "/nonexistent"], "not a folder"),
+        ],
+    )
     def test_user_errors(self, llava7b, tmp_path, args, fragment):
         result = CliRunner().invoke(self._app(), ["reproduce", str(llava7b), "--dry-run", *args])
         assert isinstance(result.exception, InputError) and fragment in str(result.exception)
@@ -242,10 +260,15 @@ class TestTable:
 
     @pytest.fixture
     def out(self, tmp_path) -> Path:
-        _fake_run(tmp_path, "base_g", "original", {
-            "mme": {"mme_perception_score,none": 1500.0, "mme_cognition_score,none": 300.0, "alias": "mme"},
-            "gqa": {"exact_match,none": 0.62},
-        })  # fmt: skip
+        _fake_run(
+            tmp_path,
+            "base_g",
+            "original",
+            {
+                "mme": {"mme_perception_score,none": 1500.0, "mme_cognition_score,none": 300.0, "alias": "mme"},
+                "gqa": {"exact_match,none": 0.62},
+            },
+        )
         _fake_run(tmp_path, "base_o", "original", {"ocrbench": {"ocrbench_accuracy,none": 0.3}})
         _fake_run(tmp_path, "base_h", "original", {"pope": {"pope_accuracy,none": 0.86}})
         _fake_run(tmp_path, "dead_g", "-sink+dead", {"gqa": {"exact_match,none": 0.60}})
@@ -280,8 +303,9 @@ class TestTable:
         assert "| - dead | — | — | — | — | — |" in text
         assert "52.0 ± 2.8 [1/2]" in text
         assert "(perception + cognition) / 2800" in text
-        assert json.loads(data.read_text()) == json.loads(json.dumps(rollup(out, SUITE, [
-            ("original", "original"), ("-dead", "- dead"), ("random", "random")])))  # fmt: skip
+        assert json.loads(data.read_text()) == json.loads(
+            json.dumps(rollup(out, SUITE, [("original", "original"), ("-dead", "- dead"), ("random", "random")]))
+        )
         assert render_markdown(json.loads(data.read_text())) == text
 
     def test_best_injection_layer(self, tmp_path, llava7b):
@@ -311,3 +335,66 @@ class TestPaperFacts:
         options = _options(llava7b, tmp_path, stages=("baseline",), limit=3)
         text = render(build_plan(options, cost, Shares.paper()), options, cost, Shares.paper())
         assert "(--limit 3)" in text and "unverified" in text and "prefill only" in text
+
+
+class TestRunnerLogic:
+    """Resumption, the sweep's best layer and failures, with lmms-eval replaced by a fake that writes results."""
+
+    SUITE = TaskSuite(groups={"CV-centric": ("pope",)}, metrics={"pope": PAPER_SUITE.metrics["pope"]})
+
+    def _fake(self, failing: str | None = None):
+        started: list[str] = []
+
+        def execute(run, out, env):
+            folder = out / "runs" / run.name
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "run.json").write_text(json.dumps(run.to_dict()))
+            started.append(run.interventions)
+            if run.interventions == failing:
+                return 1, 0.0
+            lmms = folder / "lmms" / "model"
+            lmms.mkdir(parents=True, exist_ok=True)
+            value = {"": 0.5, "inject@4": 0.7, "inject@8": 0.6}.get(run.interventions, 0.1)
+            (lmms / "2026_results.json").write_text(json.dumps({"results": {"pope": {"pope_accuracy,none": value}}}))
+            return 0, 0.0
+
+        return execute, started
+
+    def _options(self, llava7b: Path, out: Path) -> PlanOptions:
+        return _options(llava7b, out, suite=self.SUITE, stages=("baseline", "inject"), inject_layers=(0, 4, 8))
+
+    def test_best_layer_resolved_then_rerun_skips(self, llava7b, cost, tmp_path, monkeypatch):
+        from embedlens.reproduce import runner
+
+        execute, started = self._fake()
+        monkeypatch.setattr(runner, "_execute", execute)
+        options = self._options(llava7b, tmp_path)
+        outcome = runner.run_all(options, cost)
+        assert started == ["", "inject@4", "inject@8", "scale:0.01", "inject@4,scale=0.01"]
+        assert not outcome.pending and not outcome.failed
+        table = json.loads(outcome.table[1].read_text())
+        assert table["rows"][-1]["label"] == "norm x0.01, inject at layer 4"
+        assert table["rows"][1]["columns"]["CV-centric"]["delta"] == pytest.approx(20.0)
+        again = runner.run_all(options, cost)
+        assert started[5:] == [] and len(again.skipped) == 5
+
+    def test_failure_is_reported_after_the_others_and_the_table(self, llava7b, cost, tmp_path, monkeypatch):
+        from embedlens import EmbedLensError
+        from embedlens.reproduce import runner
+
+        execute, started = self._fake(failing="inject@8")
+        monkeypatch.setattr(runner, "_execute", execute)
+        with pytest.raises(EmbedLensError, match="1 run\\(s\\) failed: inject_8__CV_centric"):
+            runner.run_all(self._options(llava7b, tmp_path), cost)
+        assert started == ["", "inject@4", "inject@8", "scale:0.01"]  # the best-k run waits for the sweep
+        assert (tmp_path / "paper_table.md").is_file()
+        assert "pending" in (tmp_path / "commands.sh").read_text()
+
+    def test_a_finished_run_with_another_command_is_refused(self, llava7b, cost, tmp_path, monkeypatch):
+        from embedlens.reproduce import runner
+
+        monkeypatch.setattr(runner, "_execute", self._fake()[0])
+        runner.run_all(self._options(llava7b, tmp_path), cost)
+        changed = PlanOptions(**{**self._options(llava7b, tmp_path).__dict__, "limit": 3})
+        with pytest.raises(InputError, match="holds a finished run original__CV_centric made with another command"):
+            runner.run_all(changed, cost)
