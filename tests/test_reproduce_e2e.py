@@ -19,6 +19,7 @@ from lmms_eval.api.instance import Instance
 from PIL import Image
 
 from conftest import random_image
+from embedlens import InputError
 from embedlens.bench.lmms_model import EmbedLensLMM
 from embedlens.reproduce.costs import cost_model
 from embedlens.reproduce.paper import TaskMetric, TaskSuite
@@ -192,3 +193,7 @@ class TestPluginProfile:
     def test_default_profile_is_unchanged(self, tiny_dir):
         model = EmbedLensLMM(pretrained=str(tiny_dir), device="cpu")
         assert model.session.adapter.profile.name == "default"
+
+    def test_unknown_profile_refused(self, tiny_dir):
+        with pytest.raises(InputError, match="unknown profile 'papr'"):
+            EmbedLensLMM(pretrained=str(tiny_dir), device="cpu", profile="papr")
