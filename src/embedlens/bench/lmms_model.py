@@ -19,7 +19,10 @@ stock lmms-eval runs it with no fork::
 * ``anchors``: an anchors JSON for group targets (default: the model's built-in anchors);
 * ``device`` (``auto``), ``dtype`` (``auto``), ``revision``, ``device_map``, ``trust_remote_code``;
 * ``batch_size``: questions per forward pass, left-padded so samples do not influence each other;
-* ``max_new_tokens``: a cap on the tasks' own ``max_new_tokens``.
+* ``max_new_tokens``: a cap on the tasks' own ``max_new_tokens``;
+* ``profile``: an EmbedLens profile (``default``, ``paper``; see :mod:`embedlens.profiles`): how images
+  and prompts are fed, the attention implementation, and per-task generation settings (``paper``
+  answers MME and MMStar with one token, as the reference does).
 
 Under ``accelerate launch`` every process loads the model on its own device and lmms-eval gives it its
 share of the documents. ``matched_random`` seeds derive from the document id, so an answer does not
@@ -53,7 +56,8 @@ from embedlens.bench.flops import sample_flops
 from embedlens.bench.runner import parse_setting
 from embedlens.errors import InputError
 from embedlens.interventions import Intervention, describe, from_dict, intervene, plan
-from embedlens.interventions.apply import InterventionRun
+from embedlens.interventions.records import InterventionRun
+from embedlens.profiles import get_profile
 from embedlens.session import Session, load
 
 #: Longest answer when a task names no ``max_new_tokens``.
@@ -171,6 +175,7 @@ class EmbedLensLMM(lmms):
         device_map: Passed to ``from_pretrained`` (e.g. ``"auto"`` to split one model over GPUs).
         trust_remote_code: Off by default.
         max_new_tokens: Cap on the tasks' ``max_new_tokens``.
+        profile: EmbedLens profile name (default ``default``).
     """
 
     is_simple = True
@@ -188,6 +193,7 @@ class EmbedLensLMM(lmms):
         trust_remote_code: bool = False,
         max_new_tokens: int | None = None,
         max_batch_size: int | None = None,
+        profile: str | None = None,
         **unknown: Any,
     ) -> None:
         super().__init__()
@@ -195,7 +201,7 @@ class EmbedLensLMM(lmms):
             raise InputError(
                 f"unknown model_args for embedlens: {', '.join(sorted(unknown))}; known: pretrained, "
                 "interventions, anchors, batch_size, device, dtype, revision, device_map, trust_remote_code, "
-                "max_new_tokens"
+                "max_new_tokens, profile"
             )
         del max_batch_size  # lmms-eval passes it to every model; batches here have a fixed size
         try:
@@ -207,6 +213,7 @@ class EmbedLensLMM(lmms):
         if max_new_tokens is not None and int(max_new_tokens) <= 0:
             raise InputError(f"max_new_tokens must be positive, got {max_new_tokens!r}")
         self.max_new_tokens = int(max_new_tokens) if max_new_tokens is not None else None
+        self.profile = get_profile(str(profile).strip("'\"") if profile is not None else None)
         # On a machine without CUDA, processes started by torchrun talk over gloo (accelerate's MULTI_CPU).
         self.accelerator = Accelerator(cpu=device == "cpu" or not torch.cuda.is_available())
         if self.accelerator.num_processes > 1 and device_map is None:
@@ -218,6 +225,7 @@ class EmbedLensLMM(lmms):
             revision=revision,
             trust_remote_code=bool(trust_remote_code),
             device_map=device_map,
+            profile=self.profile,
         )
         self.interventions = parse_interventions(interventions)
         plan(self.interventions, self.session.num_layers)  # refuse a bad set before any task runs
@@ -289,6 +297,9 @@ class EmbedLensLMM(lmms):
         stops = gen_kwargs.get("until") or []
         stops = [stops] if isinstance(stops, str) else list(stops)
         limit = int(gen_kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
+        setting = self.profile.task_settings.get(chunk[0].args[4], {}).get("max_new_tokens")
+        if setting is not None:
+            limit = int(setting)
         if self.max_new_tokens is not None:
             limit = min(limit, self.max_new_tokens)
         images, prompts, ids = [], [], []

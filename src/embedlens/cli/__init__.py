@@ -10,7 +10,7 @@ from __future__ import annotations
 # Each module registers its commands; ``--help`` lists them in this order.
 # isort: off
 from embedlens.cli import probe  # noqa: F401
-from embedlens.cli import datasets, evaluation, report, train  # noqa: F401
+from embedlens.cli import datasets, evaluation, report, reproduce, train  # noqa: F401
 
 # isort: on
 from embedlens.cli.app import app, main, run
