@@ -36,13 +36,17 @@ Everything is streamed: one forward pass per batch (stopping after the last laye
 running sums per vocabulary id are kept (plus one ``d``-vector per id ever hit, and counts of the id
 pairs that share a token's top-k), never the tokens of all images. Figures are computed in float64
 (the per-id vector sums in float32); medians are torch's (the lower middle value for an even count).
+
+The thresholds (:class:`DiscoveryConfig`), the per-token figures and the verdict live in
+:mod:`embedlens.taxonomy.evidence`, the running sums in :mod:`embedlens.taxonomy.tally`; this module
+runs the passes and turns the sums into candidates and anchors.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,95 +56,21 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from embedlens.capture import Captured, run_captured
+from embedlens.capture import run_captured
 from embedlens.context import DEFAULT_PROMPT
 from embedlens.errors import InputError
 from embedlens.images import ImageLike, image_label, load_image
 from embedlens.lens import pieces
-from embedlens.models.base import VisualSpan
 from embedlens.taxonomy.anchors import Anchors
-from embedlens.taxonomy.diagnostics import _vision_features, cosine
+from embedlens.taxonomy.evidence import _FIGURES, DiscoveryConfig, _first_valid, _judge, _sample_figures
 from embedlens.taxonomy.groups import GROUPS
+from embedlens.taxonomy.tally import _Tally
 
 if TYPE_CHECKING:
     from embedlens.context import ModelContext
 
 #: ``"method"`` value written into the anchors' evidence.
 DISCOVERY_METHOD = "embedlens.taxonomy.discover_anchors"
-_TINY = torch.finfo(torch.float64).tiny
-
-
-# --------------------------------------------------------------------------- settings
-@dataclass(frozen=True)
-class DiscoveryConfig:
-    """Thresholds and layers of anchor discovery (see the module docs for each figure).
-
-    Attributes:
-        top_k: Nearest ids per visual token, as in the rule the anchors will serve (paper: 3).
-        min_image_fraction: A candidate must hit at least this fraction of the images (default 0.5).
-        min_images: ... and at least this many images (default 2; independence needs two).
-        min_independence: Mean cross-image cosine of the per-image mean vectors below which a
-            candidate is image-dependent and rejected (default 0.9).
-        vit_norm_ratio: Vision-feature norm over the image's median norm from which a candidate's
-            tokens are ViT sinks (default 3.0).
-        sink_layer: Layer whose hidden states show LLM sinks (default 2: after the 2nd decoder layer,
-            whose MLP makes them in LLaVA-1.5); clipped to ``1 .. L``.
-        llm_bos_cosine: Cosine with the first position's hidden state from which the tokens are LLM
-            sinks (default 0.6).
-        llm_massive_ratio: Massive-activation ratio (vs the image's other visual tokens) from which
-            the tokens are LLM sinks (default 10.0).
-        cross_layer: Layer compared with layer 0 for dead tokens (``1 .. L``, negative from the end),
-            or None for the middle layer ``L // 2`` (at least 1).
-        dead_cross_cosine: Cross-layer cosine from which a recurring, image-independent, non-sink
-            candidate is dead (default 0.9).
-        follower_overlap: Fraction of a candidate's hitting tokens that must also hit a stronger id of
-            its group for it to be dropped as that id's follower (default 0.9).
-    """
-
-    top_k: int = 3
-    min_image_fraction: float = 0.5
-    min_images: int = 2
-    min_independence: float = 0.9
-    vit_norm_ratio: float = 3.0
-    sink_layer: int = 2
-    llm_bos_cosine: float = 0.6
-    llm_massive_ratio: float = 10.0
-    cross_layer: int | None = None
-    dead_cross_cosine: float = 0.9
-    follower_overlap: float = 0.9
-
-    def __post_init__(self) -> None:
-        for name in ("top_k", "min_images", "sink_layer"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise InputError(f"{name} must be a positive integer, got {value!r}")
-        cross = self.cross_layer
-        if cross is not None and (isinstance(cross, bool) or not isinstance(cross, int)):
-            raise InputError(f"cross_layer must be an integer or None, got {self.cross_layer!r}")
-        for name in ("min_image_fraction", "follower_overlap"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
-                raise InputError(f"{name} must be a number in (0, 1], got {value!r}")
-        for name in ("min_independence", "vit_norm_ratio", "llm_bos_cosine", "llm_massive_ratio", "dead_cross_cosine"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise InputError(f"{name} must be a finite number, got {value!r}")
-
-    def layers(self, num_layers: int) -> tuple[int, int]:
-        """``(sink_layer, cross_layer)`` resolved for a model of ``num_layers`` decoder layers, each in ``1 .. L``."""
-        sink = min(max(self.sink_layer, 1), num_layers)
-        if self.cross_layer is None:
-            return sink, max(num_layers // 2, 1)
-        cross = self.cross_layer + num_layers + 1 if self.cross_layer < 0 else self.cross_layer
-        if not 1 <= cross <= num_layers:
-            raise InputError(
-                f"cross_layer {self.cross_layer} is out of range: use 1..{num_layers} (or -{num_layers}..-1)"
-            )
-        return sink, cross
-
-    def to_dict(self) -> dict[str, Any]:
-        """The settings as a JSON-ready dict."""
-        return asdict(self)
 
 
 # --------------------------------------------------------------------------- results
@@ -250,179 +180,6 @@ def _json_number(value: Any) -> Any:
     return value
 
 
-# --------------------------------------------------------------------------- streaming tally
-_FIGURES = ("norm_ratio", "bos_cosine", "massive_ratio", "cross_layer_cosine")
-
-
-@dataclass
-class _Tally:
-    """Running sums per vocabulary id over every visual token read so far (see :meth:`add`)."""
-
-    vocab_rows: int
-    dim: int
-    images: int = 0
-    tokens: int = 0
-    images_hit: np.ndarray = field(init=False)
-    tokens_hit: np.ndarray = field(init=False)
-    nearest_hit: np.ndarray = field(init=False)
-    sums: dict[str, np.ndarray] = field(init=False)
-    #: Id -> row of ``unit_sum`` (-1: never hit).
-    row_of: np.ndarray = field(init=False)
-    #: Per hit id, the sum over images of the unit per-image mean layer-0 vector, ``[rows, d]`` float32.
-    unit_sum: torch.Tensor = field(init=False)
-    used_rows: int = 0
-    #: Sorted keys ``a * V + b`` (``a < b``) of id pairs sharing a token's top-k, and their token counts.
-    pair_keys: np.ndarray = field(init=False)
-    pair_counts: np.ndarray = field(init=False)
-    pending: list[np.ndarray] = field(default_factory=list)
-    pending_size: int = 0
-
-    def __post_init__(self) -> None:
-        size = self.vocab_rows
-        self.images_hit = np.zeros(size, dtype=np.int64)
-        self.tokens_hit = np.zeros(size, dtype=np.int64)
-        self.nearest_hit = np.zeros(size, dtype=np.int64)
-        self.sums = {name: np.zeros(size, dtype=np.float64) for name in _FIGURES}
-        self.row_of = np.full(size, -1, dtype=np.int64)
-        self.unit_sum = torch.zeros(0, self.dim, dtype=torch.float32)
-        self.pair_keys = np.zeros(0, dtype=np.int64)
-        self.pair_counts = np.zeros(0, dtype=np.int64)
-
-    def add(
-        self,
-        num_images: int,
-        ids: torch.Tensor,
-        image_of: torch.Tensor,
-        first: torch.Tensor,
-        figures: dict[str, np.ndarray],
-    ) -> None:
-        """Count one batch of images.
-
-        Args:
-            num_images: Images in the batch.
-            ids: Top-k ids per token, best first, shape ``[n, k]`` (int64).
-            image_of: Image of each token within the batch (``0 .. num_images - 1``), shape ``[n]``.
-            first: Layer-0 vectors, shape ``[n, d]`` (any device and dtype).
-            figures: Per-token figures named as in ``_FIGURES``, float64 arrays of shape ``[n]``.
-        """
-        ids = ids.detach().cpu().long()
-        image_of = image_of.detach().cpu().long()
-        n, k = ids.shape
-        size = self.vocab_rows
-        flat = ids.reshape(-1).numpy()  # [n * k], token-major
-        token_of = np.repeat(np.arange(n), k)
-        self.tokens += n
-        self.images += num_images
-        self.tokens_hit += np.bincount(flat, minlength=size)
-        self.nearest_hit += np.bincount(ids[:, 0].numpy(), minlength=size)
-        for name in _FIGURES:
-            self.sums[name] += np.bincount(flat, weights=figures[name][token_of], minlength=size)
-
-        # per (image, id): the mean layer-0 vector of the hitting tokens, as a unit vector
-        keys = (image_of.unsqueeze(1) * size + ids).reshape(-1)  # [n * k]
-        unique_keys, inverse = torch.unique(keys, return_inverse=True)
-        inverse = inverse.view(n, k).to(first.device)
-        vectors = first.detach().float()
-        means = torch.zeros(unique_keys.numel(), vectors.shape[1], dtype=torch.float32, device=vectors.device)
-        for rank in range(k):
-            means.index_add_(0, inverse[:, rank], vectors)
-        units = means / means.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        pair_ids = unique_keys % size
-        self.images_hit += np.bincount(pair_ids.numpy(), minlength=size)
-        hit_ids, back = torch.unique(pair_ids, return_inverse=True)
-        per_id = torch.zeros(hit_ids.numel(), units.shape[1], dtype=torch.float32, device=units.device)
-        per_id.index_add_(0, back.to(units.device), units)
-        rows = torch.from_numpy(self._rows(hit_ids.numpy()))  # may grow unit_sum: before reading it
-        self.unit_sum.index_add_(0, rows, per_id.cpu())
-
-        # id pairs sharing a token's top-k (to spot followers)
-        for a in range(k):
-            for b in range(a + 1, k):
-                low = torch.minimum(ids[:, a], ids[:, b])
-                high = torch.maximum(ids[:, a], ids[:, b])
-                self.pending.append((low * size + high).numpy())
-                self.pending_size += n
-        if self.pending_size > max(1_000_000, self.pair_keys.size):
-            self._compact()
-
-    def _rows(self, ids: np.ndarray) -> np.ndarray:
-        """Rows of ``unit_sum`` for ``ids``, allocating rows for ids never hit before."""
-        new = ids[self.row_of[ids] < 0]
-        if new.size:
-            self.row_of[new] = np.arange(self.used_rows, self.used_rows + new.size)
-            self.used_rows += new.size
-            if self.used_rows > self.unit_sum.shape[0]:
-                capacity = max(self.used_rows, self.unit_sum.shape[0] * 3 // 2, 256)
-                grown = torch.zeros(capacity, self.dim, dtype=torch.float32)
-                grown[: self.unit_sum.shape[0]] = self.unit_sum
-                self.unit_sum = grown
-        return self.row_of[ids]
-
-    def _compact(self) -> None:
-        if not self.pending:
-            return
-        keys = np.concatenate([self.pair_keys, *self.pending])
-        counts = np.concatenate([self.pair_counts, *(np.ones(len(p), dtype=np.int64) for p in self.pending)])
-        self.pair_keys, inverse = np.unique(keys, return_inverse=True)
-        self.pair_counts = np.bincount(inverse, weights=counts, minlength=self.pair_keys.size).astype(np.int64)
-        self.pending, self.pending_size = [], 0
-
-    def shared_tokens(self, a: int, b: int) -> int:
-        """Tokens whose top-k holds both ids ``a`` and ``b``."""
-        self._compact()
-        key = min(a, b) * self.vocab_rows + max(a, b)
-        where = int(np.searchsorted(self.pair_keys, key))
-        return int(self.pair_counts[where]) if where < self.pair_keys.size and self.pair_keys[where] == key else 0
-
-    def independence(self, token_id: int) -> float:
-        """Mean cosine over pairs of images between the id's per-image mean vectors (NaN below 2 images)."""
-        count = int(self.images_hit[token_id])
-        if count < 2:
-            return float("nan")
-        total = self.unit_sum[int(self.row_of[token_id])].double()
-        value = (float(total @ total) - count) / (count * (count - 1))
-        return min(max(value, -1.0), 1.0)
-
-
-# --------------------------------------------------------------------------- per-batch figures
-def _first_valid(mask: torch.Tensor | None, sample: int) -> int:
-    """The first non-padding position of ``sample`` (batches are left-padded)."""
-    if mask is None:
-        return 0
-    valid = torch.nonzero(mask[sample]).flatten()
-    return int(valid[0]) if valid.numel() else 0
-
-
-def _peak_ratio(hidden: torch.Tensor) -> torch.Tensor:
-    """``max |dim| / median |dim|`` of each vector ``[n, d]`` in float64, shape ``[n]``."""
-    magnitude = hidden.double().abs()
-    return magnitude.max(dim=1).values / magnitude.median(dim=1).values.clamp_min(_TINY)
-
-
-def _relative(values: torch.Tensor) -> torch.Tensor:
-    """``values`` ``[n]`` divided by their median."""
-    return values / values.median().clamp_min(_TINY)
-
-
-def _sample_figures(
-    captured: Captured, sample: int, spans: list[VisualSpan], first_position: int, sink: int, cross: int
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One sample's layer-0 visual vectors ``[n, d]`` and per-token figures (float64, shape ``[n]`` each)."""
-    device = captured.hidden[0].device
-    positions = torch.cat([span.positions for span in spans]).to(device)
-    first = captured.hidden[0][sample, positions]
-    at_sink = captured.hidden[sink][sample, positions]
-    reference = captured.hidden[sink][sample, first_position].unsqueeze(0).expand_as(at_sink)
-    norms = [_vision_features(captured.vision_features, span).double().norm(dim=-1) for span in spans]
-    figures = {
-        "norm_ratio": torch.cat([_relative(norm) for norm in norms]).to(device),
-        "bos_cosine": cosine(at_sink, reference),
-        "massive_ratio": _relative(_peak_ratio(at_sink)),
-        "cross_layer_cosine": cosine(first, captured.hidden[cross][sample, positions]),
-    }
-    return first, figures
-
-
 # --------------------------------------------------------------------------- discovery
 def discover_anchors(
     session: ModelContext,
@@ -520,29 +277,6 @@ def _candidate_ids(tally: _Tally, config: DiscoveryConfig) -> np.ndarray:
     fraction = tally.images_hit / tally.images
     keep = (tally.images_hit >= config.min_images) & (fraction >= config.min_image_fraction - 1e-12)
     return np.flatnonzero(keep)
-
-
-def _judge(figures: dict[str, float], config: DiscoveryConfig, sink: int, cross: int) -> tuple[str | None, str]:
-    """The group a candidate's figures point to, and why (or why none)."""
-    independence = figures["independence"]
-    if not independence >= config.min_independence:  # NaN included
-        return None, f"image-dependent: independence {independence:.3f} < {config.min_independence}"
-    if figures["norm_ratio"] >= config.vit_norm_ratio:
-        return "vit_sink", (
-            f"vision-feature norm {figures['norm_ratio']:.2f}x the image median (>= {config.vit_norm_ratio})"
-        )
-    bos, massive = figures["bos_cosine"], figures["massive_ratio"]
-    signs = []
-    if bos >= config.llm_bos_cosine:
-        signs.append(f"cosine {bos:.3f} with the first position (>= {config.llm_bos_cosine})")
-    if massive >= config.llm_massive_ratio:
-        signs.append(f"massive activation {massive:.2f}x (>= {config.llm_massive_ratio})")
-    if signs:
-        return "llm_sink", f"at layer {sink}: " + " and ".join(signs)
-    value = figures["cross_layer_cosine"]
-    if value >= config.dead_cross_cosine:
-        return "dead", f"not a sink; cosine {value:.3f} between layers 0 and {cross} (>= {config.dead_cross_cosine})"
-    return None, f"not a sink and changes across layers: cosine {value:.3f} between layers 0 and {cross}"
 
 
 def _conclude(
