@@ -15,14 +15,12 @@ import copy
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
-import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from embedlens.cache import cache_dir, ensure_built
-from embedlens.mini.packages import LLM_FILE, MiniBuildError, package_file
+from embedlens.mini.converted import ensure_converted, pretrained_kwargs
+from embedlens.mini.packages import LLM_FILE, MiniBuildError
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +44,13 @@ def ensure_smollm2_cache(wheels_dir: str | os.PathLike[str] | None = None) -> Pa
     Raises:
         MiniBuildError: The GGUF file cannot be obtained or does not give a usable model.
     """
-    return ensure_built(
-        cache_dir() / SMOLLM2_CACHE_NAME,
-        source_sha256=LLM_FILE.sha256,
+    return ensure_converted(
+        LLM_FILE,
+        SMOLLM2_CACHE_NAME,
         required=_REQUIRED_FILES,
-        build=lambda staging: _dequantise_to(package_file(LLM_FILE, wheels_dir), staging),
-        info=_provenance(),
+        convert=_dequantise_to,
         what="the dequantised SmolLM2",
+        wheels_dir=wheels_dir,
     )
 
 
@@ -79,10 +77,7 @@ def load_smollm2(
             the tokenizer its chat template.
     """
     path = ensure_smollm2_cache(wheels_dir)
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, **pretrained_kwargs(dtype, attn_implementation)).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     _check_tied(model)
     if not tokenizer.chat_template:
@@ -116,12 +111,3 @@ def _check_tied(model: PreTrainedModel) -> None:
         raise MiniBuildError("SmolLM2 is expected to tie lm_head to embed_tokens; this model does not")
     if output.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
         raise MiniBuildError("SmolLM2's lm_head lost its tie to embed_tokens")
-
-
-def _provenance() -> dict[str, str]:
-    return {
-        "source_package": LLM_FILE.requirement,
-        "source_file": LLM_FILE.member,
-        "transformers_version": transformers.__version__,
-        "torch_version": torch.__version__,
-    }

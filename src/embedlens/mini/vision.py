@@ -26,15 +26,14 @@ import os
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import transformers
 from transformers import Dinov2Config, Dinov2Model
 
-from embedlens.cache import cache_dir, ensure_built
-from embedlens.mini.packages import VISION_FILE, MiniBuildError, package_file
+from embedlens.mini.converted import ensure_converted, pretrained_kwargs
+from embedlens.mini.packages import VISION_FILE, MiniBuildError
 
 if TYPE_CHECKING:
     import onnx
@@ -160,13 +159,13 @@ def ensure_dinov2_cache(wheels_dir: str | os.PathLike[str] | None = None) -> Pat
     Raises:
         MiniBuildError: The ONNX file cannot be obtained or converted.
     """
-    return ensure_built(
-        cache_dir() / DINOV2_CACHE_NAME,
-        source_sha256=VISION_FILE.sha256,
+    return ensure_converted(
+        VISION_FILE,
+        DINOV2_CACHE_NAME,
         required=_REQUIRED_FILES,
-        build=lambda staging: convert_dinov2(package_file(VISION_FILE, wheels_dir)).save_pretrained(staging),
-        info=_provenance(),
+        convert=lambda source, staging: convert_dinov2(source).save_pretrained(staging),
         what="the converted vision tower",
+        wheels_dir=wheels_dir,
     )
 
 
@@ -191,19 +190,7 @@ def load_dinov2(
         MiniBuildError: The weights cannot be obtained or converted.
     """
     path = ensure_dinov2_cache(wheels_dir)
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
-    return Dinov2Model.from_pretrained(path, **kwargs).eval()
-
-
-def _provenance() -> dict[str, str]:
-    return {
-        "source_package": VISION_FILE.requirement,
-        "source_file": VISION_FILE.member,
-        "transformers_version": transformers.__version__,
-        "torch_version": torch.__version__,
-    }
+    return Dinov2Model.from_pretrained(path, **pretrained_kwargs(dtype, attn_implementation)).eval()
 
 
 def _target_key(onnx_name: str, expected: dict[str, torch.Tensor]) -> str | None:

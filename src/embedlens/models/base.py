@@ -224,7 +224,6 @@ class ModelAdapter(ABC):
         Uses the model's chat template when it has one; otherwise the placeholders go before the text.
         """
 
-    @abstractmethod
     def prepare(
         self,
         images: Sequence[Sequence[Image.Image]],
@@ -235,7 +234,48 @@ class ModelAdapter(ABC):
         """Process a batch: ``images[i]`` are sample ``i``'s images, ``prompts[i]`` its question.
 
         With ``raw=True`` each prompt is used verbatim and must contain the image placeholder once per
-        image. Padding is on the left so that batched generation matches single-sample generation.
+        image; otherwise it must not contain the placeholder and :meth:`format_prompt` places the images.
+        The texts then go to :meth:`encode`.
+
+        Raises:
+            InputError: ``images`` and ``prompts`` differ in length, or a prompt breaks the rule above.
+        """
+        if len(images) != len(prompts):
+            raise InputError(f"{len(images)} image lists but {len(prompts)} prompts")
+        texts = [
+            self._sample_text(prompt, len(sample_images), raw=raw)
+            for sample_images, prompt in zip(images, prompts, strict=True)
+        ]
+        return self.encode(images, texts)
+
+    def _sample_text(self, prompt: str, num_images: int, *, raw: bool) -> str:
+        """One sample's model text: the raw prompt checked for one placeholder per image, or the prompt
+        (checked to hold none) formatted by :meth:`format_prompt`."""
+        placeholder = self.image_placeholder
+        if raw:
+            found = prompt.count(placeholder)
+            if found != num_images:
+                raise InputError(
+                    f"the raw prompt must contain the image placeholder {placeholder!r} "
+                    f"once per image ({num_images}); found {found}"
+                )
+            return prompt
+        if placeholder in prompt:
+            raise InputError(
+                f"the prompt contains the image placeholder {placeholder!r}; the image is "
+                "placed for you (use a raw prompt to place it yourself)"
+            )
+        return self.format_prompt(prompt, num_images=num_images)
+
+    @abstractmethod
+    def encode(self, images: Sequence[Sequence[Image.Image]], texts: list[str]) -> PreparedBatch:
+        """Run the processor on a batch whose texts already hold one image placeholder per image.
+
+        Args:
+            images: ``images[i]`` are sample ``i``'s images, in placeholder order.
+            texts: Sample ``i``'s model text (from :meth:`prepare`).
+
+        Padding is on the left so that batched generation matches single-sample generation.
         """
 
     @abstractmethod

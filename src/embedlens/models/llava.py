@@ -129,32 +129,7 @@ class LlavaAdapter(ModelAdapter):
             messages, chat_template=template, add_generation_prompt=True, tokenize=False
         )
 
-    def prepare(
-        self,
-        images: Sequence[Sequence[Image.Image]],
-        prompts: Sequence[str],
-        *,
-        raw: bool = False,
-    ) -> PreparedBatch:
-        if len(images) != len(prompts):
-            raise InputError(f"{len(images)} image lists but {len(prompts)} prompts")
-        texts = []
-        for sample_images, prompt in zip(images, prompts, strict=True):
-            if raw:
-                found = prompt.count(self.image_placeholder)
-                if found != len(sample_images):
-                    raise InputError(
-                        f"the raw prompt must contain the image placeholder {self.image_placeholder!r} "
-                        f"once per image ({len(sample_images)}); found {found}"
-                    )
-                texts.append(prompt)
-            else:
-                if self.image_placeholder in prompt:
-                    raise InputError(
-                        f"the prompt contains the image placeholder {self.image_placeholder!r}; the image is "
-                        "placed for you (use a raw prompt to place it yourself)"
-                    )
-                texts.append(self.format_prompt(prompt, num_images=len(sample_images)))
+    def encode(self, images: Sequence[Sequence[Image.Image]], texts: list[str]) -> PreparedBatch:
         flat = [self._fit(img.convert("RGB")) for sample_images in images for img in sample_images]
         tokenizer = self.tokenizer
         old_side = tokenizer.padding_side

@@ -171,8 +171,17 @@ _WORDS = [
 class TinySpec:
     """Sizes of the tiny model. Defaults: 56 px images, 14 px patches -> a 4 x 4 grid (16 tokens).
 
-    ``strategy`` is the vision feature selection: ``"default"`` drops the CLS token (16 visual tokens),
-    ``"full"`` keeps it in front of the patch tokens (17).
+    Attributes:
+        image_size: Side of the square images the processor makes, in pixels.
+        patch_size: Side of a vision patch in pixels; the grid is ``image_size // patch_size`` a side.
+        vision_hidden: Hidden size of the CLIP vision tower (its MLP is twice as wide).
+        vision_layers: Number of vision encoder layers.
+        text_hidden: Hidden size ``d`` of the LLaMA language model (its MLP is twice as wide).
+        text_layers: Number of decoder layers ``L``.
+        vocab_size: Vocabulary size ``V``; id ``V - 1`` is the ``<image>`` placeholder.
+        seed: Torch seed the random weights are drawn with.
+        strategy: Vision feature selection: ``"default"`` drops the CLS token (16 visual tokens),
+            ``"full"`` keeps it in front of the patch tokens (17).
     """
 
     image_size: int = 56
