@@ -23,9 +23,10 @@ opened; the commands skip unreadable images and list them.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from embedlens.errors import InputError
 from embedlens.runs.items import items_hash, path_label, placeholder_problem, resolved
@@ -155,20 +156,41 @@ def _read_folder(folder: Path, exclude: set[Path]) -> Dataset:
     return Dataset(source=folder, items=items)
 
 
-def _read_jsonl(file: Path) -> Dataset:
+def read_jsonl(file: Path, what: str, problems: list[str]) -> Iterator[tuple[int, Any]]:
+    """Each non-blank line of the JSONL ``file`` (UTF-8, a byte-order mark allowed), parsed, as
+    ``(line number from 1, value)``. A line that is not valid JSON is not yielded: ``"line N: not valid
+    JSON (reason)"`` is appended to ``problems`` instead, at the moment it is reached, so ``problems``
+    stays in line order when the caller appends its own lines' problems while iterating.
+
+    Raises:
+        InputError: The file cannot be read or is not UTF-8 text (raised here, before iterating;
+            ``what`` names the file in the message, e.g. ``"dataset"``).
+    """
     try:
         lines = file.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as exc:
-        raise InputError(f"dataset {file} is not UTF-8 text") from exc
+        raise InputError(f"cannot read {what} {file}: not UTF-8 text") from exc
     except OSError as exc:
-        raise InputError(f"cannot read dataset {file}: {exc.strerror}") from exc
-    items: list[DatasetItem] = []
-    malformed: list[str] = []
+        raise InputError(f"cannot read {what} {file}: {exc.strerror}") from exc
+    return _parsed_lines(lines, problems)
+
+
+def _parsed_lines(lines: list[str], problems: list[str]) -> Iterator[tuple[int, Any]]:
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            image, prompt = _parse_line(line)
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(f"line {number}: not valid JSON ({exc.msg})")
+
+
+def _read_jsonl(file: Path) -> Dataset:
+    items: list[DatasetItem] = []
+    malformed: list[str] = []
+    for number, record in read_jsonl(file, "dataset", malformed):
+        try:
+            image, prompt = _parse_record(record)
         except ValueError as exc:
             malformed.append(f"line {number}: {exc}")
             continue
@@ -179,12 +201,8 @@ def _read_jsonl(file: Path) -> Dataset:
     return Dataset(source=file, items=items, malformed=malformed)
 
 
-def _parse_line(line: str) -> tuple[str, str | None]:
-    """``(image, prompt)`` of one JSONL line; ValueError with the reason otherwise."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"not valid JSON ({exc.msg})") from None
+def _parse_record(record: Any) -> tuple[str, str | None]:
+    """``(image, prompt)`` of one parsed JSONL line; ValueError with the reason otherwise."""
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")
     image = record.get("image")

@@ -47,6 +47,42 @@ def write_result_files(directory: str | Path, frame: pd.DataFrame, data: dict[st
     return paths
 
 
+def read_result_json(directory: str | Path) -> dict[str, Any]:
+    """The ``result.json`` object of a saved result directory."""
+    return json.loads((Path(directory) / RESULT_JSON).read_text(encoding="utf-8"))
+
+
+class SavedResult:
+    """What the one-image results that print as their summary share (:class:`ProbeResult` and
+    :class:`~embedlens.taxonomy.result.ClassifiedResult`): ``str()``, JSON text and saving as
+    ``tokens.parquet`` + ``result.json``. Subclasses give :meth:`summary`, :meth:`to_pandas` and
+    :meth:`to_dict`."""
+
+    def summary(self) -> str:
+        """A person's view of the result."""
+        raise NotImplementedError
+
+    def to_pandas(self) -> pd.DataFrame:
+        """One row per visual token."""
+        raise NotImplementedError
+
+    def to_dict(self, provenance: bool = True) -> dict[str, Any]:
+        """The JSON object of ``result.json``."""
+        raise NotImplementedError
+
+    def to_json(self, **kwargs: Any) -> str:
+        """JSON text of :meth:`to_dict`."""
+        return json.dumps(self.to_dict(**kwargs), ensure_ascii=False)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def save(self, directory: str | Path) -> dict[str, Path]:
+        """Write :meth:`to_pandas` as ``tokens.parquet`` and :meth:`to_dict` as ``result.json`` into
+        ``directory``, each atomically."""
+        return write_result_files(directory, self.to_pandas(), self.to_dict())
+
+
 @dataclass(frozen=True)
 class Provenance:
     """Where a result came from, so it can be trusted and reproduced.
@@ -88,7 +124,7 @@ class Provenance:
 
 
 @dataclass
-class ProbeResult:
+class ProbeResult(SavedResult):
     """What the lens shows for every visual token of one image.
 
     Token arrays are in grid order (row-major); ``n = rows * cols``.
@@ -184,10 +220,6 @@ class ProbeResult:
             out["provenance"] = asdict(self.provenance)
         return out
 
-    def to_json(self, **kwargs: Any) -> str:
-        """JSON text of :meth:`to_dict`."""
-        return json.dumps(self.to_dict(**kwargs), ensure_ascii=False)
-
     def summary(self) -> str:
         """A person's view (what ``embedlens probe`` prints): model, image, prompt, lens, grid, norms,
         the most common top-1 tokens and the first 8 tokens with their neighbours. No final newline."""
@@ -219,17 +251,10 @@ class ProbeResult:
             lines.append(f"  ({self.row[i]:>2}, {self.col[i]:>2})  {pairs}")
         return "\n".join(lines)
 
-    def __str__(self) -> str:
-        return self.summary()
-
-    def save(self, directory: str | Path) -> dict[str, Path]:
-        """Write ``tokens.parquet`` and ``result.json`` into ``directory`` (each atomically)."""
-        return write_result_files(directory, self.to_pandas(), self.to_dict())
-
     @classmethod
     def load(cls, directory: str | Path) -> ProbeResult:
         """Read a result written by :meth:`save` (from its JSON)."""
-        data = json.loads((Path(directory) / RESULT_JSON).read_text(encoding="utf-8"))
+        data = read_result_json(directory)
         tokens = data["tokens"]
         prov = dict(data["provenance"])
         prov["exclude"] = tuple(prov.get("exclude", ()))
@@ -353,7 +378,7 @@ class MultiLayerProbe:
     def load(cls, directory: str | Path) -> MultiLayerProbe:
         """Read a result written by :meth:`save`, or a single-layer :class:`ProbeResult` directory."""
         directory = Path(directory)
-        data = json.loads((directory / RESULT_JSON).read_text(encoding="utf-8"))
+        data = read_result_json(directory)
         view = _read_view(directory / VIEW_PNG)
         if data.get("format") != MULTI_LAYER_FORMAT:
             single = ProbeResult.load(directory)

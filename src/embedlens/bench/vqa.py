@@ -24,11 +24,11 @@ almost always contains the word "a".
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from embedlens.datasets import read_jsonl
 from embedlens.errors import InputError
 from embedlens.synth.qa import normalize_answer
 
@@ -121,20 +121,9 @@ def read_questions(source: str | Path) -> QuestionSet:
         path = path / "items.jsonl"
     if not path.is_file():
         raise InputError(f"question file not found: {path}")
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {path}: {exc}") from exc
     items: list[Question] = []
     skipped: list[str] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            skipped.append(f"line {number}: not valid JSON ({exc.msg})")
-            continue
+    for number, row in read_jsonl(path, "question file", skipped):
         problem = _row_problem(row, path.parent)
         if problem is not None:
             skipped.append(f"line {number}: {problem}")

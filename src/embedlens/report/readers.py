@@ -53,6 +53,26 @@ def _json(path: Path) -> dict[str, Any]:
         raise InputError(f"cannot read {path}: {err}") from None
 
 
+def _run_json(directory: Path) -> dict[str, Any]:
+    """The folder's ``run.json`` (what the run was asked to do), or ``{}`` when it has none."""
+    return _json(directory / "run.json") if (directory / "run.json").is_file() else {}
+
+
+def _options(run: dict[str, Any]) -> dict[str, Any]:
+    """The ``options`` object of a ``run.json``, or ``{}``."""
+    return run.get("options") if isinstance(run.get("options"), dict) else {}
+
+
+def _identity(model: str | None, config_hash: str | None) -> dict[str, str | None]:
+    """The model and the first 16 characters of its config hash (each left out when not recorded)."""
+    return {"model": model, "config_hash": (config_hash or "")[:16] or None}
+
+
+def _pick(data: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """``data``'s values of ``keys`` (None for those it lacks), in that order."""
+    return {key: data.get(key) for key in keys}
+
+
 def _text(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -188,25 +208,19 @@ def _probe(directory: Path, data: dict[str, Any]) -> Section:
 
 # --------------------------------------------------------------------------- anchors / stats
 def _anchors(path: Path, data: dict[str, Any]) -> Section:
-    evidence = data.get("evidence") or {}
     provenance = _provenance(
         model=data.get("model"),
         vocab_hash=(data.get("vocab_hash") or "")[:16],
         top_k=data.get("top_k"),
-        images=evidence.get("images"),
-        visual_tokens=evidence.get("visual_tokens"),
-        method=evidence.get("method"),
-        sink_layer=evidence.get("sink_layer"),
-        cross_layer=evidence.get("cross_layer"),
+        **_pick(data.get("evidence") or {}, "images", "visual_tokens", "method", "sink_layer", "cross_layer"),
     )
     return Section("anchors", f"Anchors: {path.name}", path, provenance, data)
 
 
 def _stats(directory: Path, data: dict[str, Any]) -> Section:
-    run = _json(directory / "run.json") if (directory / "run.json").is_file() else {}
+    run = _run_json(directory)
     provenance = _provenance(
-        model=data.get("model"),
-        config_hash=(run.get("config_hash") or "")[:16] or None,
+        **_identity(data.get("model"), run.get("config_hash")),
         dataset=data["dataset"]["source"],
         images_used=f"{data['images']['used']} of {data['images']['total']}",
         tokens=data.get("tokens"),
@@ -214,17 +228,16 @@ def _stats(directory: Path, data: dict[str, Any]) -> Section:
         anchors=data["rule"]["anchors"],
         intervals=f"{data['intervals']['method']}, {data['intervals']['confidence']:.0%}, "
         f"{data['intervals']['resamples']} resamples, seed {data['intervals']['seed']}",
-        prompt=(run.get("options") or {}).get("prompt") if isinstance(run.get("options"), dict) else None,
+        prompt=_options(run).get("prompt"),
     )
     return Section("stats", f"Group statistics: {Path(data['dataset']['source']).name}", directory, provenance, data)
 
 
 # --------------------------------------------------------------------------- eval / sweep / align
 def _eval(directory: Path, data: dict[str, Any]) -> Section:
-    run = _json(directory / "run.json") if (directory / "run.json").is_file() else {}
+    run = _run_json(directory)
     provenance = _provenance(
-        model=run.get("model"),
-        config_hash=(run.get("config_hash") or "")[:16] or None,
+        **_identity(run.get("model"), run.get("config_hash")),
         questions=data.get("questions"),
         items=f"{data['answered_in_every_setting']} of {data['items']} answered in every setting",
         confidence=data.get("confidence"),
@@ -236,12 +249,7 @@ def _eval(directory: Path, data: dict[str, Any]) -> Section:
 
 
 def _sweep(directory: Path, data: dict[str, Any]) -> Section:
-    provenance = _provenance(
-        model=data.get("model"),
-        datasets=data.get("datasets"),
-        best_layer=data.get("best_layer"),
-        timing=data.get("timing"),
-    )
+    provenance = _provenance(**_pick(data, "model", "datasets", "best_layer", "timing"))
     return Section("inject-sweep", f"Injection sweep: {directory.name}", directory, provenance, data)
 
 
@@ -250,11 +258,9 @@ def _align(directory: Path, data: dict[str, Any]) -> Section:
     if not layers_file.is_file():
         raise InputError(f"{directory} has summary.json but no layers.parquet")
     frame = pd.read_parquet(layers_file)
-    run = _json(directory / "run.json") if (directory / "run.json").is_file() else {}
-    options = run.get("options") if isinstance(run.get("options"), dict) else {}
+    options = _options(_run_json(directory))
     provenance = _provenance(
-        model=data.get("model"),
-        config_hash=(data.get("config_hash") or "")[:16] or None,
+        **_identity(data.get("model"), data.get("config_hash")),
         dataset=data.get("dataset"),
         images=data.get("images"),
         groups_from=data.get("groups_from"),

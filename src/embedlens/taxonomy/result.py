@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,14 +10,14 @@ import numpy as np
 import pandas as pd
 
 from embedlens.errors import InputError
-from embedlens.result import RESULT_JSON, ProbeResult, write_result_files
+from embedlens.result import RESULT_JSON, ProbeResult, SavedResult, read_result_json
 from embedlens.taxonomy.anchors import Anchors
 from embedlens.taxonomy.groups import GROUPS, LETTERS
 from embedlens.taxonomy.rule import Classification, classify_ids
 
 
 @dataclass
-class ClassifiedResult:
+class ClassifiedResult(SavedResult):
     """One image's visual tokens, what the lens shows for each, and each token's group.
 
     Attributes:
@@ -82,10 +81,6 @@ class ClassifiedResult:
             out["anchors"] = self.anchors.to_dict()
         return out
 
-    def to_json(self, **kwargs: Any) -> str:
-        """JSON text of :meth:`to_dict`."""
-        return json.dumps(self.to_dict(**kwargs), ensure_ascii=False)
-
     def summary(self, tokenizer: Any = None) -> str:
         """A person's view (what ``embedlens classify`` prints): the rule, the anchors, counts and shares
         per group, overlaps and a letter map of the grid. With ``tokenizer`` the anchor ids are shown
@@ -122,18 +117,11 @@ class ClassifiedResult:
         lines += ["  " + " ".join(letters[r * cols : (r + 1) * cols]) for r in range(rows)]
         return "\n".join(lines)
 
-    def __str__(self) -> str:
-        return self.summary()
-
-    def save(self, directory: str | Path) -> dict[str, Path]:
-        """Write ``tokens.parquet`` (with group columns) and ``result.json`` into ``directory``, each atomically."""
-        return write_result_files(directory, self.to_pandas(), self.to_dict())
-
     @classmethod
     def load(cls, directory: str | Path) -> ClassifiedResult:
         """Read a result written by :meth:`save`; the labels are recomputed from the stored ids and anchors."""
         directory = Path(directory)
-        data = json.loads((directory / RESULT_JSON).read_text(encoding="utf-8"))
+        data = read_result_json(directory)
         if "anchors" not in data or "rule" not in data:
             raise InputError(f"{directory / RESULT_JSON} is not a classification result (no anchors or rule)")
         probe = ProbeResult.load(directory)
