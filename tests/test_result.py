@@ -33,6 +33,9 @@ PROVENANCE_KEYS = {
     "torch_version",
     "python_version",
     "created",
+    "profile",
+    "vocab_limit",
+    "rows_left_out",
 }
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
