@@ -17,14 +17,14 @@ from embedlens.cli.options import (
     ImageBatchOpt,
     ModelArgs,
     ProgressOpt,
-    RestartOpt,
     RuleTopKOpt,
+    RunArgs,
     file_path,
     model_options,
     out_dir_option,
     remember_out,
+    run_options,
 )
-from embedlens.cli.report import ReportOpt, write_run_report
 from embedlens.errors import InputError
 
 
@@ -38,6 +38,7 @@ def warn_malformed(source: object, problems: list) -> None:
 
 @app.command()
 @model_options
+@run_options
 def stats(
     models: ModelArgs,
     dataset: DatasetArg,
@@ -49,9 +50,8 @@ def stats(
     bootstrap: Annotated[
         int, typer.Option(parser=POSITIVE_INT, help="Bootstrap resamples of images for the intervals.")
     ] = 1000,
-    restart: RestartOpt = False,
-    progress: ProgressOpt = True,
-    report: ReportOpt = False,
+    *,
+    runs: RunArgs,
 ) -> None:
     """Group fractions (with intervals), per-token Parquet and heatmaps over a dataset; resumable.
 
@@ -72,11 +72,12 @@ def stats(
     if is_main():
         warn_malformed(dataset, data.malformed)
     session = models.load(device=process_device(models.device))
-    summary = run_stats(session, data, out, anchors=chosen, options=options, restart=restart, progress=progress)
+    summary = run_stats(
+        session, data, out, anchors=chosen, options=options, restart=runs.restart, progress=runs.progress
+    )
     if summary is not None:  # None on every process but the first, which merges
         typer.echo(stats_summary(summary))
-        if report:
-            typer.echo(f"wrote {write_run_report(out)}")
+        runs.echo_report(out)
 
 
 @app.command("discover-anchors")

@@ -14,29 +14,26 @@ from embedlens.cli.options import (
     NON_NEGATIVE_INT,
     POSITIVE_INT,
     AnchorsOpt,
-    BootstrapOpt,
     DatasetArg,
     DatasetPromptOpt,
+    EvalArgs,
     ImageBatchOpt,
-    MaxNewTokensOpt,
     ModelArgs,
     ModelOpt,
     ProgressOpt,
-    QuestionBatchOpt,
-    RestartOpt,
     RevisionOpt,
     RuleTopKOpt,
-    SuffixOpt,
+    RunArgs,
+    eval_options,
     model_options,
     out_dir_option,
     parse_layer_list,
     quiet_transformers,
+    run_options,
 )
-from embedlens.cli.report import ReportOpt, write_run_report
 from embedlens.errors import InputError
 
 if TYPE_CHECKING:
-    from embedlens.bench.runner import EvalOptions
     from embedlens.bench.vqa import QuestionSet
 ResumingOutOpt = Annotated[Path, out_dir_option("Result directory (resumes the run it holds, if the settings match).")]
 
@@ -89,21 +86,6 @@ def make_patchbench(
     typer.echo(f"evaluate: embedlens eval {out} --out RESULTS --model {model} [--preset paper-pruning]")
 
 
-def _eval_options(
-    batch_size: int, max_new_tokens: int, suffix: str, anchors: Path | None, bootstrap: int
-) -> EvalOptions:
-    """The evaluation options of ``eval`` and ``inject-sweep`` (a literal ``\\n`` in the suffix is a newline)."""
-    from embedlens.bench.runner import EvalOptions
-
-    return EvalOptions(
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        suffix=suffix.replace("\\n", "\n"),
-        anchors=str(anchors) if anchors is not None else None,
-        bootstrap=bootstrap,
-    )
-
-
 def _read_question_sets(paths: list[Path]) -> list[QuestionSet]:
     """Each question file or bench folder, warning once per file about lines that could not be used."""
     from embedlens.bench.vqa import read_questions
@@ -116,6 +98,8 @@ def _read_question_sets(paths: list[Path]) -> list[QuestionSet]:
 
 @app.command(name="eval")
 @model_options
+@run_options
+@eval_options
 def eval_(
     models: ModelArgs,
     dataset: Annotated[
@@ -131,14 +115,9 @@ def eval_(
     ] = [],  # noqa: B006  (typer reads the default; it is never mutated)
     preset: Annotated[str | None, typer.Option(help="Named settings: paper-pruning.")] = None,
     seeds: Annotated[str, typer.Option(help="Seeds of the preset's random control, comma-separated.")] = "0,1,2,3,4",
-    anchors: AnchorsOpt = None,
-    batch_size: QuestionBatchOpt = 8,
-    max_new_tokens: MaxNewTokensOpt = 16,
-    suffix: SuffixOpt = "",
-    bootstrap: BootstrapOpt = 1000,
-    restart: RestartOpt = False,
-    progress: ProgressOpt = True,
-    report: ReportOpt = False,
+    *,
+    evals: EvalArgs,
+    runs: RunArgs,
 ) -> None:
     """Evaluate the baseline and intervention settings side by side, in one run and code path; resumable."""
     from embedlens.bench.runner import parse_setting, render_markdown, run_eval
@@ -151,23 +130,23 @@ def eval_(
         except ValueError:
             raise InputError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
         settings = preset_settings(preset, seed_list) + settings
-    options = _eval_options(batch_size, max_new_tokens, suffix, anchors, bootstrap)
+    options = evals.options()
     [questions] = _read_question_sets([dataset])
     from embedlens.runs import process_device
 
     checked = [setting.interventions for setting in settings]
     session = models.load(settings=checked, device=process_device(models.device))
-    table = run_eval(session, questions, settings, out, options=options, restart=restart, progress=progress)
+    table = run_eval(session, questions, settings, out, options=options, restart=runs.restart, progress=runs.progress)
     if table is None:  # every process but the first, which merges and writes the tables
         return
     typer.echo(render_markdown(table), nl=False)
     typer.echo(f"wrote {out / 'items.parquet'}, {out / 'table.md'} and {out / 'table.json'}")
-    if report:
-        typer.echo(f"wrote {write_run_report(out)}")
+    runs.echo_report(out)
 
 
 @app.command()
 @model_options
+@run_options
 def align(
     models: ModelArgs,
     dataset: DatasetArg,
@@ -183,9 +162,8 @@ def align(
     ] = None,
     prompt: DatasetPromptOpt = None,
     batch_size: ImageBatchOpt = 4,
-    restart: RestartOpt = False,
-    progress: ProgressOpt = True,
-    report: ReportOpt = False,
+    *,
+    runs: RunArgs,
 ) -> None:
     """Where visual tokens belong in the LLM: norms, alignment to text states and readability per layer."""
     from embedlens.analysis.alignment import AlignOptions, run_align
@@ -205,19 +183,20 @@ def align(
     if is_main():
         warn_malformed(dataset, data.malformed)
     session = models.load(device=process_device(models.device))
-    result = run_align(session, data, out, options=options, restart=restart, progress=progress)
+    result = run_align(session, data, out, options=options, restart=runs.restart, progress=runs.progress)
     if result is None:  # every process but the first, which merges and writes the tables
         return
     typer.echo((out / "table.md").read_text(encoding="utf-8"), nl=False)
     if result.unreadable:
         typer.echo(f"skipped {len(result.unreadable)} unreadable image(s), first: {result.unreadable[0]}")
     typer.echo(f"wrote {out}/layers.parquet, summary.json, table.md, norms.png, alignment.png, readability.png")
-    if report:
-        typer.echo(f"wrote {write_run_report(out)}")
+    runs.echo_report(out)
 
 
 @app.command("inject-sweep")
 @model_options
+@run_options
+@eval_options
 def inject_sweep(
     models: ModelArgs,
     datasets: Annotated[
@@ -242,14 +221,9 @@ def inject_sweep(
     timing_repeats: Annotated[
         int, typer.Option(parser=NON_NEGATIVE_INT, help="Timed rounds per question and setting (median).")
     ] = 3,
-    anchors: AnchorsOpt = None,
-    batch_size: QuestionBatchOpt = 8,
-    max_new_tokens: MaxNewTokensOpt = 16,
-    suffix: SuffixOpt = "",
-    bootstrap: BootstrapOpt = 1000,
-    restart: RestartOpt = False,
-    progress: ProgressOpt = True,
-    report: ReportOpt = False,
+    *,
+    evals: EvalArgs,
+    runs: RunArgs,
 ) -> None:
     """Accuracy, FLOPs and prefill time for every injection layer, with the baseline; then norm scaling."""
     from embedlens.analysis.sweep import SweepOptions, run_inject_sweep
@@ -265,7 +239,7 @@ def inject_sweep(
         best_layer=best_layer,
         timing_items=timing_items,
         timing_repeats=timing_repeats,
-        eval=_eval_options(batch_size, max_new_tokens, suffix, anchors, bootstrap),
+        eval=evals.options(),
     )
     if options.scales and options.best_layer is None and options.layers is not None and max(options.layers) == 0:
         typer.echo(
@@ -275,7 +249,9 @@ def inject_sweep(
         )
     question_sets = _read_question_sets(datasets)
     session = models.load()
-    result = run_inject_sweep(session, question_sets, out, options=options, restart=restart, progress=progress)
+    result = run_inject_sweep(
+        session, question_sets, out, options=options, restart=runs.restart, progress=runs.progress
+    )
     typer.echo((out / "sweep.md").read_text(encoding="utf-8"), nl=False)
     if result.scaling_rows:
         typer.echo("")
@@ -283,5 +259,4 @@ def inject_sweep(
     typer.echo(
         f"wrote {out}/sweep.parquet, sweep.md, sweep.json, sweep.png" + (", scaling.md" if result.scaling_rows else "")
     )
-    if report:
-        typer.echo(f"wrote {write_run_report(out)}")
+    runs.echo_report(out)

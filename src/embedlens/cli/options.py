@@ -23,6 +23,7 @@ import typer
 from embedlens.errors import InputError
 
 if TYPE_CHECKING:
+    from embedlens.bench.runner import EvalOptions
     from embedlens.session import Session
 
 DEFAULT_MODEL = "embedlens-mini"
@@ -143,6 +144,10 @@ SuffixOpt = Annotated[
 BootstrapOpt = Annotated[
     int, typer.Option("--bootstrap", parser=POSITIVE_INT, help="Bootstrap resamples of questions for the intervals.")
 ]
+#: ``--report`` on the commands whose output folder the report reads.
+ReportOpt = Annotated[
+    bool, typer.Option("--report", help="Also write OUT/report.html: the interactive, offline HTML report.")
+]
 
 
 @dataclass(frozen=True)
@@ -204,7 +209,10 @@ def _plan_each(groups: list[list[Any]], num_layers: int) -> None:
         plan(items, num_layers)
 
 
-_MODEL_PARAMETERS = (
+#: One bundled option: its parameter name, its ``Annotated`` type and its default.
+OptionSpec = tuple[str, Any, Any]
+
+_MODEL_PARAMETERS: tuple[OptionSpec, ...] = (
     ("model", ModelOpt, DEFAULT_MODEL),
     ("device", DeviceOpt, "auto"),
     ("dtype", DtypeOpt, "auto"),
@@ -213,31 +221,152 @@ _MODEL_PARAMETERS = (
 )
 
 
-def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorator: give a command ``--model``, ``--device``, ``--dtype`` and ``--revision``, handed to
-    its ``models`` parameter as one :class:`ModelArgs` (typer reads the rewritten signature)."""
-    hints = typing.get_type_hints(func, include_extras=True)
-    own = [
-        inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=p.default, annotation=hints[p.name])
-        for p in inspect.signature(func).parameters.values()
-        if p.name != "models"
-    ]
-    required = [p for p in own if p.default is inspect.Parameter.empty]
-    optional = [p for p in own if p.default is not inspect.Parameter.empty]
-    added = [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-        for name, annotation, default in _MODEL_PARAMETERS
-    ]
-    parameters = [*required, added[0], *optional, *added[1:]]
+def bundle_options(
+    parameter: str, factory: Callable[..., Any], specs: Sequence[OptionSpec], *, model_order: bool = False
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A decorator that gives a command the options ``specs``, handed to its ``parameter`` as one
+    ``factory(**values)`` (typer reads the rewritten signature).
 
-    @functools.wraps(func)
-    def command(**kwargs: Any) -> Any:
-        models = ModelArgs(*(kwargs.pop(name) for name, _, _ in _MODEL_PARAMETERS))
-        return func(models=models, **kwargs)
+    The options take the place of ``parameter`` in the command's signature; with ``model_order`` the
+    first comes right after the command's required parameters and the rest after its optional ones
+    (the order of the model options).
+    """
 
-    command.__signature__ = inspect.Signature(parameters, return_annotation=None)  # type: ignore[attr-defined]
-    command.__annotations__ = {p.name: p.annotation for p in parameters} | {"return": None}
-    return command
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        hints = typing.get_type_hints(func, include_extras=True)
+        own = [
+            inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=p.default, annotation=hints[p.name])
+            for p in inspect.signature(func).parameters.values()
+        ]
+        added = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+            for name, annotation, default in specs
+        ]
+        at = [p.name for p in own].index(parameter)
+        parameters = [*own[:at], *added, *own[at + 1 :]]
+        if model_order:
+            rest = own[:at] + own[at + 1 :]
+            required = [p for p in rest if p.default is inspect.Parameter.empty]
+            optional = [p for p in rest if p.default is not inspect.Parameter.empty]
+            parameters = [*required, added[0], *optional, *added[1:]]
+
+        @functools.wraps(func)
+        def command(**kwargs: Any) -> Any:
+            bundled = factory(**{name: kwargs.pop(name) for name, _, _ in specs})
+            return func(**{parameter: bundled}, **kwargs)
+
+        command.__signature__ = inspect.Signature(parameters, return_annotation=None)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in parameters} | {"return": None}
+        return command
+
+    return decorate
+
+
+#: Decorator: give a command ``--model``, ``--device``, ``--dtype``, ``--revision`` and ``--profile``,
+#: handed to its ``models`` parameter as one :class:`ModelArgs`.
+model_options = bundle_options("models", ModelArgs, _MODEL_PARAMETERS, model_order=True)
+
+
+@dataclass(frozen=True)
+class PromptArgs:
+    """The prompt options of a one-image command: a question, or the model's full text (not both).
+
+    Attributes:
+        prompt: The user's question, placed with the image through the model's chat template.
+        raw_prompt: The model's full text, used verbatim; it must hold the image placeholder.
+
+    Raises:
+        InputError: When both are given.
+    """
+
+    prompt: str | None = None
+    raw_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt is not None and self.raw_prompt is not None:
+            raise InputError("give either --prompt or --raw-prompt, not both")
+
+
+#: Decorator: ``--prompt`` and ``--raw-prompt`` in place of a command's ``prompts`` parameter, as one
+#: :class:`PromptArgs`.
+prompt_options = bundle_options(
+    "prompts", PromptArgs, (("prompt", PromptOpt, None), ("raw_prompt", RawPromptOpt, None))
+)
+
+
+@dataclass(frozen=True)
+class RunArgs:
+    """The options of a resumable run writing into ``--out``.
+
+    Attributes:
+        restart: Discard what ``--out`` holds and start over.
+        progress: Show a progress bar on stderr.
+        report: Also write ``OUT/report.html``.
+    """
+
+    restart: bool = False
+    progress: bool = True
+    report: bool = False
+
+    def echo_report(self, out: Path) -> None:
+        """With ``--report``, write ``out/report.html`` and say so on stdout."""
+        if self.report:
+            from embedlens.cli.report import write_run_report
+
+            typer.echo(f"wrote {write_run_report(out)}")
+
+
+#: Decorator: ``--restart``, ``--progress`` and ``--report`` in place of a command's ``runs`` parameter,
+#: as one :class:`RunArgs`.
+run_options = bundle_options(
+    "runs", RunArgs, (("restart", RestartOpt, False), ("progress", ProgressOpt, True), ("report", ReportOpt, False))
+)
+
+
+@dataclass(frozen=True)
+class EvalArgs:
+    """The question-answering options of ``eval`` and ``inject-sweep``.
+
+    Attributes:
+        anchors: Anchors JSON file (None: the model's built-in anchors).
+        batch_size: Questions per forward pass.
+        max_new_tokens: Longest answer, in tokens.
+        suffix: Text appended to every question; a literal ``\\n`` is a newline.
+        bootstrap: Bootstrap resamples of questions for the intervals.
+    """
+
+    anchors: Path | None = None
+    batch_size: int = 8
+    max_new_tokens: int = 16
+    suffix: str = ""
+    bootstrap: int = 1000
+
+    def options(self) -> EvalOptions:
+        """The runner's :class:`~embedlens.bench.runner.EvalOptions`."""
+        from embedlens.bench.runner import EvalOptions
+
+        return EvalOptions(
+            batch_size=self.batch_size,
+            max_new_tokens=self.max_new_tokens,
+            suffix=self.suffix.replace("\\n", "\n"),
+            anchors=str(self.anchors) if self.anchors is not None else None,
+            bootstrap=self.bootstrap,
+        )
+
+
+#: Decorator: ``--anchors``, ``--batch-size``, ``--max-new-tokens``, ``--suffix`` and ``--bootstrap`` in
+#: place of a command's ``evals`` parameter, as one :class:`EvalArgs`.
+eval_options = bundle_options(
+    "evals",
+    EvalArgs,
+    (
+        ("anchors", AnchorsOpt, None),
+        ("batch_size", QuestionBatchOpt, 8),
+        ("max_new_tokens", MaxNewTokensOpt, 16),
+        ("suffix", SuffixOpt, ""),
+        ("bootstrap", BootstrapOpt, 1000),
+    ),
+)
 
 
 def quiet_transformers() -> None:

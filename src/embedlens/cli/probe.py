@@ -18,14 +18,16 @@ from embedlens.cli.options import (
     LensName,
     MaxNewTokensOpt,
     ModelArgs,
-    PromptOpt,
+    PromptArgs,
     RawPromptOpt,
+    ReportOpt,
     RuleTopKOpt,
     model_options,
     out_dir_option,
+    prompt_options,
     split_list,
 )
-from embedlens.cli.report import ReportOpt, write_run_report
+from embedlens.cli.report import write_run_report
 from embedlens.errors import InputError
 
 if TYPE_CHECKING:
@@ -43,6 +45,12 @@ def _image(image: Path | None) -> Path:
     return image
 
 
+def _check_report(report: bool, out: Path | None) -> None:
+    """Refuse ``--report`` without ``--out`` before any model loads."""
+    if report and out is None:
+        raise InputError("--report writes OUT/report.html: give --out")
+
+
 def _echo_written(written: list[Path]) -> None:
     if written:
         typer.echo("")
@@ -52,11 +60,12 @@ def _echo_written(written: list[Path]) -> None:
 
 @app.command()
 @model_options
+@prompt_options
 def probe(
     models: ModelArgs,
     image: ImageArg = None,
-    prompt: PromptOpt = None,
-    raw_prompt: RawPromptOpt = None,
+    *,
+    prompts: PromptArgs,
     layer: Annotated[int, typer.Option(help="0 = projector output; l = output of decoder layer l; -1 = last.")] = 0,
     layers: Annotated[
         str | None,
@@ -79,10 +88,7 @@ def probe(
     """Show what every visual token encodes: its nearest vocabulary tokens."""
     from embedlens.lens import check_exclude
 
-    if prompt is not None and raw_prompt is not None:
-        raise InputError("give either --prompt or --raw-prompt, not both")
-    if report and out is None:
-        raise InputError("--report writes OUT/report.html: give --out")
+    _check_report(report, out)
     lenses = list(dict.fromkeys(name.value for name in lens))
     if layers is None and len(lenses) > 1:
         raise InputError("several --lens values need --layers (e.g. --layers 0)")
@@ -90,10 +96,10 @@ def probe(
         raise InputError("give either --layer or --layers, not both")
     kinds = check_exclude(split_list(exclude))
     image = _image(image)
-    session = models.load(raw_prompt=raw_prompt, layer=layer)
+    session = models.load(raw_prompt=prompts.raw_prompt, layer=layer)
     chosen = lenses if layers is not None else lenses[0]
     options = {"layer": layer, "layers": layers, "top_k": top_k, "lens": chosen, "exclude": kinds}
-    result = session.probe(image, prompt=prompt, raw_prompt=raw_prompt, **options)
+    result = session.probe(image, prompt=prompts.prompt, raw_prompt=prompts.raw_prompt, **options)
     first = result.results[0] if layers is not None else result
     written = _save_probe(result, out, multi=layers is not None, report=report) if out is not None else []
     if as_json:
@@ -138,13 +144,14 @@ def _probe_json(result: Any, multi: bool) -> str:
 
 @app.command()
 @model_options
+@prompt_options
 def classify(
     models: ModelArgs,
     image: ImageArg = None,
     anchors: AnchorsOpt = None,
     top_k: RuleTopKOpt = None,
-    prompt: PromptOpt = None,
-    raw_prompt: RawPromptOpt = None,
+    *,
+    prompts: PromptArgs,
     out: Annotated[
         Path | None, out_dir_option("Directory for tokens.parquet, result.json and groups.png (the group map).")
     ] = None,
@@ -154,16 +161,13 @@ def classify(
     """Label every visual token ViT sink, LLM sink, dead or alive (the paper's anchor rule)."""
     from embedlens.taxonomy.anchors import Anchors, builtin_anchors, no_builtin_message
 
-    if prompt is not None and raw_prompt is not None:
-        raise InputError("give either --prompt or --raw-prompt, not both")
     chosen = Anchors.load(anchors) if anchors is not None else builtin_anchors(models.model)
     if chosen is None:
         raise InputError(no_builtin_message(models.model))
-    if report and out is None:
-        raise InputError("--report writes OUT/report.html: give --out")
+    _check_report(report, out)
     image = _image(image)
-    session = models.load(raw_prompt=raw_prompt)
-    result = session.classify(image, prompt=prompt, raw_prompt=raw_prompt, anchors=chosen, top_k=top_k)
+    session = models.load(raw_prompt=prompts.raw_prompt)
+    result = session.classify(image, prompt=prompts.prompt, raw_prompt=prompts.raw_prompt, anchors=chosen, top_k=top_k)
     written = []
     if out is not None:
         from embedlens.pictures.groups import save_group_map

@@ -8,12 +8,8 @@ from typing import Annotated
 import typer
 
 from embedlens.cli.app import app
+from embedlens.cli.options import ReportOpt as ReportOpt  # re-exported: ``--report`` is declared in options
 from embedlens.errors import InputError
-
-#: ``--report`` on the commands whose output folder the report reads.
-ReportOpt = Annotated[
-    bool, typer.Option("--report", help="Also write OUT/report.html: the interactive, offline HTML report.")
-]
 
 
 def write_run_report(out: Path | None) -> Path:
