@@ -18,13 +18,13 @@ import pytest
 from lmms_eval.api.instance import Instance
 from PIL import Image
 
-from conftest import random_image
 from embedlens import InputError
 from embedlens.bench.lmms_model import EmbedLensLMM
 from embedlens.reproduce.costs import cost_model
 from embedlens.reproduce.paper import TaskMetric, TaskSuite
 from embedlens.reproduce.plan import PlanOptions
 from embedlens.reproduce.runner import COMMANDS_FILE, run_all
+from helpers import random_image
 
 DOCS = 4
 

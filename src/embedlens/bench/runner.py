@@ -51,6 +51,7 @@ from embedlens.runs import (
     world_size,
 )
 from embedlens.runs.options import check_options
+from embedlens.taxonomy.classify import resolve_anchors
 
 if TYPE_CHECKING:
     from embedlens.context import ModelContext
@@ -366,6 +367,8 @@ def run_eval(
     options = options or EvalOptions()
     run = eval_run(out)
     run.check_target()
+    if options.anchors is not None:  # a bad anchors file is refused before anything is written
+        resolve_anchors(session, options.anchors)
     chosen = with_baseline(settings, session.num_layers)
     refuse_placeholder(options.suffix, session.adapter.image_placeholder, "--suffix")
     questions = without_placeholder(questions, session.adapter.image_placeholder)

@@ -69,9 +69,11 @@ def stats(
     chosen = Anchors.load(anchors) if anchors is not None else builtin_anchors(models.model)
     if chosen is None:
         raise InputError(no_builtin_message(models.model))
+    session = models.load(device=process_device(models.device))
+    # Rows whose prompt holds the model's image placeholder are known once its processor is loaded.
+    data = data.without_placeholder(session.adapter.image_placeholder)
     if is_main():
         warn_malformed(dataset, data.malformed)
-    session = models.load(device=process_device(models.device))
     summary = run_stats(
         session, data, out, anchors=chosen, options=options, restart=runs.restart, progress=runs.progress
     )
@@ -111,8 +113,9 @@ def discover_anchors(
 
     config = DiscoveryConfig(top_k=top_k, min_image_fraction=min_fraction)
     data = open_dataset(dataset)
-    warn_malformed(dataset, data.malformed)
     session = models.load()
+    data = data.without_placeholder(session.adapter.image_placeholder)
+    warn_malformed(dataset, data.malformed)
     prompts = [item.prompt or prompt or DEFAULT_PROMPT for item in data.items]
     found = discover(
         session, [item.image for item in data.items], prompts, config=config, batch_size=batch_size, progress=progress

@@ -180,9 +180,10 @@ def align(
         batch_size=batch_size,
     )
     data = open_dataset(dataset, exclude=[out])
+    session = models.load(device=process_device(models.device))
+    data = data.without_placeholder(session.adapter.image_placeholder)
     if is_main():
         warn_malformed(dataset, data.malformed)
-    session = models.load(device=process_device(models.device))
     result = run_align(session, data, out, options=options, restart=runs.restart, progress=runs.progress)
     if result is None:  # every process but the first, which merges and writes the tables
         return

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from embedlens.errors import EmbedLensError, InputError
-from embedlens.paths import atomic_write_text
+from embedlens.files import atomic_write_text
 from embedlens.reproduce.costs import CostModel, Shares
 from embedlens.reproduce.plan import (
     BEST,

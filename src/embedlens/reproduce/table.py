@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from embedlens.paths import atomic_write_text
+from embedlens.files import atomic_write_text
 from embedlens.reproduce.paper import PUBLISHED, PUBLISHED_MODEL, TaskSuite
 
 RUN_FILE = "run.json"

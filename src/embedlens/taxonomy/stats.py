@@ -49,7 +49,7 @@ from embedlens.runs import (
 )
 from embedlens.runs.options import check_options
 from embedlens.taxonomy.anchors import Anchors
-from embedlens.taxonomy.classify import AnchorsLike, classify_batch, resolve_anchors, rule_settings
+from embedlens.taxonomy.classify import AnchorsLike, classify_batch, rule_settings
 from embedlens.taxonomy.groups import CODES
 from embedlens.taxonomy.rule import check_precedence
 from embedlens.taxonomy.stats_summary import STATS_FORMAT, STATS_VERSION, heatmap, summary_data, write_images
@@ -179,9 +179,9 @@ def collect(
     session: ModelContext,
     dataset: Dataset,
     out: str | Path,
+    anchors: Anchors,
+    options: StatsOptions,
     *,
-    anchors: AnchorsLike = None,
-    options: StatsOptions | None = None,
     rank: int | None = None,
     world: int | None = None,
     progress: bool = True,
@@ -196,23 +196,21 @@ def collect(
         session: The loaded model.
         dataset: The images.
         out: The run's output directory.
-        anchors: Anchors, an anchors JSON path, or None for the model's built-in anchors.
+        anchors: The anchors, already checked against the model (see :func:`rule_settings`).
         options: Rule and batching options.
         rank: This process's rank (None: from the launcher); ``world``: with ``rank``, take only that
             share of a ``world`` of processes yourself (None: the launcher's processes split the items).
         progress: Show a progress bar (on stderr).
         on_batch: Called after each committed batch with the running :class:`Progress`.
     """
-    options = options or StatsOptions()
     run = stats_run(out)
     run.require()
     rank = ranks.rank() if rank is None else rank
-    chosen = resolve_anchors(session, anchors)
     state = Progress()
     sequence = [_next_sequence(run.parts, rank)]
 
     def compute(batch: list[DatasetItem]) -> Commit:
-        tokens, records = _classify_batch(session, batch, chosen, options)
+        tokens, records = _classify_batch(session, batch, anchors, options)
         sequence[0] += 1
         name = f"r{rank:03d}-b{sequence[0] - 1:06d}"
         return Commit(name, records, data=lambda tmp: pq.write_table(tokens, tmp), suffix=".parquet", size=len(batch))
@@ -394,5 +392,5 @@ def run_stats(
     refuse_placeholder(options.prompt, session.adapter.image_placeholder, "--prompt")
     dataset = dataset.without_placeholder(session.adapter.image_placeholder)
     with run.session(run_identity(session, dataset, chosen, options), restart=restart, device=session.adapter.device):
-        collect(session, dataset, run.out, anchors=chosen, options=options, progress=progress, on_batch=on_batch)
+        collect(session, dataset, run.out, chosen, options, progress=progress, on_batch=on_batch)
         return run.finish(lambda: merge(run.out, dataset, options, picture=picture))
