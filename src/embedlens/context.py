@@ -119,6 +119,17 @@ class ModelContext:
         """SHA-256 of the model config."""
         return config_hash(self.adapter.model.config)
 
+    @property
+    def model_identity(self) -> dict[str, str]:
+        """What identifies the loaded model and how it is fed, for run identities and summaries: the name, the
+        config and vocabulary hashes and the profile."""
+        return {
+            "model": self.adapter.source,
+            "config_hash": self.config_hash,
+            "vocab_hash": self.vocab_hash,
+            "profile": self.adapter.profile.name,
+        }
+
     def lens(self, name: str = "embedding", exclude: Iterable[str] = (), vocab_limit: int | None = None) -> Lens:
         """The lens called ``name`` with the given exclusions (normalised tables are cached).
 

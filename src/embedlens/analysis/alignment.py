@@ -165,8 +165,7 @@ def run_identity(
     return {
         "format": ALIGN_FORMAT + "-run",
         "parts_version": PARTS_VERSION,
-        "model": session.adapter.source,
-        "config_hash": session.config_hash,
+        **session.model_identity,
         "dataset": str(resolved(dataset.source)),
         "items": len(dataset.items),
         "items_hash": dataset.fingerprint(),
@@ -265,8 +264,7 @@ def _merge(session: ModelContext, dataset: Dataset, run: RunDir, context: BatchC
     focus = ALIVE if ALIVE in groups else "visual"
     summary = {
         "format": ALIGN_FORMAT,
-        "model": session.adapter.source,
-        "config_hash": session.config_hash,
+        **session.model_identity,
         "dataset": str(resolved(dataset.source)),
         "images": totals.images,
         "unreadable": unreadable,

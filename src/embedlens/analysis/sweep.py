@@ -385,7 +385,7 @@ def run_inject_sweep(
 
         scaling_rows = on_main(second_stage, share=True) or []
     summary = {
-        "model": session.adapter.source,
+        **session.model_identity,
         "datasets": {name: str(q.source) for name, q in zip(names, datasets, strict=True)},
         "best_layer": best,
         "rows": rows,

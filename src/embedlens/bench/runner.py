@@ -169,8 +169,7 @@ def run_identity(
     )
     return {
         "format": EVAL_FORMAT + "-run",
-        "model": session.adapter.source,
-        "config_hash": session.config_hash,
+        **session.model_identity,
         "settings": [s.to_dict() for s in settings],
         "questions": str(resolved(questions.source)),
         "items": len(questions.items),
@@ -333,7 +332,9 @@ def merge(
         )
     with atomic_path(out / ITEMS_FILE) as tmp:
         pq.write_table(pa.Table.from_pylist(rows), tmp)
-    table = summarise(rows, questions, settings, options, seed=seed)
+    identity = eval_run(out).identity()
+    model = {key: identity[key] for key in ("model", "config_hash", "profile") if key in identity}
+    table = {**model, **summarise(rows, questions, settings, options, seed=seed)}
     atomic_write_text(out / TABLE_JSON, json.dumps(table, indent=1))
     atomic_write_text(out / TABLE_MD, render_markdown(table))
     return table

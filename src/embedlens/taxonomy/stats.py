@@ -142,9 +142,7 @@ def run_identity(session: ModelContext, dataset: Dataset, anchors: Anchors, opti
     match it exactly (the dataset by its resolved path and item list, see :mod:`embedlens.runs.items`)."""
     return {
         "format": STATS_FORMAT + "-run",
-        "model": session.adapter.source,
-        "config_hash": session.config_hash,
-        "vocab_hash": session.vocab_hash,
+        **session.model_identity,
         "anchors": anchors.to_dict(),
         "top_k": options.top_k or anchors.top_k,
         "precedence": list(check_precedence(options.precedence)),

@@ -85,6 +85,7 @@ def summary_data(
         "version": STATS_VERSION,
         "model": identity["model"],
         "vocab_hash": identity["vocab_hash"],
+        "profile": identity.get("profile", "default"),
         "rule": {
             "top_k": identity["top_k"],
             "precedence": identity["precedence"],
