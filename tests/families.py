@@ -58,10 +58,16 @@ class Family:
         return self.name
 
 
+#: Two ordinary token ids whose input embedding rows the decoy builder makes identical (a planted tie).
+TIED_IDS = (600, 601)
+
+
 def _plant_decoys(model: LlavaForConditionalGeneration, processor: LlavaProcessor, image: Image.Image) -> None:
     """Make the rows past the tokenizer the best match of ``image``'s visual tokens at layer 0: the input
     embedding rows become those tokens (cosine 1) and the LM head rows ten times them (the largest logits),
-    so a lens that searched padding rows would return them."""
+    so a lens that searched padding rows would return them. Also plant a tie among real tokens: input
+    embedding rows :data:`TIED_IDS` both become the second visual token, so a lens must list the lower id
+    first."""
     encoded = processor(images=[image], text=[processor.image_token], return_tensors="pt")
     with torch.no_grad():
         hidden = model(**encoded, output_hidden_states=True).hidden_states[0]
@@ -70,6 +76,8 @@ def _plant_decoys(model: LlavaForConditionalGeneration, processor: LlavaProcesso
         rows = min(visual.shape[0], model.get_input_embeddings().weight.shape[0] - tokens)
         model.get_input_embeddings().weight[tokens : tokens + rows] = visual[:rows]
         model.get_output_embeddings().weight[tokens : tokens + rows] = 10 * visual[:rows]
+        for tied in TIED_IDS:
+            model.get_input_embeddings().weight[tied] = visual[1]
 
 
 def _llava(

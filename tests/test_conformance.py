@@ -169,7 +169,7 @@ def _all_positions(spans: Sequence[VisualSpan]) -> list[int]:
 
 
 def _hooks(model: torch.nn.Module) -> dict[str, tuple[tuple, tuple]]:
-    """Every module's forward hooks and pre-hooks (their handle ids), by module name."""
+    """Every module's forward hooks and pre-hooks (their handle ids), by module name (modules with any)."""
     return {
         name: (tuple(module._forward_hooks), tuple(module._forward_pre_hooks))
         for name, module in model.named_modules()
@@ -412,6 +412,9 @@ class TestHooksRemoved:
         session = loaded.session
         batch = _batch(loaded, [0, 1])
         base = _forward(loaded, batch.inputs).logits
+        with torch.no_grad():
+            session.model.generate(**batch.inputs, max_new_tokens=2, do_sample=False)
+        # transformers keeps hooks of its own (output recording) once a model has run; ours must go
         before = _hooks(session.model)
         items = _settings(loaded, "combined")
         last_layer = loaded.adapter.decoder_layers[-1]
