@@ -1,0 +1,127 @@
+"""The model families the conformance suite (``test_conformance.py``) runs over: one tiny entry each.
+
+An entry builds a tiny random checkpoint of its family -- configs at toy sizes, the family's real
+``transformers`` model and processor classes, random weights -- saves it to a directory and returns
+the directory the suite then loads by path through ``embedlens.load``. Besides the builder, an entry
+states the few facts the checks compare against (what the processor should lay out for one image),
+so a wrong adapter cannot pass by agreeing with itself.
+
+Import as ``from families import FAMILIES`` (pytest puts ``tests/`` on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+from conftest import CHATML_TEMPLATE
+from embedlens.models.tiny import LLAVA_15_TEMPLATE, TinySpec, build_tiny_llava, save_tiny_llava
+from helpers import random_image
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family (or one variant of its layout) as the conformance suite sees it.
+
+    Attributes:
+        name: Test id (``"llava"``, ``"llava-cls"``, ...).
+        build: Saves a tiny random checkpoint (model + processor) under the given directory and
+            returns the directory to load by path. Must take well under a second.
+        image: ``image(seed)`` -> a valid RGB input image for this family (size, aspect).
+        prompts: Two questions of different lengths (so a batch of both is left-padded).
+        grid: ``(rows, cols)`` of one image's patch grid as the processor lays it out for ``image``.
+        extra_offsets: Where, among one image's image-token positions (in sequence order), the tokens
+            that are not grid cells sit (a CLS token, row-end newline tokens...); the grid cells fill
+            the other ``rows * cols`` positions in row-major order.
+        multi_image: Whether a sample may hold several images (the spans check then places two).
+    """
+
+    name: str
+    build: Callable[[Path], Path]
+    image: Callable[[int], Image.Image]
+    prompts: tuple[str, str] = ("what is this", "is there a red thing in the picture")
+    grid: tuple[int, int] = (4, 4)
+    extra_offsets: tuple[int, ...] = ()
+    multi_image: bool = True
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Image-token positions one image occupies in ``input_ids``."""
+        return self.grid[0] * self.grid[1] + len(self.extra_offsets)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+#: Two ordinary token ids whose input embedding rows the decoy builder makes identical (a planted tie).
+TIED_IDS = (600, 601)
+
+
+def _plant_decoys(model: LlavaForConditionalGeneration, processor: LlavaProcessor, image: Image.Image) -> None:
+    """Make the rows past the tokenizer the best match of ``image``'s visual tokens at layer 0: the input
+    embedding rows become those tokens (cosine 1) and the LM head rows ten times them (the largest logits),
+    so a lens that searched padding rows would return them. Also plant a tie among real tokens: input
+    embedding rows :data:`TIED_IDS` both become the second visual token, so a lens must list the lower id
+    first."""
+    encoded = processor(images=[image], text=[processor.image_token], return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**encoded, output_hidden_states=True).hidden_states[0]
+        visual = hidden[0, encoded["input_ids"][0] == model.config.image_token_id]
+        tokens = len(processor.tokenizer)
+        rows = min(visual.shape[0], model.get_input_embeddings().weight.shape[0] - tokens)
+        model.get_input_embeddings().weight[tokens : tokens + rows] = visual[:rows]
+        model.get_output_embeddings().weight[tokens : tokens + rows] = 10 * visual[:rows]
+        for tied in TIED_IDS:
+            model.get_input_embeddings().weight[tied] = visual[1]
+
+
+def _llava(
+    spec: TinySpec | None = None,
+    chat_template: str | None = LLAVA_15_TEMPLATE,
+    padded_rows: int = 0,
+    decoys_for: Image.Image | None = None,
+) -> Callable[[Path], Path]:
+    """A builder for a tiny LLaVA: ``spec``, a chat template (default: LLaVA-1.5's), and optionally its
+    embedding table and LM head padded by ``padded_rows`` rows past the tokenizer (as llava-hf's are),
+    the first of them planted as decoys for the image ``decoys_for`` (see :func:`_plant_decoys`)."""
+
+    spec = spec or TinySpec()
+
+    def build(directory: Path) -> Path:
+        if not padded_rows:
+            return save_tiny_llava(directory, spec, chat_template)
+        model, processor = build_tiny_llava(spec, chat_template)
+        model.resize_token_embeddings(spec.vocab_size + padded_rows, mean_resizing=False)
+        if decoys_for is not None:
+            _plant_decoys(model, processor, decoys_for)
+        model.save_pretrained(directory)
+        processor.save_pretrained(directory)
+        return directory
+
+    return build
+
+
+def _noise(size: int) -> Callable[[int], Image.Image]:
+    return lambda seed: random_image(seed, size, size)
+
+
+FAMILIES: tuple[Family, ...] = (
+    # LLaVA-1.5 layout: CLS dropped, one run of 4 x 4 image tokens per image, LLaVA-1.5 chat template.
+    Family("llava", _llava(), _noise(56)),
+    # 'full' feature selection: the CLS token is kept in front of the grid (one extra position per image).
+    Family("llava-cls", _llava(TinySpec(strategy="full")), _noise(56), extra_offsets=(0,)),
+    # ChatML template, and tables padded past the tokenizer (1000 tokens, 1064 rows) like llava-hf's, with
+    # decoy padding rows that a lens searching past the tokenizer would return for image 0.
+    Family(
+        "llava-chatml",
+        _llava(chat_template=CHATML_TEMPLATE, padded_rows=64, decoys_for=random_image(0)),
+        _noise(56),
+    ),
+    # No chat template at all (placeholder before the text), and a 6 x 6 grid from 84 px images.
+    Family("llava-no-template", _llava(TinySpec(image_size=84), chat_template=None), _noise(84), grid=(6, 6)),
+)
