@@ -275,11 +275,13 @@ class TestSettings:
             "random(sink+dead) seed 1",
         ]
         assert [s.interventions for s in settings[:5]] == [
-            (Prune(group=g),) for g in ("vit_sink", "llm_sink", "sink", "dead", "sink+dead")
+            (Prune(group=g, match="member"),) for g in ("vit_sink", "llm_sink", "sink", "dead", "sink+dead")
         ]
         assert [s.family for s in settings] == [None] * 5 + ["random control for sink+dead"] * 2
         for seed, setting in zip((0, 1), settings[5:], strict=True):
-            assert setting.interventions == (Prune(group="sink+dead", select="matched_random", seed=seed),)
+            assert setting.interventions == (
+                Prune(group="sink+dead", select="matched_random", seed=seed, match="member"),
+            )
         assert len(preset("paper-pruning")) == 5 + 5  # five seeds by default
 
     def test_with_baseline(self):

@@ -93,12 +93,12 @@ def parse_setting(text: str) -> Setting:
     return Setting(name=" ".join(describe(item) for item in items), interventions=items)
 
 
-def _seed_family(group: str, seeds: Sequence[int]) -> list[Setting]:
+def _seed_family(group: str, seeds: Sequence[int], match: str = "label") -> list[Setting]:
     family = f"random control for {group}"
     return [
         Setting(
             name=f"random({group}) seed {seed}",
-            interventions=(Prune(group=group, select="matched_random", seed=seed),),
+            interventions=(Prune(group=group, select="matched_random", seed=seed, match=match),),
             family=family,
         )
         for seed in seeds
@@ -110,15 +110,17 @@ def preset(name: str, seeds: Sequence[int] = (0, 1, 2, 3, 4)) -> list[Setting]:
 
     ``paper-pruning`` (REFERENCE §4): remove ViT sinks, LLM sinks, both, dead tokens, sinks and dead
     tokens; and, as the control, as many random alive tokens as sinks + dead tokens, over ``seeds``.
+    Targets follow the reference's membership rule (``match=member``: every token whose top-k holds the
+    group's anchor, whatever else it matches).
     """
     if name != "paper-pruning":
         raise InputError(f"unknown preset {name!r}; presets: paper-pruning")
     if not seeds:
         raise InputError("the paper-pruning preset needs at least one seed for its random control")
     groups = {"-vit_sink": "vit_sink", "-llm_sink": "llm_sink", "-sinks": "sink", "-dead": "dead"}
-    chosen = [Setting(label, (Prune(group=group),)) for label, group in groups.items()]
-    chosen.append(Setting("-sink+dead", (Prune(group="sink+dead"),)))
-    return chosen + _seed_family("sink+dead", seeds)
+    chosen = [Setting(label, (Prune(group=group, match="member"),)) for label, group in groups.items()]
+    chosen.append(Setting("-sink+dead", (Prune(group="sink+dead", match="member"),)))
+    return chosen + _seed_family("sink+dead", seeds, match="member")
 
 
 def with_baseline(settings: Sequence[Setting], num_layers: int) -> list[Setting]:
