@@ -357,11 +357,18 @@ class TestFiles:
         (tmp_path / f"cut{suffix}").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
         _refuses_quickly(tmp_path / f"cut{suffix}", "not a valid or complete image")
 
-    @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
-    def test_unreadable_file(self, tmp_path):
+    def test_unreadable_file(self, tmp_path, monkeypatch):
+        """A file the process may not read (``chmod 0`` does not stop root, so the refusal is simulated)."""
         path = saved(Image.new("RGB", (2, 2)), tmp_path / "locked.png")
-        path.chmod(0)
-        _refuses_quickly(path, "cannot open image")
+        real_open = Path.open
+
+        def denied(self, *args, **kwargs):
+            if self == path:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real_open(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "open", denied)
+        _refuses_quickly(path, f"cannot open image {path}: Permission denied")
 
 
 def test_to_rgb_is_public_and_matches_load_image():
