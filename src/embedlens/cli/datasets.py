@@ -61,8 +61,8 @@ def stats(
     from embedlens.datasets import open_dataset
     from embedlens.runs import is_main, process_device
     from embedlens.taxonomy.anchors import Anchors, builtin_anchors, no_builtin_message
+    from embedlens.taxonomy.printing import stats_summary
     from embedlens.taxonomy.stats import StatsOptions, run_stats
-    from embedlens.taxonomy.summaries import stats_summary
 
     options = StatsOptions(top_k=top_k, prompt=prompt, batch_size=batch_size, bootstrap=bootstrap)
     data = open_dataset(dataset, exclude=[out])
@@ -109,7 +109,7 @@ def discover_anchors(
     from embedlens.datasets import open_dataset
     from embedlens.taxonomy.discover import DiscoveryConfig
     from embedlens.taxonomy.discover import discover_anchors as discover
-    from embedlens.taxonomy.summaries import discovery_summary
+    from embedlens.taxonomy.printing import discovery_summary
 
     config = DiscoveryConfig(top_k=top_k, min_image_fraction=min_fraction)
     data = open_dataset(dataset)

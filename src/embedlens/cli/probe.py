@@ -221,7 +221,7 @@ def generate(
     answers, run = session.generate_batch(batch, max_new_tokens=max_new_tokens, interventions=items, anchors=anchors)
     typer.echo(answers[0])
     if items or timing:
-        from embedlens.bench.summaries import accounting_summary
+        from embedlens.bench.printing import accounting_summary
 
         typer.echo(accounting_summary(session, batch, run, items, anchors, timing=timing))
 
