@@ -213,3 +213,12 @@ class TestTrainMiniResume:
         code, out, err = run_cli(capsys, "train-mini", "--out", tmp_path / "run")
         assert_user_error(code, out, err)
         assert "cannot read the checkpoint" in err
+
+
+def test_python_generate_refuses_a_prompt_longer_than_the_context(tiny, make_image):
+    """The library refuses what the command line refuses: a prompt plus answer past the model's context."""
+    from embedlens.models.registry import context_length
+
+    limit = context_length(tiny.model.config)
+    with pytest.raises(InputError, match=f"but the model's context holds {limit}"):
+        tiny.generate(make_image(0), "Describe", max_new_tokens=limit)

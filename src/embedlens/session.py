@@ -19,7 +19,7 @@ from embedlens.context import DEFAULT_PROMPT, LayerSpec, ModelContext
 from embedlens.images import ImageLike
 from embedlens.inputs import Texts, one_or_many
 from embedlens.interventions import Intervention, InterventionRun
-from embedlens.interventions.generation import generate_batch
+from embedlens.interventions.generation import check_context, generate_batch
 from embedlens.models.base import ModelAdapter, PreparedBatch
 from embedlens.models.loading import load_adapter
 from embedlens.profiles import Profile
@@ -201,6 +201,7 @@ class Session(ModelContext):
         """
         given = one_or_many(image, prompt, raw_prompt)
         batch = self.prepare(given.images, given.prompts, raw_prompts=given.raw_prompts)
+        check_context(self, batch, max_new_tokens)
         answers, _ = self.generate_batch(
             batch, max_new_tokens=max_new_tokens, interventions=interventions, anchors=anchors
         )

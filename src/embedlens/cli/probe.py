@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
@@ -29,10 +29,6 @@ from embedlens.cli.options import (
 )
 from embedlens.cli.report import write_run_report
 from embedlens.errors import InputError
-
-if TYPE_CHECKING:
-    from embedlens.models.base import PreparedBatch
-    from embedlens.session import Session
 
 
 def _image(image: Path | None) -> Path:
@@ -209,6 +205,7 @@ def generate(
     prefill FLOPs against the untouched model.
     """
     from embedlens.interventions import parse_all
+    from embedlens.interventions.generation import check_context
 
     if (prompt is None) == (raw_prompt is None):
         raise InputError("give exactly one of --prompt or --raw-prompt")
@@ -217,23 +214,10 @@ def generate(
     session = models.load(raw_prompt=raw_prompt, interventions=items)
     raw_prompts = None if raw_prompt is None else [raw_prompt]
     batch = session.prepare([image], None if raw_prompts else [prompt], raw_prompts=raw_prompts)
-    _check_context(session, batch, max_new_tokens)
+    check_context(session, batch, max_new_tokens)
     answers, run = session.generate_batch(batch, max_new_tokens=max_new_tokens, interventions=items, anchors=anchors)
     typer.echo(answers[0])
     if items or timing:
         from embedlens.bench.printing import accounting_summary
 
         typer.echo(accounting_summary(session, batch, run, items, anchors, timing=timing))
-
-
-def _check_context(session: Session, batch: PreparedBatch, max_new_tokens: int) -> None:
-    """Refuse a prompt (with its visual tokens) that, with the answer, does not fit the model's context."""
-    from embedlens.models.registry import context_length
-
-    limit = context_length(session.model.config)
-    length = int(batch.inputs["input_ids"].shape[-1])
-    if limit is not None and length + max_new_tokens > limit:
-        raise InputError(
-            f"the prompt takes {length} tokens (image included) and --max-new-tokens {max_new_tokens} more, "
-            f"but the model's context holds {limit}"
-        )

@@ -20,6 +20,24 @@ if TYPE_CHECKING:
     from embedlens.taxonomy import Anchors
 
 
+def check_context(context: ModelContext, batch: PreparedBatch, max_new_tokens: int) -> None:
+    """Refuse a prompt (its visual tokens included) that, with ``max_new_tokens`` more, overflows the model's
+    context (``max_position_embeddings`` of its text config, when it declares one).
+
+    Raises:
+        InputError: Naming both lengths and the limit.
+    """
+    from embedlens.models.registry import context_length
+
+    limit = context_length(context.adapter.model.config)
+    length = int(batch.inputs["input_ids"].shape[-1])
+    if limit is not None and length + max_new_tokens > limit:
+        raise InputError(
+            f"the prompt takes {length} tokens (image included) and --max-new-tokens {max_new_tokens} more, "
+            f"but the model's context holds {limit}"
+        )
+
+
 def generate_batch(
     context: ModelContext,
     batch: PreparedBatch,
