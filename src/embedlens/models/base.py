@@ -18,6 +18,7 @@ norm itself. Negative layers count from the end (``-1`` is ``num_layers``).
 
 from __future__ import annotations
 
+import operator
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -90,6 +91,33 @@ class PreparedBatch:
         return len(self.spans)
 
 
+@dataclass(frozen=True)
+class ModulePaths:
+    """Where a family keeps its parts: dotted attribute paths from the loaded ``transformers`` model.
+
+    Attributes:
+        language_model: The decoder stack (embedding, layers, final norm, rotary embedding).
+        decoder_layers: Its decoder layers, a module list.
+        input_embeddings: The LLM's input embedding table.
+        final_norm: The norm before the LM head.
+        lm_head: The projection to vocabulary logits.
+        vision_tower: The vision encoder.
+        projector: What maps vision features to LLM inputs (its output is layer 0 of visual tokens).
+        attention: The self-attention submodule, from inside one decoder layer.
+        mlp: The MLP submodule, from inside one decoder layer.
+    """
+
+    language_model: str
+    decoder_layers: str
+    input_embeddings: str
+    final_norm: str
+    lm_head: str
+    vision_tower: str
+    projector: str
+    attention: str = "self_attn"
+    mlp: str = "mlp"
+
+
 class ModelAdapter(ABC):
     """Access to one model family's parts and inputs. Subclasses register with ``@register_adapter``.
 
@@ -124,53 +152,70 @@ class ModelAdapter(ABC):
         """Number of decoder layers, read from the config alone (to validate before loading weights)."""
 
     # ----------------------------------------------------------------- structure
+    #: Where this family keeps its parts (attribute paths from the loaded model).
+    modules: ClassVar[ModulePaths]
+
+    def _module(self, path: str) -> Any:
+        return operator.attrgetter(path)(self.model)
+
     @property
-    @abstractmethod
     def decoder_layers(self) -> nn.ModuleList:
         """The LLM's decoder layers, in order."""
+        return self._module(self.modules.decoder_layers)
 
     @property
     def num_layers(self) -> int:
         """Number of decoder layers ``L``; valid layer indices are ``0 .. L``."""
         return len(self.decoder_layers)
 
-    @abstractmethod
     def attention(self, layer: int) -> nn.Module:
         """Self-attention submodule of decoder layer ``layer`` (0-based)."""
+        return operator.attrgetter(self.modules.attention)(self.decoder_layers[layer])
 
-    @abstractmethod
     def mlp(self, layer: int) -> nn.Module:
         """MLP submodule of decoder layer ``layer`` (0-based)."""
+        return operator.attrgetter(self.modules.mlp)(self.decoder_layers[layer])
 
     @property
-    @abstractmethod
     def input_embeddings(self) -> nn.Embedding:
         """The LLM's input embedding table, weight of shape ``[V, d]``."""
+        return self._module(self.modules.input_embeddings)
 
     @property
-    @abstractmethod
     def final_norm(self) -> nn.Module:
         """The norm applied to the last layer's output before the LM head."""
+        return self._module(self.modules.final_norm)
 
     @property
-    @abstractmethod
     def lm_head(self) -> nn.Linear:
         """The output projection to vocabulary logits, weight of shape ``[V, d]``."""
+        return self._module(self.modules.lm_head)
 
     @property
-    @abstractmethod
     def language_model(self) -> nn.Module:
         """The decoder stack whose forward takes ``inputs_embeds``, ``attention_mask``, ``position_ids``
         and ``cache`` (visual tokens already scattered in) and runs the decoder layers."""
+        return self._module(self.modules.language_model)
 
-    @abstractmethod
+    @property
+    def vision_tower(self) -> nn.Module:
+        """The vision encoder."""
+        return self._module(self.modules.vision_tower)
+
+    @property
+    def projector(self) -> nn.Module:
+        """The module mapping vision features to LLM inputs; its output is layer 0 of visual tokens."""
+        return self._module(self.modules.projector)
+
     def position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
-        """What the decoder layers receive as ``position_embeddings`` for these positions.
+        """What the decoder layers receive as ``position_embeddings`` for these positions (by default the
+        language model's ``rotary_emb``; a family with other position encodings overrides this).
 
         Args:
             hidden: Any tensor with the hidden states' dtype and device, shape ``[B, T, d]``.
             position_ids: Positions, shape ``[B, T]``.
         """
+        return self.language_model.rotary_emb(hidden, position_ids=position_ids)
 
     @property
     def attention_implementation(self) -> str:
@@ -187,24 +232,14 @@ class ModelAdapter(ABC):
         """
 
     @property
-    @abstractmethod
-    def vision_tower(self) -> nn.Module:
-        """The vision encoder."""
-
-    @property
-    @abstractmethod
-    def projector(self) -> nn.Module:
-        """The module mapping vision features to LLM inputs; its output is layer 0 of visual tokens."""
-
-    @property
-    @abstractmethod
     def image_token_id(self) -> int:
-        """The token id marking visual-token positions in ``input_ids``."""
+        """The token id marking visual-token positions in ``input_ids`` (the config's ``image_token_id``)."""
+        return int(self.model.config.image_token_id)
 
     @property
-    @abstractmethod
     def image_placeholder(self) -> str:
-        """The text a prompt uses to place an image (e.g. ``"<image>"``)."""
+        """The text a prompt uses to place an image (the processor's ``image_token``, e.g. ``"<image>"``)."""
+        return str(getattr(self.processor, "image_token", "<image>"))
 
     @property
     def tokenizer(self) -> Any:

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration
 
 from embedlens.errors import InputError
-from embedlens.models.base import ModelAdapter, PreparedBatch, VisualSpan
+from embedlens.models.base import ModelAdapter, ModulePaths, PreparedBatch, VisualSpan
 from embedlens.models.registry import register_adapter
 from embedlens.profiles import pad_to_square, vicuna_v1
 
@@ -40,38 +40,15 @@ class LlavaAdapter(ModelAdapter):
         return int(config.text_config.num_hidden_layers)
 
     # ----------------------------------------------------------------- structure
-    @property
-    def _llm(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        return self._llm.layers
-
-    def attention(self, layer: int) -> nn.Module:
-        return self.decoder_layers[layer].self_attn
-
-    def mlp(self, layer: int) -> nn.Module:
-        return self.decoder_layers[layer].mlp
-
-    @property
-    def input_embeddings(self) -> nn.Embedding:
-        return self._llm.embed_tokens
-
-    @property
-    def final_norm(self) -> nn.Module:
-        return self._llm.norm
-
-    @property
-    def lm_head(self) -> nn.Linear:
-        return self.model.lm_head
-
-    @property
-    def language_model(self) -> nn.Module:
-        return self._llm
-
-    def position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
-        return self._llm.rotary_emb(hidden, position_ids=position_ids)
+    modules = ModulePaths(
+        language_model="model.language_model",
+        decoder_layers="model.language_model.layers",
+        input_embeddings="model.language_model.embed_tokens",
+        final_norm="model.language_model.norm",
+        lm_head="lm_head",
+        vision_tower="model.vision_tower",
+        projector="model.multi_modal_projector",
+    )
 
     def image_grids(self, inputs: dict[str, Any]) -> list[tuple[int, int]]:
         pixel_values = inputs.get("pixel_values")
@@ -91,22 +68,6 @@ class LlavaAdapter(ModelAdapter):
                 raise InputError(f"cannot tell the patch grid of an image with {count} visual tokens")
             grids.append((side, side))
         return grids
-
-    @property
-    def vision_tower(self) -> nn.Module:
-        return self.model.model.vision_tower
-
-    @property
-    def projector(self) -> nn.Module:
-        return self.model.model.multi_modal_projector
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
-
-    @property
-    def image_placeholder(self) -> str:
-        return str(getattr(self.processor, "image_token", "<image>"))
 
     @property
     def patch_size(self) -> int:
