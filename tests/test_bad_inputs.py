@@ -359,6 +359,9 @@ PRELOAD = (
 
 def _zygote(requests_file: str, results_file: str) -> None:
     """Import :data:`PRELOAD`, then fork one child per job (``jobs`` at a time) and record each exit status."""
+    # A process started from a background job of a non-interactive shell inherits SIGINT ignored, and Python
+    # then installs no KeyboardInterrupt handler; give the children the handler a terminal's command has.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for name in PRELOAD:
         try:
             importlib.import_module(name)

@@ -23,7 +23,10 @@ PLAIN_LINE = "embedlens: interrupted\n"
 #: Runs the command line with every image opening slowed down, so that a batch is committed well
 #: before the run ends (PIL is a stable seam, whatever the run engine looks like).
 SLOW_MAIN = """
-import sys, time
+import signal, sys, time
+# Started from a background job, a process may inherit SIGINT ignored (then Python installs no handler):
+# give it the Ctrl-C handler a command run from a terminal has.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import PIL.Image
 _open = PIL.Image.open
 def slow_open(*args, **kwargs):

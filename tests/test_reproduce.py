@@ -129,7 +129,9 @@ class TestPlan:
         random = [run for run in runs if run.row == "random"]
         assert sorted({run.seed for run in random}) == [0, 1, 2]
         for run in random:
-            assert parse(run.interventions) == Prune(group="sink+dead", select="matched_random", seed=run.seed)
+            assert parse(run.interventions) == Prune(
+                group="sink+dead", select="matched_random", seed=run.seed, match="member"
+            )
         skips = sorted({run.interventions for run in runs if run.row.startswith("skip")})
         assert [describe(parse(s)) for s in skips] == skips
         assert {parse(s).sublayers for s in skips} == {
@@ -167,9 +169,10 @@ class TestPlan:
         assert "device=" not in run.command[run.command.index("--model_args") + 1]
 
     def test_target_is_the_one_notation_builder(self):
-        assert target("prune", "sink+dead") == "prune:sink+dead"
-        assert target("skip", "llm_sink", at="0.5,1") == "skip:llm_sink@0.5,1"
-        assert random_control(2) == "prune:sink+dead,select=matched_random,seed=2"
+        assert target("prune", "sink+dead") == "prune:sink+dead,match=member"
+        assert target("skip", "llm_sink", at="0.5,1") == "skip:llm_sink@0.5,1,match=member"
+        assert target("skip", "alive", at="1.5") == "skip:alive@1.5"  # no anchor: label and member agree
+        assert random_control(2) == "prune:sink+dead,select=matched_random,seed=2,match=member"
         for row in paper_rows():
             if row.interventions and "best" not in row.interventions:
                 assert describe(parse(row.interventions)) == row.interventions

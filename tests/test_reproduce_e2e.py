@@ -146,7 +146,7 @@ class TestEndToEnd:
         samples = list((options.out / "runs" / "original__General" / "lmms").rglob("*_samples_tinyrep.jsonl"))
         assert len(samples) == 1 and len(samples[0].read_text().splitlines()) == 2  # --limit 2
         log = (options.out / "runs" / "prune_dead__General" / "log.txt").read_text()
-        assert "embedlens [prune:dead]: 2 requests" in log
+        assert "embedlens [prune:dead,match=member]: 2 requests" in log
 
     def test_stats_measured_the_shares_used_for_flops(self, reproduced):
         options, _, _, _ = reproduced

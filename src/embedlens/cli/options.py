@@ -311,8 +311,6 @@ class RunArgs:
     def echo_report(self, out: Path) -> None:
         """With ``--report``, write ``out/report.html`` and say so on stdout."""
         if self.report:
-            from embedlens.cli.report import write_run_report
-
             typer.echo(f"wrote {write_run_report(out)}")
 
 
@@ -403,3 +401,16 @@ def parse_layer_list(text: str | None, option: str) -> tuple[int, ...] | None:
     if not layers:
         raise InputError(f"{option} names no layers")
     return tuple(sorted(set(layers)))
+
+
+def write_run_report(out: Path | None) -> Path:
+    """Write ``out/report.html`` for the run in ``out``; the path written.
+
+    Raises:
+        InputError: When no output folder was given.
+    """
+    from embedlens.report import write_report
+
+    if out is None:
+        raise InputError("--report writes OUT/report.html: give --out")
+    return write_report([out], out / "report.html").path

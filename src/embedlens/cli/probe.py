@@ -26,8 +26,8 @@ from embedlens.cli.options import (
     out_dir_option,
     prompt_options,
     split_list,
+    write_run_report,
 )
-from embedlens.cli.report import write_run_report
 from embedlens.errors import InputError
 
 

@@ -1,4 +1,5 @@
-"""``embedlens report RUN_DIR [RUN_DIR ...] --out report.html``, and ``--report`` on the other commands."""
+"""``embedlens report RUN_DIR [RUN_DIR ...] --out report.html`` (``--report`` on the other commands is an
+option of :mod:`embedlens.cli.options`)."""
 
 from __future__ import annotations
 
@@ -8,21 +9,6 @@ from typing import Annotated
 import typer
 
 from embedlens.cli.app import app
-from embedlens.cli.options import ReportOpt as ReportOpt  # re-exported: ``--report`` is declared in options
-from embedlens.errors import InputError
-
-
-def write_run_report(out: Path | None) -> Path:
-    """Write ``out/report.html`` for the run in ``out``; the path written.
-
-    Raises:
-        InputError: When no output folder was given.
-    """
-    from embedlens.report import write_report
-
-    if out is None:
-        raise InputError("--report writes OUT/report.html: give --out")
-    return write_report([out], out / "report.html").path
 
 
 @app.command()
