@@ -184,3 +184,19 @@ class TestAtomicSave:
         os.umask(umask)
         for path in tmp_path.iterdir():
             assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~umask), path.name
+
+
+def test_config_hash_ignores_where_the_config_was_read(tiny):
+    """The same model cached in two places hashes the same: paths are left out at every depth."""
+    import copy
+
+    from embedlens.result import config_hash
+
+    config = tiny.model.config
+    moved = copy.deepcopy(config)
+    moved._name_or_path = "/elsewhere/model"
+    moved.text_config._name_or_path = "/elsewhere/model/text"
+    moved.vision_config._name_or_path = "/elsewhere/model/vision"
+    assert config_hash(moved) == config_hash(config)
+    moved.text_config.num_hidden_layers += 1
+    assert config_hash(moved) != config_hash(config)

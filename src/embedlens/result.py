@@ -27,12 +27,28 @@ VIEW_PNG = "view.png"
 MULTI_LAYER_FORMAT = "embedlens-probe-layers"
 
 
+#: Config keys that say where or when a config was read, not what the model is; left out of its hash.
+VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "_commit_hash")
+
+
+def _without_volatile(value: Any) -> Any:
+    """``value`` with :data:`VOLATILE_CONFIG_KEYS` removed at every depth (nested sub-configs carry them too)."""
+    if isinstance(value, dict):
+        return {k: _without_volatile(v) for k, v in value.items() if k not in VOLATILE_CONFIG_KEYS}
+    if isinstance(value, list):
+        return [_without_volatile(v) for v in value]
+    return value
+
+
 def config_hash(config: Any) -> str:
-    """SHA-256 of a ``transformers`` config's canonical JSON (its identity for provenance)."""
+    """SHA-256 of a ``transformers`` config's canonical JSON (its identity for provenance).
+
+    Where the config was read from (``_name_or_path``, also inside ``text_config`` / ``vision_config``),
+    its hub commit and the ``transformers`` version are left out, so one model hashes the same wherever it
+    is cached.
+    """
     text = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else str(config)
-    data = json.loads(text)
-    for volatile in ("transformers_version", "_name_or_path", "_commit_hash"):
-        data.pop(volatile, None)
+    data = _without_volatile(json.loads(text))
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
