@@ -15,43 +15,11 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
 from embedlens.reproduce.costs import Shares, cost_model
+from embedlens.reproduce.paper import llava15_7b_config
 from embedlens.reproduce.plan import PlanOptions, build_plan, render
 
 MODEL = "llava-hf/llava-1.5-7b-hf"
-
-
-def llava15_7b_config() -> LlavaConfig:
-    """LLaVA-1.5-7B's configuration, as llava-hf publishes it (sizes only)."""
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-    )
-    text = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32064,
-        max_position_embeddings=4096,
-    )
-    return LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=32000,
-        image_seq_length=576,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from embedlens.bench.lmms_model import parse_interventions
 from embedlens.cli.reproduce import parse_tasks, reproduce
 from embedlens.interventions import Prune, describe, parse
 from embedlens.reproduce.costs import Shares, cost_model
-from embedlens.reproduce.paper import DOCUMENTS, PAPER_SUITE, PUBLISHED, TaskMetric, TaskSuite
+from embedlens.reproduce.paper import DOCUMENTS, PAPER_SUITE, PUBLISHED, TaskMetric, TaskSuite, llava15_7b_config
 from embedlens.reproduce.plan import PlanOptions, build_plan, paper_rows, random_control, render, target
 from embedlens.reproduce.runner import best_layer, current_shares
 from embedlens.reproduce.table import render_markdown, rollup, write_table
@@ -30,34 +30,7 @@ from embedlens.reproduce.table import render_markdown, rollup, write_table
 @pytest.fixture(scope="module")
 def llava7b(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder holding only the config.json of a LLaVA-1.5-7B-shaped model."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-    )
-    text = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32064,
-        max_position_embeddings=4096,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=32000,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
+    config = llava15_7b_config()
     folder = tmp_path_factory.mktemp("llava7b")
     config.save_pretrained(folder)
     return folder
