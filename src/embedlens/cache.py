@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO
 
 from embedlens.errors import EmbedLensError
-from embedlens.files import CHUNK, atomic_write_text, sha256_file, umask
+from embedlens.files import CHUNK, atomic_write_text, sha256_file, temporary_sibling, umask
 
 logger = logging.getLogger(__name__)
 
@@ -81,16 +81,14 @@ def copy_verified(source: IO[bytes], target: Path, expected_sha256: str) -> None
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(target)
     digest = hashlib.sha256()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    tmp = Path(tmp_name)
+    tmp = temporary_sibling(target)
     try:
-        with os.fdopen(fd, "wb") as out:
+        with open(tmp, "xb") as out:
             for block in iter(lambda: source.read(CHUNK), b""):
                 digest.update(block)
                 out.write(block)
             out.flush()
             os.fsync(out.fileno())
-        os.chmod(tmp, 0o666 & ~umask())
         actual = digest.hexdigest()
         if actual != expected_sha256:
             raise ValueError(f"sha256 {actual} differs from the recorded {expected_sha256}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,25 +15,34 @@ from pathlib import Path
 CHUNK = 1 << 22
 
 
+def temporary_sibling(target: str | os.PathLike[str]) -> Path:
+    """A fresh name for a temporary file beside ``target`` (``.NAME.XXXXXXXXXXXX.tmp``), not yet created.
+
+    Choosing the name before the file exists lets a ``finally`` remove it whatever interrupts the work.
+    """
+    target = Path(target)
+    return target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds.
 
-    A reader never sees a half-written file: either the old content or the complete new one.
+    A reader never sees a half-written file: either the old content or the complete new one. The
+    temporary file is removed on any failure, Ctrl-C included: its name is chosen before it is created,
+    so an interruption at any point leaves nothing behind.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = temporary_sibling(target)
     try:
+        # Created exclusively with the usual permissions (0o666 less the umask): results are not secrets.
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         yield tmp
-        if tmp.exists():
-            os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes files owner-only; results are not secrets
         os.replace(tmp, target)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def atomic_write_text(target: str | os.PathLike[str], text: str) -> None:

@@ -39,7 +39,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from embedlens.errors import InputError
-from embedlens.files import atomic_write_text
+from embedlens.files import atomic_write_text, umask
 from embedlens.synth.backgrounds import TEXTURES, colour_distance, make_background
 from embedlens.synth.draw import BASIC_SHAPES, COLOUR_NAMES, COLOURS, RGB, SHAPE_KINDS, BBox, draw_shape, jitter_colour
 from embedlens.synth.glyphs import LETTERS, draw_text_in_box
@@ -396,7 +396,7 @@ def _write_benchmark(
 def _publish(staging: Path, out: Path) -> None:
     """Move the finished benchmark in ``staging`` to ``out``: one rename when ``out`` is new, else
     the old benchmark's entries are removed (``meta.json`` first) and the new ones moved in."""
-    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes the directory owner-only
+    os.chmod(staging, 0o777 & ~umask())  # mkdtemp makes the directory owner-only
     if not out.exists():
         os.replace(staging, out)
         return
@@ -408,9 +408,3 @@ def _publish(staging: Path, out: Path) -> None:
             old.unlink()
     for name in ("images", "items.jsonl", "control.jsonl", "meta.json"):
         os.replace(staging / name, out / name)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -16,11 +16,11 @@ import contextlib
 import json
 import os
 import socket
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from embedlens.errors import InputError
+from embedlens.files import temporary_sibling
 
 LOCK_FILE = "run.lock"
 
@@ -69,11 +69,9 @@ class RunLock:
         if self.held:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{LOCK_FILE}.", suffix=".tmp", dir=self.path.parent)
-        mine = Path(name)
+        mine = temporary_sibling(self.path)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(json.dumps(self.owner))
+            mine.write_text(json.dumps(self.owner), encoding="utf-8")
             for _ in range(8):
                 try:
                     os.link(mine, self.path)  # atomic, and fails if a lock exists
@@ -83,7 +81,8 @@ class RunLock:
                 self.held = True
                 return
         finally:
-            mine.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(mine)
         raise InputError(f"{self.path.parent} is locked by another {self.kind} run that keeps changing; try again")
 
     def _take_over_if_stale(self) -> None:
