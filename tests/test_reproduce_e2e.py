@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from PIL import Image
 from embedlens import InputError
 from embedlens.bench.lmms_model import EmbedLensLMM
 from embedlens.reproduce.costs import cost_model
+from embedlens.reproduce.localtask import write_local_task
 from embedlens.reproduce.paper import TaskMetric, TaskSuite
 from embedlens.reproduce.plan import PlanOptions
 from embedlens.reproduce.runner import COMMANDS_FILE, run_all
@@ -38,43 +38,7 @@ def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         path = root / f"img{i}.png"
         random_image(300 + i, 70, 56).save(path)
         rows.append({"image": str(path), "question": "what colour is it", "answer": ("red", "blue")[i % 2]})
-    (root / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "tinyrep.yaml").write_text(
-        textwrap.dedent(f"""\
-        task: tinyrep
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            test: {root / "docs.jsonl"}
-        test_split: test
-        output_type: generate_until
-        doc_to_visual: !function utils.doc_to_visual
-        doc_to_text: question
-        doc_to_target: answer
-        generation_kwargs:
-          max_new_tokens: 3
-          do_sample: false
-        process_results: !function utils.process_results
-        metric_list:
-          - metric: exact_match
-            aggregation: mean
-            higher_is_better: true
-        metadata:
-          - version: 0.0
-        """)
-    )
-    (root / "utils.py").write_text(
-        textwrap.dedent("""\
-        from PIL import Image
-
-        def doc_to_visual(doc):
-            return [Image.open(doc["image"]).convert("RGB")]
-
-        def process_results(doc, results):
-            return {"exact_match": float(results[0].strip().lower() == doc["answer"])}
-        """)
-    )
-    return root
+    return write_local_task(root, rows)
 
 
 def _env(tmp: Path) -> dict[str, str]:

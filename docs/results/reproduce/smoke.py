@@ -1,10 +1,11 @@
 """Smoke run of embedlens reproduce on embedlens-mini with a tiny local lmms-eval task (not the paper's numbers)."""
-import json, os, shutil, sys, textwrap, time
+import os, sys, time
 from pathlib import Path
 import numpy as np
 from PIL import Image
 from embedlens.reproduce.costs import cost_model
 from embedlens.reproduce.paper import TaskMetric, TaskSuite
+from embedlens.reproduce.localtask import write_local_task
 from embedlens.reproduce.plan import PlanOptions
 from embedlens.reproduce.runner import run_all
 
@@ -18,39 +19,7 @@ for i in range(4):
     pixels = np.random.default_rng(300 + i).integers(0, 256, size=(56, 70, 3), dtype=np.uint8)
     Image.fromarray(pixels, "RGB").save(path)
     rows.append({"image": str(path), "question": "what colour is it", "answer": ("red", "blue")[i % 2]})
-(task_dir / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-for name in ("tinyrep", "tinyrep_cv"):
-    (task_dir / f"{name}.yaml").write_text(textwrap.dedent(f"""\
-    task: {name}
-    dataset_path: json
-    dataset_kwargs:
-      data_files:
-        test: {task_dir / "docs.jsonl"}
-    test_split: test
-    output_type: generate_until
-    doc_to_visual: !function utils.doc_to_visual
-    doc_to_text: question
-    doc_to_target: answer
-    generation_kwargs:
-      max_new_tokens: 3
-      do_sample: false
-    process_results: !function utils.process_results
-    metric_list:
-      - metric: exact_match
-        aggregation: mean
-        higher_is_better: true
-    metadata:
-      - version: 0.0
-    """))
-(task_dir / "utils.py").write_text(textwrap.dedent("""\
-    from PIL import Image
-
-    def doc_to_visual(doc):
-        return [Image.open(doc["image"]).convert("RGB")]
-
-    def process_results(doc, results):
-        return {"exact_match": float(results[0].strip().lower() == doc["answer"])}
-    """))
+write_local_task(task_dir, rows, names=("tinyrep", "tinyrep_cv"))
 suite = TaskSuite(
     groups={"General": ("tinyrep",), "CV-centric": ("tinyrep_cv",)},
     metrics={t: TaskMetric(t, ("exact_match",), 100.0, "exact match, x100") for t in ("tinyrep", "tinyrep_cv")},
