@@ -5,6 +5,10 @@ Import them as ``from helpers import ...`` (pytest puts ``tests/`` on ``sys.path
 
 from __future__ import annotations
 
+import os
+import socket
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -33,4 +37,23 @@ def assert_user_error(code: int, out: str, err: str, fragment: str = "") -> None
     assert out == ""
     assert "Traceback" not in err
     assert len(err.splitlines()) == 1 and err.startswith("embedlens: error: "), err
+    assert err.endswith("\n"), err
     assert fragment in err, err
+
+
+def probe_args(model_dir: Path, image: Path, *extra: object) -> list[object]:
+    """The command line of ``embedlens probe`` on ``image`` with the model in ``model_dir``, on the CPU."""
+    return ["probe", image, "--model", model_dir, "--device", "cpu", *extra]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a launcher's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def as_launched(rank: int, world: int, port: int) -> None:
+    """Give this (spawned) process the environment ``accelerate launch`` / ``torchrun`` would give it."""
+    env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world, "LOCAL_WORLD_SIZE": world, "MASTER_PORT": port}
+    os.environ.update({k: str(v) for k, v in env.items()}, MASTER_ADDR="127.0.0.1")

@@ -15,33 +15,11 @@ import transformers
 from PIL import Image
 
 from embedlens import ProbeResult
-from embedlens.cli import main
+from helpers import assert_user_error, probe_args, run_cli
 
 TOP_LEVEL_KEYS = {"model", "image", "layer", "lens", "grid", "tokens"}
 TOKEN_KEYS = {"index", "row", "col", "position", "norm", "top_ids", "top_tokens", "top_sims"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
-    capsys.readouterr()  # drop anything printed by fixtures
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_user_error(code: int, out: str, err: str) -> None:
-    """Exit code 2, nothing on stdout, exactly one line on stderr, no traceback."""
-    assert code == 2, (code, out, err)
-    assert out == ""
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("embedlens: error: "), err
-    assert err.endswith("\n")
-
-
-def probe_args(model_dir: Path, image: Path, *extra: object) -> list[object]:
-    return ["probe", image, "--model", model_dir, "--device", "cpu", *extra]
 
 
 def check_json_document(out: str, k: int) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from embedlens.cli.app import describe_os_error
-from test_cli import probe_args, run_cli
+from helpers import probe_args, run_cli
 
 TMPFS_SIZE = "64k"
 

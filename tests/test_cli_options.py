@@ -16,7 +16,7 @@ from embedlens.bench.patchbench import generate_benchmark
 from embedlens.errors import InputError
 from embedlens.mini.train import CHECKPOINT, TrainConfig
 from embedlens.models import loading, registry
-from test_cli import assert_user_error, run_cli
+from helpers import assert_user_error, run_cli
 
 
 class LoaderStopped(InputError):

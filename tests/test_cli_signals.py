@@ -14,8 +14,7 @@ import pytest
 
 from embedlens.cli.app import RESUMABLE
 from embedlens.models import loading
-from helpers import random_image
-from test_cli import run_cli
+from helpers import random_image, run_cli
 
 RESUME_LINE = "embedlens: interrupted; rerun the same command to resume\n"
 PLAIN_LINE = "embedlens: interrupted\n"

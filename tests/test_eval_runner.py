@@ -30,8 +30,7 @@ from embedlens.bench.vqa import QuestionSet, read_questions, score, yes_no
 from embedlens.interventions import Inject, Prune
 from embedlens.runs import directory as run_directory
 from embedlens.synth.qa import normalize_answer
-from helpers import assert_user_error, random_image, run_cli
-from test_runs import as_launched, free_port
+from helpers import as_launched, assert_user_error, free_port, random_image, run_cli
 
 #: Small and fast: 4 questions per batch, 2 new tokens, few bootstrap resamples.
 OPTIONS = EvalOptions(batch_size=4, max_new_tokens=2, bootstrap=200)

@@ -32,20 +32,6 @@ from embedlens.runs import items as run_items
 from embedlens.taxonomy.stats import TOKENS_FILE, StatsOptions, run_identity, run_stats
 from taxonomy_planting import NUM_TOKENS, plant
 
-
-def free_port() -> int:
-    """A TCP port nobody listens on now (for a launcher's rendezvous)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def as_launched(rank: int, world: int, port: int) -> None:
-    """Give this (spawned) process the environment ``accelerate launch`` / ``torchrun`` would give it."""
-    env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world, "LOCAL_WORLD_SIZE": world, "MASTER_PORT": port}
-    os.environ.update({k: str(v) for k, v in env.items()}, MASTER_ADDR="127.0.0.1")
-
-
 HOLD_LOCK = """
 import sys
 from embedlens.runs import RunLock

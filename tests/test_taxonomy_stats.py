@@ -24,8 +24,8 @@ from embedlens.taxonomy.stats import (
     StatsOptions,
     run_stats,
 )
+from helpers import as_launched, free_port
 from taxonomy_planting import NUM_TOKENS, PLANTED, expected_groups, plant
-from test_runs import as_launched, free_port
 
 GOOD = 5
 
