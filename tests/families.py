@@ -25,6 +25,31 @@ from helpers import random_image
 
 
 @dataclass(frozen=True)
+class View:
+    """One view of an image as the processor lays it out: its run of image tokens in sequence order.
+
+    Attributes:
+        name: The span's ``view`` (``"full"``, ``"base"``, ``"tiles"``, ``"tile-0"``, ``"thumbnail"``...).
+        grid: ``(rows, cols)`` of its patch grid.
+        extra_offsets: Where, within this view's run of image tokens, the tokens that are not grid cells
+            sit (a CLS token, row-end newline slots...); the grid cells fill the other ``rows * cols``
+            positions in row-major order.
+        projector_order: Whether the grid cells, row-major, follow the projector's output rows in order
+            (False where the model rearranges them, as LLaVA-NeXT stitches its tiles).
+    """
+
+    name: str = "full"
+    grid: tuple[int, int] = (4, 4)
+    extra_offsets: tuple[int, ...] = ()
+    projector_order: bool = True
+
+    @property
+    def tokens(self) -> int:
+        """Image-token positions the view occupies."""
+        return self.grid[0] * self.grid[1] + len(self.extra_offsets)
+
+
+@dataclass(frozen=True)
 class Family:
     """One model family (or one variant of its layout) as the conformance suite sees it.
 
@@ -34,10 +59,8 @@ class Family:
             returns the directory to load by path. Must take well under a second.
         image: ``image(seed)`` -> a valid RGB input image for this family (size, aspect).
         prompts: Two questions of different lengths (so a batch of both is left-padded).
-        grid: ``(rows, cols)`` of one image's patch grid as the processor lays it out for ``image``.
-        extra_offsets: Where, among one image's image-token positions (in sequence order), the tokens
-            that are not grid cells sit (a CLS token, row-end newline tokens...); the grid cells fill
-            the other ``rows * cols`` positions in row-major order.
+        views: What the processor lays out for one ``image``: its views in sequence order (one image's
+            image tokens are the views' runs, one after the other).
         multi_image: Whether a sample may hold several images (the spans check then places two).
     """
 
@@ -45,14 +68,18 @@ class Family:
     build: Callable[[Path], Path]
     image: Callable[[int], Image.Image]
     prompts: tuple[str, str] = ("what is this", "is there a red thing in the picture")
-    grid: tuple[int, int] = (4, 4)
-    extra_offsets: tuple[int, ...] = ()
+    views: tuple[View, ...] = (View(),)
     multi_image: bool = True
 
     @property
     def tokens_per_image(self) -> int:
         """Image-token positions one image occupies in ``input_ids``."""
-        return self.grid[0] * self.grid[1] + len(self.extra_offsets)
+        return sum(view.tokens for view in self.views)
+
+    @property
+    def smallest_grid(self) -> int:
+        """Cells of the smallest view (grid indices below it exist in every view)."""
+        return min(view.grid[0] * view.grid[1] for view in self.views)
 
     def __str__(self) -> str:
         return self.name
@@ -114,7 +141,7 @@ FAMILIES: tuple[Family, ...] = (
     # LLaVA-1.5 layout: CLS dropped, one run of 4 x 4 image tokens per image, LLaVA-1.5 chat template.
     Family("llava", _llava(), _noise(56)),
     # 'full' feature selection: the CLS token is kept in front of the grid (one extra position per image).
-    Family("llava-cls", _llava(TinySpec(strategy="full")), _noise(56), extra_offsets=(0,)),
+    Family("llava-cls", _llava(TinySpec(strategy="full")), _noise(56), views=(View(extra_offsets=(0,)),)),
     # ChatML template, and tables padded past the tokenizer (1000 tokens, 1064 rows) like llava-hf's, with
     # decoy padding rows that a lens searching past the tokenizer would return for image 0.
     Family(
@@ -123,5 +150,10 @@ FAMILIES: tuple[Family, ...] = (
         _noise(56),
     ),
     # No chat template at all (placeholder before the text), and a 6 x 6 grid from 84 px images.
-    Family("llava-no-template", _llava(TinySpec(image_size=84), chat_template=None), _noise(84), grid=(6, 6)),
+    Family(
+        "llava-no-template",
+        _llava(TinySpec(image_size=84), chat_template=None),
+        _noise(84),
+        views=(View(grid=(6, 6)),),
+    ),
 )

@@ -8,12 +8,13 @@ to ``FAMILIES`` in ``tests/families.py`` with:
 * ``build(directory) -> directory``: save a tiny random checkpoint built from configs (toy sizes, the
   family's real model and processor classes; well under a second) that ``embedlens.load`` reads by path;
 * ``image(seed)``: a valid input image for the family (size, aspect);
-* what the processor lays out for that image: ``grid`` ``(rows, cols)`` and ``extra_offsets`` (where a
-  CLS / separator / newline token sits among one image's image tokens); ``multi_image=False`` when a
-  sample holds a single image.
+* what the processor lays out for that image: its ``views`` in sequence order, each a
+  :class:`families.View` with the view's name, ``grid`` ``(rows, cols)`` and ``extra_offsets`` (where a
+  CLS / newline token sits among the view's image tokens); ``multi_image=False`` when a sample holds a
+  single image.
 
 Every class below then runs on it; nothing here may be taught about a family. The checks use only the
-adapter interface (``prepare``, ``find_spans``, ``image_grids``, ``image_token_id``, ``projector``,
+adapter interface (``prepare``, ``find_spans``, ``image_token_id``, ``projector``,
 ``input_embeddings``, ``decoder_layers``, ``position_embeddings``, ``final_norm``, ``lm_head``) and the
 public API (``embedlens.load``, ``probe_layers``, ``intervene``), never a family's internals.
 
@@ -22,7 +23,7 @@ The checks, one class each:
 1. :class:`TestLensExact` -- both lenses at layer 0 and a middle layer equal an fp64 brute force over
    the table at every reported position (ties to the lower id; never an id past the tokenizer).
 2. :class:`TestSpans` -- spans cover exactly the image-token positions of ``input_ids``, without
-   overlaps, on the grid ``image_grids`` reports and the processor lays out; grid positions hold the
+   overlaps, on the views and grids the processor lays out; grid positions hold the
    projector's rows in its order.
 3. :class:`TestEmptyIntervention` -- an intervention that changes nothing is bit-identical.
 4. :class:`TestPruneByIndices` -- Prune's prefill equals a hand-built reduced forward (kept positions,
@@ -88,8 +89,9 @@ def _forward(loaded: Loaded, inputs: dict[str, torch.Tensor]):
 
 
 def _cells(family: Family) -> tuple[int, ...]:
-    """Grid cells (row-major) the prune checks remove: first, two in the middle, last."""
-    n = family.grid[0] * family.grid[1]
+    """Grid cells (row-major, of every view) the prune checks remove: first, two in the middle, last of
+    the smallest view."""
+    n = family.smallest_grid
     return tuple(sorted({0, n // 3, n // 2, n - 1}))
 
 
@@ -192,10 +194,10 @@ class TestLensExact:
             (lens, layer) for lens in ("embedding", "logit") for layer in (0, middle)
         }
         batch = _batch(loaded, [0], [prompt])
-        (span,) = batch.spans[0]
+        grid_positions = [int(p) for span in batch.spans[0] for p in span.positions]
         hidden = _layer_inputs(adapter, batch.inputs, [0, middle])
         for result in probe.results:
-            assert result.position.tolist() == span.positions.tolist()
+            assert result.position.tolist() == grid_positions
             vectors = hidden[result.layer][0, torch.as_tensor(result.position)]
             ids, scores = _brute_force(adapter, result.lens, vectors, TOP_K)
             where = f"{result.lens} lens, layer {result.layer}"
@@ -212,28 +214,32 @@ class TestSpans:
     def _check(loaded: Loaded, batch: PreparedBatch, images_per_sample: Sequence[int]) -> None:
         adapter, family = loaded.adapter, loaded.family
         input_ids = batch.inputs["input_ids"].cpu()
-        grids = adapter.image_grids(batch.inputs)
-        assert grids == [family.grid] * sum(images_per_sample)
         assert len(batch.spans) == input_ids.shape[0] == len(images_per_sample)
+        views = len(family.views)
         next_image = 0
         for sample, (row, spans) in enumerate(zip(input_ids, batch.spans, strict=True)):
             image_positions = torch.nonzero(row == adapter.image_token_id).flatten().tolist()
             assert len(image_positions) == images_per_sample[sample] * family.tokens_per_image
-            assert len(spans) == images_per_sample[sample]
+            assert len(spans) == images_per_sample[sample] * views
             covered = _all_positions(spans)
             assert len(covered) == len(set(covered)), f"sample {sample}: spans overlap"
             assert sorted(covered) == image_positions, f"sample {sample}: spans and image tokens differ"
-            per_image = family.tokens_per_image
+            start = 0
             for index, span in enumerate(spans):
-                assert (span.sample, span.image, span.global_image) == (sample, index, next_image)
-                assert span.grid == grids[next_image]
+                image, view = divmod(index, views)
+                expected = family.views[view]
+                where = f"sample {sample} image {image} view {expected.name}"
+                assert (span.sample, span.image, span.global_image) == (sample, image, next_image + image), where
+                assert (span.view, span.grid) == (expected.name, expected.grid), where
                 assert span.num_tokens == span.grid[0] * span.grid[1]
-                run = image_positions[index * per_image : (index + 1) * per_image]
-                extra = [run[offset] for offset in family.extra_offsets]
-                assert span.extra_positions.tolist() == extra, f"sample {sample} image {index}: extra positions"
-                assert span.positions.tolist() == [p for p in run if p not in extra], "grid positions"
-                next_image += 1
-        again = adapter.find_spans(input_ids, grids)
+                run = image_positions[start : start + expected.tokens]
+                start += expected.tokens
+                extra = [run[offset] for offset in expected.extra_offsets]
+                assert span.extra_positions.tolist() == extra, f"{where}: extra positions"
+                assert span.positions.tolist() == [p for p in run if p not in extra], f"{where}: grid positions"
+                assert not set(span.markers.tolist()) & set(image_positions), f"{where}: a marker is an image token"
+            next_image += images_per_sample[sample]
+        again = adapter.find_spans(batch.inputs)
         for mine, theirs in zip(again, batch.spans, strict=True):
             assert [_all_positions([s]) for s in mine] == [_all_positions([s]) for s in theirs]
 
@@ -256,13 +262,16 @@ class TestSpans:
         finally:
             handle.remove()
         rows = torch.cat([out.reshape(-1, out.shape[-1]) for out in outputs])
+        views = loaded.family.views
         for sample_spans in batch.spans:
-            for span in sample_spans:
+            for index, span in enumerate(sample_spans):
                 vectors = embeds[span.sample, span.positions]
                 matches = (vectors[:, None, :] == rows[None, :, :]).all(dim=-1)
                 assert bool(matches.any(dim=1).all()), "a grid position holds no projector row"
                 first = matches.float().argmax(dim=1)
-                assert torch.all(first[1:] > first[:-1]), "grid positions out of the projector's order"
+                assert first.unique().numel() == first.numel(), "two grid positions hold the same projector row"
+                if views[index % len(views)].projector_order:
+                    assert torch.all(first[1:] > first[:-1]), "grid positions out of the projector's order"
                 extra = embeds[span.sample, span.extra_positions]
                 assert not bool((extra[:, None, :] == vectors[None, :, :]).all(dim=-1).any())
 

@@ -206,14 +206,21 @@ class TestFindSpans:
     def ids(self, *rows: list[int]) -> torch.Tensor:
         return torch.tensor(rows)
 
+    @staticmethod
+    def find(tiny, input_ids: torch.Tensor, grids: list[tuple[int, int]]):
+        """find_spans on ``input_ids`` with pixel values of one image per grid (the grid is read off them)."""
+        side = tiny.adapter.patch_size
+        pixels = torch.zeros(len(grids), 3, grids[0][0] * side, grids[0][1] * side) if grids else None
+        return tiny.adapter.find_spans({"input_ids": input_ids, "pixel_values": pixels})
+
     def test_consistent(self, tiny):
         row = [5, 6] + [IMAGE_ID] * 16 + [7]
-        spans = tiny.adapter.find_spans(self.ids(row), [(4, 4)])
+        spans = self.find(tiny, self.ids(row), [(4, 4)])
         assert spans[0][0].positions.tolist() == list(range(2, 18))
 
     def test_two_images_in_one_sample(self, tiny):
         row = [5] + [IMAGE_ID] * 16 + [7] + [IMAGE_ID] * 16
-        spans = tiny.adapter.find_spans(self.ids(row), [(4, 4), (4, 4)])
+        spans = self.find(tiny, self.ids(row), [(4, 4), (4, 4)])
         assert [s.image for s in spans[0]] == [0, 1]
         assert [s.global_image for s in spans[0]] == [0, 1]
         assert spans[0][1].positions.tolist() == list(range(18, 34))
@@ -221,24 +228,24 @@ class TestFindSpans:
     def test_too_few_image_tokens(self, tiny):
         row = [5] + [IMAGE_ID] * 15 + [7]
         with pytest.raises(InputError, match="expected 16 image tokens"):
-            tiny.adapter.find_spans(self.ids(row), [(4, 4)])
+            self.find(tiny, self.ids(row), [(4, 4)])
 
     def test_image_tokens_without_images(self, tiny):
         row = [5] + [IMAGE_ID] * 16
         with pytest.raises(InputError, match="more image tokens"):
-            tiny.adapter.find_spans(self.ids(row), [])
+            self.find(tiny, self.ids(row), [])
 
     def test_images_not_placed(self, tiny):
         with pytest.raises(InputError, match="only 0 placed"):
-            tiny.adapter.find_spans(self.ids([5, 6, 7]), [(4, 4)])
+            self.find(tiny, self.ids([5, 6, 7]), [(4, 4)])
         rows = self.ids([5] + [IMAGE_ID] * 16, [5] * 17)
         with pytest.raises(InputError, match="only 1 placed"):
-            tiny.adapter.find_spans(rows, [(4, 4), (4, 4)])
+            self.find(tiny, rows, [(4, 4), (4, 4)])
 
     def test_grid_mismatch(self, tiny):
         row = [5] + [IMAGE_ID] * 16
         with pytest.raises(InputError, match="expected 36"):
-            tiny.adapter.find_spans(self.ids(row), [(6, 6)])
+            self.find(tiny, self.ids(row), [(6, 6)])
 
 
 class TestClsToken:

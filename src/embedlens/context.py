@@ -346,5 +346,5 @@ class ModelContext:
             top_tokens=found.tokens,
             top_sims=found.scores.cpu().numpy(),
             provenance=provenance,
-            view=batch.views[span.global_image],
+            view=batch.views[span.picture] if 0 <= span.picture < len(batch.views) else None,
         )

@@ -116,7 +116,7 @@ class Engine:
         input_ids = _first_arg(args, kwargs, "input_ids")
         if input_ids is None:
             raise InputError("interventions need input_ids to find the visual tokens (inputs_embeds alone were given)")
-        self.spans = self.adapter.find_spans(input_ids, self.adapter.image_grids(kwargs))
+        self.spans = self.adapter.find_spans({**kwargs, "input_ids": input_ids})
 
     def _llm_pre_hook(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if _is_prefill(kwargs):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import operator
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -42,10 +42,18 @@ class VisualSpan:
         global_image: Index of the image across the batch (row of ``pixel_values``).
         positions: Sequence positions of the grid tokens, row-major grid order. Shape ``[rows * cols]``.
         grid: ``(rows, cols)`` of the patch grid these tokens cover.
-        extra_positions: Visual tokens that are not grid cells (a CLS token, row-end newline tokens,
-            separators). Shape ``[n_extra]``; empty for LLaVA-1.5.
-        view: Name of the view the span shows ("full" for a single-view model; LLaVA-NeXT-style models
-            would add "base" and "tile-<i>" spans for the same image).
+        extra_positions: Visual tokens that are not grid cells (a CLS token, LLaVA-NeXT's row-end
+            newline slots, which hold a learned vector rather than projector output). They are image
+            tokens (the image token id) that interventions treat as visual but never as grid cells, and
+            the rule never labels. Shape ``[n_extra]``; empty for LLaVA-1.5.
+        view: Name of the view the span shows: ``"full"`` for a single-view model; multi-view families
+            give one span per view of the same image (``"base"`` and ``"tiles"`` for LLaVA-NeXT /
+            OneVision, ``"tile-<i>"`` and ``"thumbnail"`` for InternVL).
+        markers: Positions of the text tokens that open and close the image (``<|vision_start|>``,
+            ``<img>``, ``<start_of_image>``, ...), reported for reference: they are ordinary text
+            embeddings, not visual tokens, and no intervention acts on them. Shape ``[n_markers]``; set on
+            the first view of an image only.
+        picture: Index into :attr:`PreparedBatch.views` of the picture this view shows (-1: none).
     """
 
     sample: int
@@ -55,6 +63,12 @@ class VisualSpan:
     grid: tuple[int, int]
     extra_positions: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     view: str = "full"
+    markers: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    picture: int = -1
+
+    def __post_init__(self) -> None:
+        if self.picture < 0:
+            self.picture = self.global_image
 
     @property
     def num_tokens(self) -> int:
@@ -74,10 +88,10 @@ class PreparedBatch:
     Attributes:
         inputs: Keyword arguments for the model's forward (``input_ids`` ``[B, T]``, ``attention_mask``
             ``[B, T]``, ``pixel_values`` ``[N_images, 3, H, W]``, ...), on the model's device.
-        spans: For each sample, the spans of its images in order.
+        spans: For each sample, the spans of its images in sequence order (one per view of each image).
         texts: The text of each sample after templating (with one placeholder per image).
-        views: For each image across the batch, the picture the model sees (after resize / crop), as
-            an RGB PIL image, for drawing results on.
+        views: The pictures the model sees (after resize / crop / tiling), as RGB PIL images, for
+            drawing results on; a span's ``picture`` indexes this list.
     """
 
     inputs: dict[str, torch.Tensor]
@@ -223,14 +237,6 @@ class ModelAdapter(ABC):
         config = getattr(self.language_model, "config", None)
         return str(getattr(config, "_attn_implementation", None) or "eager")
 
-    @abstractmethod
-    def image_grids(self, inputs: dict[str, Any]) -> list[tuple[int, int]]:
-        """``(rows, cols)`` of every image in a batch of model inputs (empty when there are none).
-
-        Args:
-            inputs: The model's forward keyword arguments (``pixel_values`` etc.).
-        """
-
     @property
     def image_token_id(self) -> int:
         """The token id marking visual-token positions in ``input_ids`` (the config's ``image_token_id``)."""
@@ -314,12 +320,19 @@ class ModelAdapter(ABC):
         """
 
     @abstractmethod
-    def find_spans(self, input_ids: torch.Tensor, image_grids: Sequence[tuple[int, int]]) -> list[list[VisualSpan]]:
-        """Locate every image's visual tokens from the image token id.
+    def find_spans(self, inputs: Mapping[str, Any]) -> list[list[VisualSpan]]:
+        """Locate every image's visual tokens (every view of it) from the image token id.
 
         Args:
-            input_ids: Token ids, shape ``[B, T]``.
-            image_grids: ``(rows, cols)`` of each image across the batch, in order.
+            inputs: The model's forward keyword arguments: ``input_ids`` ``[B, T]`` and whatever else
+                the family needs to tell the grids (``pixel_values``, ``image_sizes``,
+                ``image_grid_thw``, or, inside ``generate``, ``mm_encoder_outputs``).
+
+        Returns:
+            Per sample, its spans in sequence order: each image's views, images in placeholder order.
+
+        Raises:
+            InputError: The image tokens do not match the images given.
         """
 
     # ----------------------------------------------------------------- layers

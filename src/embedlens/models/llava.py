@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -50,7 +50,8 @@ class LlavaAdapter(ModelAdapter):
         projector="model.multi_modal_projector",
     )
 
-    def image_grids(self, inputs: dict[str, Any]) -> list[tuple[int, int]]:
+    def image_grids(self, inputs: Mapping[str, Any]) -> list[tuple[int, int]]:
+        """``(rows, cols)`` of every image in a batch of model inputs (empty when there are none)."""
         pixel_values = inputs.get("pixel_values")
         if pixel_values is not None:
             height, width = pixel_values.shape[-2:]
@@ -108,9 +109,8 @@ class LlavaAdapter(ModelAdapter):
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         pixel_values = encoded.get("pixel_values")
-        grids = self.image_grids(encoded)
-        spans = self.find_spans(encoded["input_ids"], grids)
-        views = [self._view(pixel_values[i]) for i in range(len(grids))] if pixel_values is not None else []
+        spans = self.find_spans(encoded)
+        views = [self._view(image) for image in pixel_values] if pixel_values is not None else []
         return PreparedBatch(inputs=inputs, spans=spans, texts=texts, views=views)
 
     def _fit(self, image: Image.Image) -> Image.Image:
@@ -131,7 +131,9 @@ class LlavaAdapter(ModelAdapter):
         array = (array * std + mean) / scale
         return Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8))
 
-    def find_spans(self, input_ids: torch.Tensor, image_grids: Sequence[tuple[int, int]]) -> list[list[VisualSpan]]:
+    def find_spans(self, inputs: Mapping[str, Any]) -> list[list[VisualSpan]]:
+        input_ids: torch.Tensor = inputs["input_ids"]
+        image_grids = self.image_grids(inputs)
         extra = extra_image_tokens(getattr(self.model.config, "vision_feature_select_strategy", "default"))
         spans: list[list[VisualSpan]] = []
         next_image = 0
