@@ -221,15 +221,43 @@ class ModelAdapter(ABC):
         """The module mapping vision features to LLM inputs; its output is layer 0 of visual tokens."""
         return self._module(self.modules.projector)
 
-    def position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
-        """What the decoder layers receive as ``position_embeddings`` for these positions (by default the
-        language model's ``rotary_emb``; a family with other position encodings overrides this).
+    def position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor, layer: int = 0) -> Any:
+        """What decoder layer ``layer`` receives as ``position_embeddings`` for these positions (by default
+        the language model's ``rotary_emb``; families with per-layer rotary settings or several position
+        planes override this).
 
         Args:
             hidden: Any tensor with the hidden states' dtype and device, shape ``[B, T, d]``.
-            position_ids: Positions, shape ``[B, T]``.
+            position_ids: Positions as the language model receives them: ``[B, T]``, or ``[P, B, T]`` for
+                families with several position planes (Qwen's M-RoPE).
+            layer: The decoder layer (0-based).
         """
         return self.language_model.rotary_emb(hidden, position_ids=position_ids)
+
+    def layer_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor | None:
+        """What the decoder layers receive as ``position_ids`` when the language model gets
+        ``position_ids`` (``[B, T]`` or ``[P, B, T]``); by default the same tensor."""
+        return position_ids
+
+    def mask_key(self, layer: int) -> str | None:
+        """Which entry of a dict ``attention_mask`` (one 4-D mask per attention kind, as Gemma 3 passes
+        its language model) decoder layer ``layer`` uses; None for families that pass one mask."""
+        return None
+
+    def pop_layer_additions(self, llm_kwargs: dict[str, Any], length: int) -> dict[int, torch.Tensor]:
+        """Remove from the language model's keyword arguments whatever the decoder stack adds to the
+        residual stream between layers (Qwen3-VL's DeepStack features), and return it as dense tensors.
+
+        Args:
+            llm_kwargs: The language model's forward keyword arguments at prefill (changed in place).
+            length: Sequence length ``L`` of the (untouched) prefill.
+
+        Returns:
+            Decoder layer ``i`` (0-based) -> ``[B, L, d]`` added to that layer's output (zero at the
+            positions that get nothing); empty for families without such additions (the default).
+            Interventions then add these themselves, only at the tokens still present.
+        """
+        return {}
 
     @property
     def attention_implementation(self) -> str:
