@@ -1,9 +1,11 @@
 """Reading hidden states out of a stock model with forward hooks that are always removed.
 
 ``capture(adapter, layers)`` registers hooks on the decoder layers (and optionally the projector) for
-one forward pass. Layer 0 is read by a pre-hook on decoder layer 0 (its input: text embeddings with the
-projector outputs scattered in at the image positions); layer ``l >= 1`` by a hook on the output of
-decoder layer ``l - 1`` (the residual stream before the final norm). When every requested layer has
+one forward pass. Layer ``l < L`` is read by a pre-hook on decoder layer ``l`` (its input: for layer 0 the
+text embeddings with the projector outputs scattered in at the image positions), layer ``L`` by a hook on
+the output of the last decoder layer (the residual stream before the final norm). Reading inputs rather
+than outputs matters where the decoder stack adds something between layers (Qwen3-VL's DeepStack features
+enter after layers 0, 1 and 2): layer ``l`` is always what decoder layer ``l`` (1-based: ``l + 1``) reads. When every requested layer has
 been read, the rest of the forward is skipped, so probing layer 0 costs only the vision tower, the
 projector and the embedding lookup.
 """
@@ -69,10 +71,13 @@ def capture(
         if stop_early and layer == last and last < total:
             raise _StopForward
 
-    def pre_hook_layer0(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        store.hidden[0] = hidden.detach()
-        finish_if_done(0)
+    def make_input_hook(layer: int):
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            store.hidden[layer] = hidden.detach()
+            finish_if_done(layer)
+
+        return hook
 
     def make_output_hook(layer: int):
         def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
@@ -86,9 +91,9 @@ def capture(
 
     try:
         for layer in wanted:
-            if layer == 0:
-                block = adapter.decoder_layers[0]
-                handles.append(block.register_forward_pre_hook(pre_hook_layer0, with_kwargs=True))
+            if layer < total:
+                block = adapter.decoder_layers[layer]
+                handles.append(block.register_forward_pre_hook(make_input_hook(layer), with_kwargs=True))
             else:
                 block = adapter.decoder_layers[layer - 1]
                 handles.append(block.register_forward_hook(make_output_hook(layer)))

@@ -32,7 +32,9 @@ from embedlens.errors import InputError
 from embedlens.interventions.layout import (
     Layout,
     build_layout,
+    compact_mask,
     decode_step,
+    decode_tail,
     gather_rows,
     phase_bounds,
     prepare_phase_masks,
@@ -40,6 +42,7 @@ from embedlens.interventions.layout import (
     skip_rows_in_slots,
 )
 from embedlens.interventions.planning import Plan
+from embedlens.interventions.positions import from_planes, to_planes
 from embedlens.interventions.records import InterventionRun, PrefillRecord, SampleRecord
 from embedlens.interventions.select import SampleTokens, Selection, label_tokens, select_tokens
 from embedlens.models.base import ModelAdapter, VisualSpan
@@ -88,10 +91,19 @@ class Engine:
         self.targets = [tuple(int(c) for c in cells) for cells in targets] if targets is not None else None
         self.spans: list[list[VisualSpan]] | None = None
         self.state: Layout | None = None
+        #: The whole model's 2-D attention mask at the last prefill (the real tokens), if it got one.
+        self.outer_mask: torch.Tensor | None = None
+        #: Whether the language model got planes of positions (``[P, B, L]``) rather than ``[B, L]``.
+        self.planar = False
+        #: Whether the language model was handed a dict of 4-D masks (one per mask key).
+        self.mask_dict = False
+        self.stack: contextlib.ExitStack | None = None
+        self.addition_hooks: set[int] = set()
 
     # ------------------------------------------------------------------ installing
     def install(self, stack: contextlib.ExitStack) -> None:
         """Register every hook; the stack removes them."""
+        self.stack = stack
         adapter = self.adapter
         handles = [
             adapter.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True),
@@ -110,13 +122,33 @@ class Engine:
             stack.callback(handle.remove)
 
     # ------------------------------------------------------------------ hooks
-    def _model_pre_hook(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if not _is_prefill(kwargs):
-            return
+    def _model_pre_hook(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         input_ids = _first_arg(args, kwargs, "input_ids")
+        if not _is_prefill(kwargs):
+            if self.state is not None:
+                self._decode_mask(kwargs, input_ids)
+            return args, kwargs
         if input_ids is None:
             raise InputError("interventions need input_ids to find the visual tokens (inputs_embeds alone were given)")
         self.spans = self.adapter.find_spans({**kwargs, "input_ids": input_ids})
+        given = kwargs.get("attention_mask")
+        self.outer_mask = given if isinstance(given, torch.Tensor) and given.dim() == 2 else None
+        return args, kwargs
+
+    def _decode_mask(self, kwargs: dict, input_ids: torch.Tensor | None) -> None:
+        """At a decode step, before the model builds any mask: note which generated tokens are real and
+        hand the model the 2-D mask of what the cache holds (when the base phase differs)."""
+        state = self.state
+        assert state is not None
+        given = kwargs.get("attention_mask")
+        like = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        if like is None:
+            return
+        decode_tail(state, given, like.shape[0], like.shape[1], like.device)
+        if state.changed:
+            if given is not None and not (isinstance(given, torch.Tensor) and given.dim() == 2):
+                raise InputError("interventions need a 2-D attention mask while decoding (a prepared mask was given)")
+            kwargs["attention_mask"] = compact_mask(state)
 
     def _llm_pre_hook(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if _is_prefill(kwargs):
@@ -133,17 +165,47 @@ class Engine:
             index = state.phase_of_layer[layer]
             phase = state.phases[index]
             if state.in_prefill:
+                hidden = args[0] if args else kwargs["hidden_states"]
                 if layer == phase.first and index > 0:
-                    hidden = args[0] if args else kwargs.pop("hidden_states")
-                    args = (relayout(hidden, state.phases[index - 1], phase, state), *args[1:])
-                kwargs["attention_mask"] = phase.mask
-                kwargs["position_ids"] = phase.position_ids
-                kwargs["position_embeddings"] = phase.position_embeddings
+                    hidden = relayout(hidden, state.phases[index - 1], phase, state)
+                    args = (hidden, *args[1:]) if args else args
+                    if not args:
+                        kwargs["hidden_states"] = hidden
+                key = self.adapter.mask_key(layer)
+                kwargs["attention_mask"] = phase.masks[key if self.mask_dict else None]
+                positions = from_planes(phase.position_ids, self.planar)
+                if key not in phase.position_embeddings:
+                    like = hidden.new_zeros(hidden.shape[0], hidden.shape[1], 1)
+                    phase.position_embeddings[key] = self.adapter.position_embeddings(like, positions, layer)
+                kwargs["position_ids"] = self.adapter.layer_position_ids(positions)
+                kwargs["position_embeddings"] = phase.position_embeddings[key]
             elif index in state.decode_masks:
                 kwargs["attention_mask"] = state.decode_masks[index]
             return args, kwargs
 
         return hook
+
+    def _addition_hook(self, layer: int):
+        def hook(_module: torch.nn.Module, _args: tuple, output: Any) -> Any:
+            state = self.state
+            if state is None or not state.in_prefill or layer not in state.additions:
+                return output
+            first = output[0] if isinstance(output, tuple) else output
+            phase = state.phases[state.phase_of_layer[layer]]
+            addition = state.additions[layer].to(first.device, first.dtype)
+            added = first + gather_rows(addition, phase.columns.to(first.device))
+            return (added, *output[1:]) if isinstance(output, tuple) else added
+
+        return hook
+
+    def _take_additions(self, state: Layout, kwargs: dict) -> None:
+        """Apply the stack's between-layer additions (DeepStack) ourselves, at the tokens present."""
+        state.additions = self.adapter.pop_layer_additions(kwargs, state.length)
+        for layer in sorted(set(state.additions) - self.addition_hooks):
+            assert self.stack is not None
+            handle = self.adapter.decoder_layers[layer].register_forward_hook(self._addition_hook(layer))
+            self.stack.callback(handle.remove)
+            self.addition_hooks.add(layer)
 
     def _skip_hook(self, layer: int, part: str):
         def hook(_module: torch.nn.Module, _args: tuple, output: Any) -> Any:
@@ -162,7 +224,7 @@ class Engine:
     # ------------------------------------------------------------------ prefill
     def _prefill_inputs(self, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[VisualSpan]]]:
         """The decoder stack's inputs at prefill, checked: embeddings ``[B, L, d]``, the real-token mask
-        ``[B, L]`` bool, the given positions ``[B, L]`` and each row's visual spans."""
+        ``[B, L]`` bool, the given positions ``[P, B, L]`` and each row's visual spans."""
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             raise InputError("interventions need the language model to receive inputs_embeds")
@@ -178,22 +240,41 @@ class Engine:
         if len(spans) != batch:
             raise InputError(f"found visual tokens for {len(spans)} samples but the batch has {batch}")
         given_mask = kwargs.get("attention_mask")
-        if given_mask is not None and given_mask.dim() != 2:
-            raise InputError("interventions need a 2-D attention mask (a prepared 4-D mask was given)")
+        self.mask_dict = isinstance(given_mask, dict)
+        if isinstance(given_mask, torch.Tensor) and given_mask.dim() == 2:
+            real = given_mask
+        else:
+            real = self.outer_mask if self.outer_mask is not None and self.outer_mask.shape[-1] == length else None
         mask = (
-            given_mask.to(device=device, dtype=torch.bool)
-            if given_mask is not None
+            real.to(device=device, dtype=torch.bool)
+            if real is not None
             else torch.ones(batch, length, dtype=torch.bool, device=device)
         )
         given_positions = kwargs.get("position_ids")
-        if given_positions is not None and given_positions.dim() != 2:
-            raise InputError("interventions support 2-D position ids only")
-        original = (
-            given_positions.to(device).expand(batch, length)
-            if given_positions is not None
-            else torch.arange(length, device=device).expand(batch, length)
-        )
-        return embeds, mask, original, spans
+        if given_positions is not None and given_positions.dim() not in (2, 3):
+            raise InputError("interventions support position ids of shape [B, L] or [P, B, L] only")
+        self.planar = given_positions is not None and given_positions.dim() == 3
+        return embeds, mask, to_planes(given_positions, batch, length, device), spans
+
+    @staticmethod
+    def _handed_masks(kwargs: dict) -> dict[str | None, torch.Tensor | None]:
+        """The ready 4-D masks the language model got, by key (``{None: None}`` when it got a 2-D mask)."""
+        given = kwargs.get("attention_mask")
+        if isinstance(given, dict):
+            return dict(given)
+        if isinstance(given, torch.Tensor) and given.dim() == 4:
+            return {None: given}
+        return {None: None}
+
+    @staticmethod
+    def _segments(spans: list[list[VisualSpan]], batch: int, length: int) -> torch.Tensor:
+        """The image each visual column belongs to, -1 for text: ``[B, L]`` long (CPU)."""
+        segment = torch.full((batch, length), -1, dtype=torch.long)
+        for row, sample_spans in enumerate(spans):
+            for span in sample_spans:
+                segment[row, span.positions.long()] = span.image
+                segment[row, span.extra_positions.long()] = span.image
+        return segment
 
     def _choose(self, embeds: torch.Tensor, mask: torch.Tensor, spans: list[list[VisualSpan]]) -> Selection:
         """Token selection: each row's visual tokens, labelled when needed, and what the plan does to them."""
@@ -219,17 +300,23 @@ class Engine:
         scaled = embeds
         if self.plan.scale != 1.0 and bool(visual.any()):
             scaled = torch.where(visual[..., None], embeds * self.plan.scale, embeds)
-        state = build_layout(self.plan, mask, pruned, visual, original, scaled)
+        segment = self._segments(spans, *mask.shape)
+        state = build_layout(self.plan, mask, pruned, visual, original, scaled, segment)
+        handed = self._handed_masks(kwargs)
         base = state.phases[0]
+        if len(state.phases) > 1 or state.changed:
+            implementation = self._phase_attention() if len(state.phases) > 1 else self.adapter.attention_implementation
+            prepare_phase_masks(state, implementation, embeds.dtype, handed)
+            self._take_additions(state, kwargs)
         if state.changed:
             kwargs["inputs_embeds"] = gather_rows(scaled, base.columns)
-            kwargs["attention_mask"] = base.valid.long()
-            kwargs["position_ids"] = base.position_ids
+            kwargs["position_ids"] = from_planes(base.position_ids, self.planar)
+            if base.masks:
+                kwargs["attention_mask"] = base.masks if self.mask_dict else base.masks[None]
+            else:
+                kwargs["attention_mask"] = base.valid.long()
         elif scaled is not embeds:
             kwargs["inputs_embeds"] = scaled
-        if len(state.phases) > 1:
-            implementation = self._phase_attention()
-            prepare_phase_masks(state, implementation, embeds.dtype, self.adapter.position_embeddings)
         skip_rows_in_slots(state, selection.skipped)
         _finish_records(selection.records, state)
         self.state = state
@@ -251,19 +338,23 @@ class Engine:
         assert state is not None
         state.in_prefill = False
         embeds = kwargs.get("inputs_embeds")
-        stack_mask, positions = decode_step(
+        if state.tail is None:
+            # the language model was called without the whole model around it
+            given = kwargs.get("attention_mask")
+            decode_tail(state, given, embeds.shape[0], embeds.shape[1], embeds.device)
+            if state.changed:
+                kwargs["attention_mask"] = compact_mask(state)
+        positions = decode_step(
             state,
-            kwargs.get("attention_mask"),
             kwargs.get("position_ids"),
-            batch=embeds.shape[0],
             steps=embeds.shape[1],
             implementation=self.adapter.attention_implementation,
             dtype=embeds.dtype,
             device=embeds.device,
         )
-        if stack_mask is not None:
-            kwargs["attention_mask"] = stack_mask
-            kwargs["position_ids"] = positions
+        state.tail = None
+        if positions is not None:
+            kwargs["position_ids"] = from_planes(positions, self.planar)
 
 
 def _finish_records(records: list[SampleRecord], state: Layout) -> None:

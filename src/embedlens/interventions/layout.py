@@ -7,22 +7,25 @@ phase-building half of a prefill (the other half, choosing the tokens, is
 :mod:`embedlens.interventions.select`); the rest moves the residual stream between phases and makes
 the masks and positions of the decode steps.
 
-Positions. ``"keep"`` gives every kept token its original position and decoding continues the
-unpruned numbering. ``"reindex"`` numbers each sample's kept tokens 0, 1, ..., n_kept - 1 (left
-padding excluded) and decoding continues n_kept, n_kept + 1, ...: the position ``generate`` passes
-for a decode step is shifted by (the original next position - n_kept) of its row.
+Positions (``[P, B, T]`` inside, see :mod:`embedlens.interventions.positions`): ``"keep"`` gives every
+kept token its original position and decoding continues the unpruned numbering; ``"reindex"`` numbers
+each sample's kept tokens without gaps and shifts every decode step's position accordingly.
+
+Masks. When the language model builds its own mask from a 2-D one, each phase after the first gets a
+causal mask over its slots. When it is handed ready 4-D masks (Gemma 3: one per attention kind, with
+the image block bidirectional), every phase's masks are those masks read at its slots' columns.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from embedlens.interventions.planning import Plan
+from embedlens.interventions.positions import next_positions, prefill_positions, to_planes
 
 
 @dataclass
@@ -34,18 +37,21 @@ class Phase:
         stop: One past the last.
         columns: Original sequence column of each slot, -1 for padding, ``[B, T]``.
         valid: Slots holding a token, ``[B, T]``.
-        mask: The 4-D attention mask of these layers at prefill, or None for the base phase.
-        position_ids: Positions of the slots (0 in padding slots), ``[B, T]``.
-        position_embeddings: What the decoder layers get for these positions (None for the base phase).
+        position_ids: Positions of the slots (0 in padding slots), ``[P, B, T]``.
+        masks: The 4-D attention masks of these layers at prefill, by mask key (see
+            :meth:`~embedlens.models.base.ModelAdapter.mask_key`); empty for the base phase unless the
+            language model was handed ready 4-D masks.
+        position_embeddings: What the decoder layers get for these positions, by mask key (filled
+            lazily by the layer hooks).
     """
 
     first: int
     stop: int
     columns: torch.Tensor
     valid: torch.Tensor
-    mask: torch.Tensor | None = None
-    position_ids: torch.Tensor | None = None
-    position_embeddings: Any = None
+    position_ids: torch.Tensor
+    masks: dict[str | None, torch.Tensor] = field(default_factory=dict)
+    position_embeddings: dict[str | None, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -56,12 +62,17 @@ class Layout:
         length: Columns ``L`` of the untouched (padded) sequence.
         phases: The phases, in layer order.
         phase_of_layer: Index into ``phases`` of each decoder layer.
-        shift: Per row, what to subtract from a decode step's position (0 under ``"keep"``), ``[B]``.
+        shift: Per plane and row, what to subtract from a decode step's position (0 under ``"keep"``),
+            ``[P, B]``.
+        following: Per plane and row, the untouched sequence's next position, ``[P, B]``.
         embeds: The layer-0 inputs after Scale, ``[B, L, d]`` (injected tokens come from here).
         changed: Whether the base phase differs from the untouched sequence.
         skip_rows: Rows zeroed at each skipped ``(layer, part)``, in that layer's slots, ``[B, T]``.
+        additions: What the decoder stack adds after decoder layer ``i`` (DeepStack), ``[B, L, d]`` at
+            the original columns; applied by the engine at the tokens present.
         decoded: Decode steps run so far.
         in_prefill: True until the first decode step.
+        tail: Real tokens among those generated so far and this step's, ``[B, decoded + steps]`` bool.
         decode_masks: The current decode step's 4-D mask of each phase after the first.
     """
 
@@ -69,11 +80,14 @@ class Layout:
     phases: list[Phase]
     phase_of_layer: list[int]
     shift: torch.Tensor
+    following: torch.Tensor
     embeds: torch.Tensor
     changed: bool
     skip_rows: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    additions: dict[int, torch.Tensor] = field(default_factory=dict)
     decoded: int = 0
     in_prefill: bool = True
+    tail: torch.Tensor | None = None
     decode_masks: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
@@ -115,25 +129,6 @@ def phase_bounds(checked: Plan) -> list[int]:
     return [*bounds, checked.num_layers]
 
 
-def prefill_positions(
-    original: torch.Tensor, mask: torch.Tensor, kept: torch.Tensor, policy: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions of the ``[B, L]`` columns at prefill, and each row's decode shift ``[B]``.
-
-    Args:
-        original: The positions the model was given (or ``0..L-1``), ``[B, L]``.
-        mask: Real (non-padding) tokens, ``[B, L]`` bool.
-        kept: Real tokens that are not pruned, ``[B, L]`` bool.
-        policy: ``"keep"`` or ``"reindex"`` (see the module docstring).
-    """
-    if policy != "reindex":
-        return original, torch.zeros(original.shape[0], dtype=torch.long, device=original.device)
-    renumbered = kept.long().cumsum(dim=1) - 1
-    positions = torch.where(kept, renumbered, original)
-    following = torch.where(mask, original, torch.full_like(original, -1)).max(dim=1).values + 1
-    return positions, following - kept.sum(dim=1)
-
-
 def build_layout(
     checked: Plan,
     mask: torch.Tensor,
@@ -141,6 +136,7 @@ def build_layout(
     visual: torch.Tensor,
     original: torch.Tensor,
     embeds: torch.Tensor,
+    segment: torch.Tensor,
 ) -> Layout:
     """The phases of one prefill: which tokens each layer range holds, in which slots, at which positions.
 
@@ -149,18 +145,20 @@ def build_layout(
         mask: Real (non-padding) tokens, ``[B, L]`` bool.
         pruned: Tokens removed before layer 0, ``[B, L]`` bool.
         visual: Visual tokens, ``[B, L]`` bool.
-        original: Positions the model was given, ``[B, L]``.
+        original: Positions the model was given, ``[P, B, L]``.
         embeds: Layer-0 inputs after Scale, ``[B, L, d]``.
+        segment: The image each visual column belongs to (-1 for text), ``[B, L]``.
     """
     length = mask.shape[1]
     kept = mask & ~pruned
-    positions, shift = prefill_positions(original, mask, kept, checked.positions)
+    positions, shift = prefill_positions(original, mask, kept, segment, checked.positions)
     phases: list[Phase] = []
     for first, stop in itertools.pairwise(phase_bounds(checked)):
         present = kept if checked.visual_present(first) else kept & ~visual
         columns = left_pad(present)
         valid = columns >= 0
-        phase_positions = torch.where(valid, positions.gather(1, columns.clamp(min=0)), 0)
+        index = columns.clamp(min=0).expand(positions.shape[0], *columns.shape)
+        phase_positions = torch.where(valid[None], positions.gather(2, index), 0)
         phases.append(Phase(first=first, stop=stop, columns=columns, valid=valid, position_ids=phase_positions))
     untouched = torch.where(mask, torch.arange(length, device=mask.device), -1)
     base = phases[0].columns
@@ -169,29 +167,73 @@ def build_layout(
         next(i for i, p in enumerate(phases) if p.first <= layer < p.stop) for layer in range(checked.num_layers)
     ]
     return Layout(
-        length=length, phases=phases, phase_of_layer=phase_of_layer, shift=shift, embeds=embeds, changed=changed
+        length=length,
+        phases=phases,
+        phase_of_layer=phase_of_layer,
+        shift=shift,
+        following=next_positions(original, mask),
+        embeds=embeds,
+        changed=changed,
     )
 
 
+def _allowed(full: torch.Tensor) -> torch.Tensor:
+    """A 4-D mask ``[B, 1, q, kv]`` (boolean, or additive with the dtype's minimum) as allowed-booleans."""
+    if full.dtype == torch.bool:
+        return full
+    return full > torch.finfo(full.dtype).min / 2
+
+
+def slot_mask(
+    columns: torch.Tensor,
+    valid: torch.Tensor,
+    full: torch.Tensor | None,
+    implementation: str,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The prefill mask ``[B, 1, T, T]`` of one phase's slots.
+
+    With ``full`` (a 4-D mask over the untouched sequence, ``[B, 1, L, L]``) it is ``full`` read at the
+    slots' columns, in ``full``'s own form (boolean or additive); without it, causal over the columns in
+    the form ``implementation`` expects. Padding slots see nothing but themselves (no empty rows).
+    """
+    index = columns.clamp(min=0)
+    if full is None:
+        allowed = valid[:, None, :] & (columns[:, None, :] <= columns[:, :, None])
+    else:
+        source = _allowed(full)[:, 0].to(columns.device)
+        rows = source.gather(1, index[:, :, None].expand(-1, -1, source.shape[2]))
+        allowed = rows.gather(2, index[:, None, :].expand(-1, index.shape[1], -1)) & valid[:, None, :]
+        implementation = "sdpa" if full.dtype == torch.bool else "eager"
+        dtype = full.dtype if full.dtype != torch.bool else dtype
+    eye = torch.eye(columns.shape[1], dtype=torch.bool, device=columns.device)
+    allowed = allowed | (eye & ~valid[:, :, None])
+    return attention_mask(allowed[:, None], implementation, dtype)
+
+
 def prepare_phase_masks(
-    layout: Layout, implementation: str, dtype: torch.dtype, rotary: Callable[[torch.Tensor, torch.Tensor], Any]
+    layout: Layout,
+    implementation: str,
+    dtype: torch.dtype,
+    full: dict[str | None, torch.Tensor | None],
 ) -> None:
-    """Prefill masks and rotary embeddings of the phases after the first.
+    """Prefill masks of the phases after the first (and of the base phase when the language model was
+    handed ready 4-D masks, which must then be read at the base phase's columns).
 
     Args:
-        layout: The prefill's layout (its phases get ``mask`` and ``position_embeddings``).
+        layout: The prefill's layout (its phases get ``masks``).
         implementation: The attention implementation (``"sdpa"`` or ``"eager"``).
         dtype: Dtype of an additive (eager) mask.
-        rotary: ``rotary(like, position_ids)`` -> the decoder layers' position embeddings.
+        full: The 4-D masks the language model was given, by mask key (``{None: None}`` when it builds
+            its own from a 2-D mask).
     """
-    for phase in layout.phases[1:]:
-        columns, valid = phase.columns, phase.valid
-        allowed = valid[:, None, :] & (columns[:, None, :] <= columns[:, :, None])
-        eye = torch.eye(columns.shape[1], dtype=torch.bool, device=columns.device)
-        allowed = allowed | (eye & ~valid[:, :, None])
-        phase.mask = attention_mask(allowed[:, None], implementation, dtype)
-        like = layout.embeds.new_zeros(columns.shape[0], columns.shape[1], 1)
-        phase.position_embeddings = rotary(like, phase.position_ids)
+    handed = any(value is not None for value in full.values())
+    for index, phase in enumerate(layout.phases):
+        if index == 0 and not (handed and layout.changed):
+            continue
+        phase.masks = {
+            key: slot_mask(phase.columns, phase.valid, value, implementation, dtype) for key, value in full.items()
+        }
 
 
 def skip_rows_in_slots(layout: Layout, skipped: dict[tuple[int, str], torch.Tensor]) -> None:
@@ -219,35 +261,47 @@ def relayout(hidden: torch.Tensor, before: Phase, after: Phase, layout: Layout) 
     return torch.where((source >= 0)[..., None], carried, inserted)
 
 
+def decode_tail(layout: Layout, given_mask: torch.Tensor | None, batch: int, steps: int, device: torch.device) -> None:
+    """Record which of the tokens generated so far (and this step's ``steps``) are real, from ``generate``'s
+    2-D mask over the untouched sequence (``layout.tail``, ``[B, decoded + steps]``)."""
+    if given_mask is not None and given_mask.dim() == 2:
+        layout.tail = given_mask[:, layout.length :].to(device=device, dtype=torch.bool)
+    else:
+        layout.tail = torch.ones(batch, layout.decoded + steps, dtype=torch.bool, device=device)
+
+
+def compact_mask(layout: Layout) -> torch.Tensor:
+    """The 2-D mask of what the base phase's cache holds plus the generated tokens, ``[B, T + decoded + steps]``."""
+    assert layout.tail is not None
+    return torch.cat([layout.phases[0].valid.to(layout.tail.device), layout.tail], dim=1).long()
+
+
 def decode_step(
     layout: Layout,
-    given_mask: torch.Tensor | None,
     given_positions: torch.Tensor | None,
-    batch: int,
     steps: int,
     implementation: str,
     dtype: torch.dtype,
     device: torch.device,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The decoder stack's mask and positions for ``steps`` new tokens, and each later phase's mask.
+) -> torch.Tensor | None:
+    """The decoder stack's positions ``[P, B, steps]`` for ``steps`` new tokens, and each later phase's mask.
 
-    Maps ``generate``'s 2-D mask and positions (which count the untouched sequence) onto what the
-    caches hold. Returns ``(attention_mask, position_ids)`` to hand the decoder stack, both None when
-    the base phase is the untouched sequence; sets ``layout.decode_masks`` and advances
-    ``layout.decoded``.
+    Maps ``generate``'s positions (which count the untouched sequence) onto the kept numbering; where none
+    are given, continues each plane from the untouched sequence's next position. Returns None when the
+    base phase is the untouched sequence (the model's own positions stand); sets ``layout.decode_masks``
+    and advances ``layout.decoded``. Needs ``layout.tail`` (:func:`decode_tail`).
     """
-    if given_mask is not None and given_mask.dim() == 2:
-        tail = given_mask[:, layout.length :].to(device=device, dtype=torch.bool)
-    else:
-        tail = torch.ones(batch, layout.decoded + steps, dtype=torch.bool, device=device)
-    base = layout.phases[0]
-    stack_mask = positions = None
+    tail = layout.tail
+    assert tail is not None
+    batch = tail.shape[0]
+    positions = None
     if layout.changed:
-        stack_mask = torch.cat([base.valid.to(device), tail], dim=1).long()
-        positions = given_positions
-        if positions is None:
-            positions = (layout.length + layout.decoded + torch.arange(steps, device=device)).expand(batch, steps)
-        positions = positions - layout.shift[:, None].to(positions.device)
+        if given_positions is not None:
+            planes = to_planes(given_positions, batch, steps, device)
+        else:
+            step = layout.decoded + torch.arange(steps, device=device)
+            planes = layout.following.to(device)[:, :, None] + step
+        positions = planes - layout.shift.to(device)[:, :, None]
     layout.decode_masks = {}
     if len(layout.phases) > 1:
         query = layout.decoded + torch.arange(steps, device=device)
@@ -258,4 +312,4 @@ def decode_step(
             allowed = torch.cat([prefix, recent], dim=2)[:, None]
             layout.decode_masks[index] = attention_mask(allowed, implementation, dtype)
     layout.decoded += steps
-    return stack_mask, positions
+    return positions
