@@ -5,9 +5,9 @@ one forward pass. Layer ``l < L`` is read by a pre-hook on decoder layer ``l`` (
 text embeddings with the projector outputs scattered in at the image positions), layer ``L`` by a hook on
 the output of the last decoder layer (the residual stream before the final norm). Reading inputs rather
 than outputs matters where the decoder stack adds something between layers (Qwen3-VL's DeepStack features
-enter after layers 0, 1 and 2): layer ``l`` is always what decoder layer ``l`` (1-based: ``l + 1``) reads. When every requested layer has
-been read, the rest of the forward is skipped, so probing layer 0 costs only the vision tower, the
-projector and the embedding lookup.
+enter after layers 0, 1 and 2): layer ``l`` is always what the ``l``-th decoder layer (0-based) reads.
+When every requested layer has been read, the rest of the forward is skipped, so probing layer 0 costs
+only the vision tower, the projector and the embedding lookup.
 """
 
 from __future__ import annotations
