@@ -146,23 +146,110 @@ def _causal_mask(length: int, dtype: torch.dtype) -> torch.Tensor:
     return mask[None, None]
 
 
-def _decoder_by_hand(adapter: ModelAdapter, embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-    """Run the adapter's decoder layers on one unpadded sequence, then final norm and LM head.
+@dataclass
+class Untouched:
+    """What the decoder stack got in an untouched forward of one unpadded sample.
 
-    Args:
-        embeds: Layer-0 inputs, ``[1, n, d]``.
-        position_ids: ``[1, n]``.
+    Attributes:
+        embeds: Layer-0 inputs ``[1, L, d]``.
+        positions: The language model's position ids as ``[P, 1, L]`` (``0..L-1`` when it got none).
+        planar: Whether it got planes (``[P, B, L]``) rather than ``[B, L]``.
+        masks: Each decoder layer's attention mask (None: plain causal).
+        additions: What the stack adds after each decoder layer (DeepStack), ``[1, L, d]`` per layer.
+    """
+
+    embeds: torch.Tensor
+    positions: torch.Tensor
+    planar: bool
+    masks: list[torch.Tensor | None]
+    additions: dict[int, torch.Tensor]
+
+
+def _untouched(adapter: ModelAdapter, inputs: dict[str, torch.Tensor]) -> Untouched:
+    """Read, with pre-hooks, what the language model and each decoder layer receive (nothing is changed)."""
+    stack: dict = {}
+    layers: list[dict] = []
+    handles = [
+        adapter.language_model.register_forward_pre_hook(lambda _m, _a, kwargs: stack.update(kwargs), with_kwargs=True)
+    ]
+    for layer in adapter.decoder_layers:
+
+        def hook(_module, args, kwargs):
+            layers.append({"hidden": (args[0] if args else kwargs["hidden_states"]).detach().clone(), **kwargs})
+
+        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            adapter.model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    length = layers[0]["hidden"].shape[1]
+    given = stack.get("position_ids")
+    positions = torch.arange(length)[None, None] if given is None else (given if given.dim() == 3 else given[None])
+    masks = [kwargs.get("attention_mask") for kwargs in layers]
+    additions = adapter.pop_layer_additions(dict(stack), length)
+    return Untouched(layers[0]["hidden"], positions, given is not None and given.dim() == 3, masks, additions)
+
+
+def _reference_reindex(positions: torch.Tensor, kept: list[int], image_of: dict[int, int]) -> torch.Tensor:
+    """The documented renumbering, token by token: ``positions`` ``[P, L]`` -> ``[P, n_kept]``. A 4-plane
+    tensor's first plane is plain text positions (renumbered 0, 1, ...)."""
+    planes = positions.shape[0]
+    if planes == 4:
+        text = torch.arange(len(kept))[None]
+        return torch.cat([text, _reference_reindex(positions[1:], kept, image_of)])
+    if planes == 1:
+        return torch.arange(len(kept))[None]
+    out = torch.zeros(planes, len(kept), dtype=torch.long)
+    cursor, index = 0, 0
+    while index < len(kept):
+        image = image_of.get(kept[index])
+        if image is None:
+            out[:, index] = cursor
+            cursor, index = cursor + 1, index + 1
+            continue
+        run = [i for i in range(index, len(kept)) if image_of.get(kept[i]) == image]
+        run = run[: next((n for n, i in enumerate(run) if i != index + n), len(run))]
+        for plane in range(planes):
+            values = sorted({int(positions[plane, kept[i]]) for i in run})
+            for i in run:
+                out[plane, i] = cursor + values.index(int(positions[plane, kept[i]]))
+        cursor = int(out[:, run].max()) + 1
+        index = run[-1] + 1
+    return out
+
+
+def _kept_mask(mask: torch.Tensor | None, kept: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A layer's mask at the kept rows and columns (plain causal when the layer got none)."""
+    if mask is None:
+        return _causal_mask(kept.numel(), dtype)
+    return mask[:, :, kept][:, :, :, kept]
+
+
+def _decoder_by_hand(
+    adapter: ModelAdapter, seen: Untouched, kept: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """Run the adapter's decoder layers on the kept columns of one unpadded sequence, then final norm and
+    LM head: each layer's own mask read at the kept columns, rotary embeddings for ``positions``
+    (``[P, 1, n]``), and the stack's additions at the kept columns.
 
     Returns:
         Logits ``[n, V]``.
     """
-    hidden = embeds
-    mask = _causal_mask(embeds.shape[1], embeds.dtype)
+    hidden = seen.embeds[:, kept]
+    given = positions if seen.planar else positions[0]
     with torch.no_grad():
-        rotary = adapter.position_embeddings(hidden, position_ids)
-        for layer in adapter.decoder_layers:
-            out = layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=rotary)
+        for index, layer in enumerate(adapter.decoder_layers):
+            out = layer(
+                hidden,
+                attention_mask=_kept_mask(seen.masks[index], kept, hidden.dtype),
+                position_ids=adapter.layer_position_ids(given),
+                position_embeddings=adapter.position_embeddings(hidden, given, index),
+            )
             hidden = out[0] if isinstance(out, tuple) else out
+            if index in seen.additions:
+                hidden = hidden + seen.additions[index][:, kept].to(hidden.dtype)
         return adapter.lm_head(adapter.final_norm(hidden))[0]
 
 
@@ -310,16 +397,18 @@ class TestPruneByIndices:
         adapter = loaded.adapter
         batch = _batch(loaded, [seed], [prompt])
         input_ids = batch.inputs["input_ids"]
-        embeds = _layer_inputs(adapter, batch.inputs, [0])[0]
+        seen = _untouched(adapter, batch.inputs)
         text = input_ids[0] != adapter.image_token_id
         with torch.no_grad():
             table = adapter.input_embeddings(input_ids)
         # layer 0 is the model's own embedding of the text with the visual tokens scattered in
-        assert torch.equal(embeds[0, text], table[0, text])
+        assert torch.equal(seen.embeds[0, text], table[0, text])
         removed = {int(span.positions[cell]) for span in batch.spans[0] for cell in _cells(loaded.family)}
-        kept = torch.tensor([p for p in range(input_ids.shape[1]) if p not in removed])
-        numbering = kept if positions == "keep" else torch.arange(kept.numel())
-        return _decoder_by_hand(adapter, embeds[:, kept], numbering[None])[-1]
+        kept = [p for p in range(input_ids.shape[1]) if p not in removed]
+        image_of = {int(p): span.image for span in batch.spans[0] for p in _all_positions([span])}
+        original = seen.positions[:, 0]
+        numbering = original[:, kept] if positions == "keep" else _reference_reindex(original, kept, image_of)
+        return _decoder_by_hand(adapter, seen, torch.tensor(kept), numbering[:, None])[-1]
 
     @pytest.mark.parametrize("positions", ["keep", "reindex"])
     def test_prefill_equals_reduced_forward(self, loaded: Loaded, positions: str):
