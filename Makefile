@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of torch; override (e.g. TORCH_SPEC=torch) on machines with a GPU.
 TORCH_SPEC ?= torch==2.13.0
+# Most families' processors (Qwen-VL, LLaVA-NeXT, InternVL, Gemma 3...) need torchvision, and PyPI's
+# torchvision does not import beside the CPU build above; the tests install this matching pair instead
+# (on x86-64 Python 3.11 pip takes both from the local wheel store). `make demo` stays on the lean build.
+VISION_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 
 .PHONY: demo test lint format bench clean chromium
@@ -20,6 +24,11 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
+# The tests load every family, so they need torchvision (a matching torch comes with it).
+$(BIN)/.vision-installed: $(BIN)/.installed
+	$(BIN)/python -m pip install -q $(VISION_SPEC)
+	touch $@
+
 # Only the tests need lmms-eval; `make demo` stays without it.
 $(BIN)/.lmms-installed: $(BIN)/.installed requirements/lmms-lean.txt
 	$(BIN)/python -m pip install -q --no-deps "$(LMMS_EVAL)"
@@ -33,7 +42,7 @@ demo: $(BIN)/.installed
 chromium:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 
-test: $(BIN)/.installed $(BIN)/.lmms-installed chromium
+test: $(BIN)/.installed $(BIN)/.vision-installed $(BIN)/.lmms-installed chromium
 	$(BIN)/python -m pytest -q
 
 lint: $(BIN)/.installed

@@ -98,7 +98,15 @@ class TestErrors:
 
     def test_no_builtin_anchors(self, capsys, tiny_dir, image_path):
         code, out, err = run_cli(capsys, *args(tiny_dir, image_path))
-        assert_user_error(code, out, err, f"no built-in anchors for model {tiny_dir}; pass --anchors FILE")
+        assert_user_error(
+            code,
+            out,
+            err,
+            (
+                f"no built-in anchors for model {tiny_dir} (built in: LLaVA-1.5-7B and embedlens-mini only); find its "
+                f"anchors with `embedlens discover-anchors --model {tiny_dir} IMAGES --out anchors.json`"
+            ),
+        )
 
     def test_missing_file(self, capsys, tiny_dir, image_path, tmp_path):
         code, out, err = run_cli(capsys, *args(tiny_dir, image_path, "--anchors", tmp_path / "nope.json"))

@@ -327,7 +327,10 @@ class TestClassifyErrors:
     """Using anchors with the wrong model must fail with one clear line, before any result is made."""
 
     def test_no_builtin_anchors(self, tiny, image_path, tiny_dir):
-        message = f"no built-in anchors for model {tiny_dir}; pass --anchors FILE"
+        message = (
+            f"no built-in anchors for model {tiny_dir} (built in: LLaVA-1.5-7B and embedlens-mini only); find its "
+            f"anchors with `embedlens discover-anchors --model {tiny_dir} IMAGES --out anchors.json`"
+        )
         with pytest.raises(InputError, match=re.escape(message)):
             tiny.classify(image_path)
 

@@ -291,5 +291,10 @@ def builtin_anchors(model_name_or_config: Any) -> Anchors | None:
 
 
 def no_builtin_message(model: str) -> str:
-    """The one-line error for a model without built-in anchors."""
-    return f"no built-in anchors for model {model}; pass --anchors FILE (see `embedlens discover-anchors`)"
+    """The one-line error for a model without built-in anchors: built-in anchors exist for LLaVA-1.5-7B
+    (and the embedded mini model) only; every other model's are found with ``discover-anchors``."""
+    return (
+        f"no built-in anchors for model {model} (built in: LLaVA-1.5-7B and embedlens-mini only); find its "
+        f"anchors with `embedlens discover-anchors --model {model} IMAGES --out anchors.json`, then pass "
+        "--anchors anchors.json"
+    )
