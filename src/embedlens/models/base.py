@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from embedlens.errors import InputError
+from embedlens.errors import EmbedLensError, InputError
 from embedlens.profiles import Profile, get_profile
 
 
@@ -362,6 +362,37 @@ class ModelAdapter(ABC):
         Raises:
             InputError: The image tokens do not match the images given.
         """
+
+    # ----------------------------------------------------------------- vision features
+    def vision_token_features(self, features: torch.Tensor | None, span: VisualSpan) -> torch.Tensor:
+        """The vision-tower features behind each grid token of ``span``: what the projector received for
+        those tokens (read for the ViT-sink evidence: the vision-feature norm of each token).
+
+        The default serves projectors that map vision tokens one to one, per image: ``features`` is the
+        projector's input ``[N_images, n_extra + rows * cols, d_vision]`` and the span's rows follow its
+        extra tokens. Families whose projector merges patches (Qwen's merger, Gemma 3's pooling) or
+        rearranges them (LLaVA-NeXT's stitched tiles) override this.
+
+        Args:
+            features: The projector's input as :func:`~embedlens.capture.capture` records it, or None.
+            span: One view of one image.
+
+        Returns:
+            ``[rows * cols, d_vision]``, one row per grid cell in row-major order.
+
+        Raises:
+            EmbedLensError: The features were not captured or do not map to the span's tokens.
+        """
+        if features is None:
+            raise EmbedLensError("the projector's input was not captured")
+        image = features[span.global_image]
+        extra = int(span.extra_positions.numel())
+        if image.ndim != 2 or image.shape[0] != extra + span.num_tokens:
+            raise EmbedLensError(
+                f"vision-tower norms need a projector that maps vision tokens one to one; it received "
+                f"{tuple(image.shape)} for {extra + span.num_tokens} visual tokens"
+            )
+        return image[extra:]
 
     # ----------------------------------------------------------------- layers
     def check_layer(self, layer: int) -> int:

@@ -248,12 +248,17 @@ def diagnose(
         positions = span.positions.to(captured.hidden[0].device)
         first, classification = firsts[sample], classifications[sample]  # first: [n, d]
         rows, cols = cells[sample]
+        vision = adapter.vision_token_features(captured.vision_features, span)  # [n, d_vision]
         columns: dict[str, Any] = {
             "row": rows.numpy(),
             "col": cols.numpy(),
             "group": classification.group,
             "anchor_id": pd.array(classification.anchor_id, dtype="Int64"),
-            "vision_norm": _vision_features(captured.vision_features, span).double().norm(dim=-1).cpu().numpy(),
+            "vision_norm": adapter.vision_token_features(captured.vision_features, span)
+            .double()
+            .norm(dim=-1)
+            .cpu()
+            .numpy(),
             "projected_norm": first.double().norm(dim=-1).cpu().numpy(),
             "anchor_cosine": _anchor_cosine(first, table, classification.anchor_id),
         }
@@ -306,20 +311,6 @@ def cross_image_cosine(
     others = (sums[slot] - flat) / (counts - 1).clamp_min(1).unsqueeze(1).double()
     scores = torch.where(counts > 1, cosine(flat, others), float("nan")).cpu().numpy()
     return list(np.split(scores, np.cumsum([int(v.shape[0]) for v in vectors])[:-1]))
-
-
-def _vision_features(features: torch.Tensor | None, span: VisualSpan) -> torch.Tensor:
-    """The grid tokens' projector inputs, shape ``[n, d_vision]`` (needs a one-to-one projector)."""
-    if features is None:
-        raise EmbedLensError("the projector's input was not captured")
-    image = features[span.global_image]
-    extra = int(span.extra_positions.numel())
-    if image.ndim != 2 or image.shape[0] != extra + span.num_tokens:
-        raise EmbedLensError(
-            f"vision-tower norms need a projector that maps vision tokens one to one; it received "
-            f"{tuple(image.shape)} for {extra + span.num_tokens} visual tokens"
-        )
-    return image[extra:]
 
 
 def _anchor_cosine(vectors: torch.Tensor, table: torch.Tensor, anchor_ids: list[int | None]) -> np.ndarray:

@@ -234,7 +234,7 @@ def discover_anchors(
         mask = batch.inputs.get("attention_mask")
         vectors, figures, image_of = [], {name: [] for name in _FIGURES}, []
         for sample, spans in enumerate(batch.spans):
-            first, values = _sample_figures(captured, sample, spans, _first_valid(mask, sample), sink, cross)
+            first, values = _sample_figures(adapter, captured, sample, spans, _first_valid(mask, sample), sink, cross)
             vectors.append(first)
             image_of.append(torch.full((first.shape[0],), sample, dtype=torch.long))
             for name in _FIGURES:

@@ -16,8 +16,8 @@ import torch
 
 from embedlens.capture import Captured
 from embedlens.errors import InputError
-from embedlens.models.base import VisualSpan
-from embedlens.taxonomy.diagnostics import _vision_features, cosine
+from embedlens.models.base import ModelAdapter, VisualSpan
+from embedlens.taxonomy.diagnostics import cosine
 
 _TINY = torch.finfo(torch.float64).tiny
 #: Per-token figures, averaged per vocabulary id over its hitting tokens.
@@ -118,7 +118,13 @@ def _relative(values: torch.Tensor) -> torch.Tensor:
 
 
 def _sample_figures(
-    captured: Captured, sample: int, spans: list[VisualSpan], first_position: int, sink: int, cross: int
+    adapter: ModelAdapter,
+    captured: Captured,
+    sample: int,
+    spans: list[VisualSpan],
+    first_position: int,
+    sink: int,
+    cross: int,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One sample's layer-0 visual vectors ``[n, d]`` and per-token figures (float64, shape ``[n]`` each)."""
     device = captured.hidden[0].device
@@ -126,7 +132,7 @@ def _sample_figures(
     first = captured.hidden[0][sample, positions]
     at_sink = captured.hidden[sink][sample, positions]
     reference = captured.hidden[sink][sample, first_position].unsqueeze(0).expand_as(at_sink)
-    norms = [_vision_features(captured.vision_features, span).double().norm(dim=-1) for span in spans]
+    norms = [adapter.vision_token_features(captured.vision_features, span).double().norm(dim=-1) for span in spans]
     figures = {
         "norm_ratio": torch.cat([_relative(norm) for norm in norms]).to(device),
         "bos_cosine": cosine(at_sink, reference),
