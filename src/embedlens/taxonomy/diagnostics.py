@@ -254,11 +254,7 @@ def diagnose(
             "col": cols.numpy(),
             "group": classification.group,
             "anchor_id": pd.array(classification.anchor_id, dtype="Int64"),
-            "vision_norm": adapter.vision_token_features(captured.vision_features, span)
-            .double()
-            .norm(dim=-1)
-            .cpu()
-            .numpy(),
+            "vision_norm": vision.double().norm(dim=-1).cpu().numpy(),
             "projected_norm": first.double().norm(dim=-1).cpu().numpy(),
             "anchor_cosine": _anchor_cosine(first, table, classification.anchor_id),
         }
