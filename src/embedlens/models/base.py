@@ -22,7 +22,7 @@ import operator
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar, overload
 
 import torch
 from PIL import Image
@@ -132,6 +132,32 @@ class ModulePaths:
     mlp: str = "mlp"
 
 
+_PartT = TypeVar("_PartT")
+
+
+class _Part(Generic[_PartT]):
+    """A read-only adapter attribute: the model part at the path of the same name in the adapter's
+    :class:`ModulePaths` (``adapter.lm_head`` is ``model.<modules.lm_head>``)."""
+
+    def __init__(self, doc: str) -> None:
+        self.__doc__ = doc
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, adapter: None, owner: type | None = None) -> _Part[_PartT]: ...
+
+    @overload
+    def __get__(self, adapter: ModelAdapter, owner: type | None = None) -> _PartT: ...
+
+    def __get__(self, adapter: ModelAdapter | None, owner: type | None = None) -> _PartT | _Part[_PartT]:
+        if adapter is None:
+            return self
+        return operator.attrgetter(getattr(adapter.modules, self.name))(adapter.model)
+
+
 class ModelAdapter(ABC):
     """Access to one model family's parts and inputs. Subclasses register with ``@register_adapter``.
 
@@ -169,13 +195,18 @@ class ModelAdapter(ABC):
     #: Where this family keeps its parts (attribute paths from the loaded model).
     modules: ClassVar[ModulePaths]
 
-    def _module(self, path: str) -> Any:
-        return operator.attrgetter(path)(self.model)
-
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        """The LLM's decoder layers, in order."""
-        return self._module(self.modules.decoder_layers)
+    decoder_layers: _Part[nn.ModuleList] = _Part("The LLM's decoder layers, in order.")
+    input_embeddings: _Part[nn.Embedding] = _Part("The LLM's input embedding table, weight of shape ``[V, d]``.")
+    final_norm: _Part[nn.Module] = _Part("The norm applied to the last layer's output before the LM head.")
+    lm_head: _Part[nn.Linear] = _Part("The output projection to vocabulary logits, weight of shape ``[V, d]``.")
+    language_model: _Part[nn.Module] = _Part(
+        "The decoder stack whose forward takes ``inputs_embeds``, ``attention_mask``, ``position_ids`` and "
+        "``cache`` (visual tokens already scattered in) and runs the decoder layers."
+    )
+    vision_tower: _Part[nn.Module] = _Part("The vision encoder.")
+    projector: _Part[nn.Module] = _Part(
+        "The module mapping vision features to LLM inputs; its output is layer 0 of visual tokens."
+    )
 
     @property
     def num_layers(self) -> int:
@@ -189,37 +220,6 @@ class ModelAdapter(ABC):
     def mlp(self, layer: int) -> nn.Module:
         """MLP submodule of decoder layer ``layer`` (0-based)."""
         return operator.attrgetter(self.modules.mlp)(self.decoder_layers[layer])
-
-    @property
-    def input_embeddings(self) -> nn.Embedding:
-        """The LLM's input embedding table, weight of shape ``[V, d]``."""
-        return self._module(self.modules.input_embeddings)
-
-    @property
-    def final_norm(self) -> nn.Module:
-        """The norm applied to the last layer's output before the LM head."""
-        return self._module(self.modules.final_norm)
-
-    @property
-    def lm_head(self) -> nn.Linear:
-        """The output projection to vocabulary logits, weight of shape ``[V, d]``."""
-        return self._module(self.modules.lm_head)
-
-    @property
-    def language_model(self) -> nn.Module:
-        """The decoder stack whose forward takes ``inputs_embeds``, ``attention_mask``, ``position_ids``
-        and ``cache`` (visual tokens already scattered in) and runs the decoder layers."""
-        return self._module(self.modules.language_model)
-
-    @property
-    def vision_tower(self) -> nn.Module:
-        """The vision encoder."""
-        return self._module(self.modules.vision_tower)
-
-    @property
-    def projector(self) -> nn.Module:
-        """The module mapping vision features to LLM inputs; its output is layer 0 of visual tokens."""
-        return self._module(self.modules.projector)
 
     def position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor, layer: int = 0) -> Any:
         """What decoder layer ``layer`` receives as ``position_embeddings`` for these positions (by default
