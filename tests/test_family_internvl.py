@@ -13,7 +13,8 @@ from PIL import Image
 
 import embedlens
 import tiny_internvl
-from embedlens.errors import InputError
+from embedlens.capture import run_captured
+from embedlens.errors import EmbedLensError, InputError
 from embedlens.interventions import Prune, intervene
 from embedlens.models.internvl import InternVLAdapter, view_names
 from helpers import random_image
@@ -204,3 +205,35 @@ class TestSession:
         for lens in ("embedding", "logit"):
             result = padded.probe(image, top_k=5, lens=lens)
             assert int(result.top_ids.max()) < tokens, lens
+
+
+class TestVisionFeatures:
+    """The vision features behind each grid token (for the ViT-sink norms) are its view's own 2 x 2
+    patches, for every view of every image in the batch."""
+
+    def test_each_token_gets_its_own_patches(self, session: embedlens.Session, adapter: InternVLAdapter):
+        batch = adapter.prepare(
+            [[random_image(0, 112, 56)], [random_image(1), random_image(2, 56, 112)]], ["what is this", "a"]
+        )
+        captured = run_captured(adapter, batch.inputs, [0], vision_features=True)
+        with torch.no_grad():
+            patches = session.model.model.vision_tower(pixel_values=batch.inputs["pixel_values"]).last_hidden_state
+        patches = patches[:, 1:].reshape(-1, 4, 4, patches.shape[-1])  # CLS dropped: [views, 4, 4, d]
+        spans = [span for sample_spans in batch.spans for span in sample_spans]
+        assert [span.picture for span in spans] == list(range(7))
+        for span in spans:
+            features = adapter.vision_token_features(captured.vision_features, span)
+            assert features.shape == (4, 4 * patches.shape[-1])
+            for token in range(4):
+                r, c = divmod(token, 2)
+                block = patches[span.picture, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2].reshape(4, -1)
+                # the same four patch vectors, in pixel shuffle's order within the token
+                found = features[token].reshape(4, -1)
+                assert sorted(map(tuple, found.tolist())) == sorted(map(tuple, block.tolist()))
+
+    def test_without_features_or_with_the_wrong_ones(self, adapter: InternVLAdapter):
+        span = adapter.prepare([[random_image(0)]], ["a"]).spans[0][0]
+        with pytest.raises(EmbedLensError, match="not captured"):
+            adapter.vision_token_features(None, span)
+        with pytest.raises(EmbedLensError, match="does not hold view"):
+            adapter.vision_token_features(torch.zeros(1, 16, 8), span)

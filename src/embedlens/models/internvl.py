@@ -32,7 +32,7 @@ from torch import nn
 from transformers import InternVLForConditionalGeneration
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
-from embedlens.errors import InputError
+from embedlens.errors import EmbedLensError, InputError
 from embedlens.models.base import ModelAdapter, ModulePaths, PreparedBatch, VisualSpan
 from embedlens.models.registry import register_adapter
 
@@ -137,6 +137,31 @@ class InternVLAdapter(ModelAdapter):
             (image.height, image.width), (height, width), int(getattr(ip, "min_patches", 1)), max_patches
         )
         return int(rows), int(cols)
+
+    def vision_token_features(self, features: torch.Tensor | None, span: VisualSpan) -> torch.Tensor:
+        """What InternVL's projector received for each grid token of ``span``: after pixel shuffle, the
+        vision-tower features of the token's 2 x 2 patches side by side.
+
+        Args:
+            features: The projector's input, one row per view (the views of every image, in
+                ``pixel_values`` order, which is the order of the span's ``picture``):
+                ``[N_views, side * side, 4 * d_vision]``.
+            span: One view of one image.
+
+        Returns:
+            ``[side * side, 4 * d_vision]``, row-major over the view's grid.
+
+        Raises:
+            EmbedLensError: The features were not captured or do not match the span.
+        """
+        if features is None:
+            raise EmbedLensError("the projector's input was not captured")
+        if features.ndim != 3 or not 0 <= span.picture < features.shape[0] or features.shape[1] != span.num_tokens:
+            raise EmbedLensError(
+                f"the projector received {tuple(features.shape)}, which does not hold view {span.picture} "
+                f"with {span.num_tokens} tokens"
+            )
+        return features[span.picture]
 
     # ----------------------------------------------------------------- inputs
     def _chat_template(self) -> str | None:
