@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+import tiny_internvl
 from conftest import CHATML_TEMPLATE
 from embedlens.models.tiny import LLAVA_15_TEMPLATE, TinySpec, build_tiny_llava, save_tiny_llava
 from helpers import random_image
@@ -156,4 +157,14 @@ FAMILIES: tuple[Family, ...] = (
         _noise(84),
         views=(View(grid=(6, 6)),),
     ),
+    # InternVL (-hf): 56 px tiles, 4 x 4 patches pixel-shuffled to 2 x 2 tokens per view; a wide 112 x 56 image
+    # is cut into 2 tiles side by side, then the thumbnail follows, all three between <img> and </img>.
+    Family(
+        "internvl",
+        tiny_internvl.build,
+        lambda seed: random_image(seed, 112, 56),
+        views=(View("tile-0", (2, 2)), View("tile-1", (2, 2)), View("thumbnail", (2, 2))),
+    ),
+    # InternVL with a square image: one tile and no thumbnail.
+    Family("internvl-square", tiny_internvl.build, _noise(56), views=(View("tile-0", (2, 2)),)),
 )
