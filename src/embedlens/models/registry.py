@@ -144,8 +144,20 @@ def load_processor(model: ResolvedModel, *, trust_remote_code: bool = False) -> 
         return AutoProcessor.from_pretrained(
             model.location, revision=model.revision, trust_remote_code=trust_remote_code
         )
+    except (ImportError, RuntimeError) as exc:
+        if "torchvision" not in str(exc).lower():
+            raise
+        raise UnsupportedModelError(missing_torchvision(model.name)) from exc
     except (OSError, ValueError, TypeError) as exc:
         raise UnsupportedModelError(f"cannot load the processor of {model.name!r}: {_first_line(exc)}") from exc
+
+
+def missing_torchvision(name: str) -> str:
+    """The one-line error for a processor that needs a (working) torchvision."""
+    return (
+        f"the processor of {name!r} needs torchvision, which is missing or does not match torch here: "
+        "pip install torchvision (the release built for your torch, e.g. torch==2.14.1 torchvision==0.29.1)"
+    )
 
 
 def context_length(config: Any) -> int | None:
