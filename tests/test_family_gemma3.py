@@ -15,7 +15,9 @@ import pytest
 import torch
 
 import embedlens
+from embedlens.capture import run_captured
 from embedlens.errors import InputError
+from embedlens.interventions import Prune, intervene
 from embedlens.models.gemma3 import Gemma3Adapter
 from helpers import random_image
 from tiny_gemma3 import TinyGemma3Spec, build, build_tiny_gemma3
@@ -130,6 +132,23 @@ class TestSpans:
             adapter.find_spans({"input_ids": batch.inputs["input_ids"], "pixel_values": torch.zeros(2, 3, 112, 112)})
 
 
+def test_vision_token_features_are_the_pooled_patches(adapter: Gemma3Adapter):
+    """Each grid token's vision features are what the projector's average pool gives that token."""
+    batch = adapter.prepare([[random_image(0), random_image(1)], [random_image(2)]], PROMPTS)
+    pooled: list[torch.Tensor] = []
+    pool = adapter.projector.avg_pool
+    handle = pool.register_forward_hook(lambda _m, _a, out: pooled.append(out.flatten(2).transpose(1, 2)))
+    try:
+        captured = run_captured(adapter, batch.inputs, [0], vision_features=True)
+    finally:
+        handle.remove()
+    assert captured.vision_features.shape[1] == 64  # the 8 x 8 patch grid before pooling
+    for spans in batch.spans:
+        for span in spans:
+            mine = adapter.vision_token_features(captured.vision_features, span)
+            torch.testing.assert_close(mine, pooled[0][span.global_image])
+
+
 # --------------------------------------------------------------------------- prompt
 class TestPrompt:
     def test_one_bos_and_the_gemma_turns(self, adapter: Gemma3Adapter):
@@ -238,3 +257,28 @@ def test_window_shorter_than_the_sequence_changes_the_sliding_layers(tmp_path: P
         with torch.no_grad():
             logits.append(adapter.model(**batch.inputs).logits[0, -1])
     assert not torch.allclose(logits[0], logits[1])
+
+
+# --------------------------------------------------------------------------- session
+def test_generate_and_prune_under_intervene(session: embedlens.Session):
+    """The public generate works, and a prune inside ``generate`` removes the cells of every image
+    (the bidirectional image mask is read at the kept columns, so the answer changes)."""
+    image = random_image(0)
+    plain = session.generate(image, prompt=PROMPTS[0], max_new_tokens=3)
+    assert isinstance(plain, str) and plain
+    adapter = session.adapter
+    batch = adapter.prepare([[image, random_image(1)]], [PROMPTS[0]])
+    cells = tuple(range(12))
+    with torch.no_grad():
+        base = adapter.model(**batch.inputs).logits[0, -1]
+        with intervene(session, [Prune(indices=cells)]) as run:
+            adapter.model.generate(**batch.inputs, max_new_tokens=2, do_sample=False)
+            pruned = adapter.model(**batch.inputs).logits[0, -1]
+    expected = sorted(int(span.positions[cell]) for span in batch.spans[0] for cell in cells)
+    assert sorted(run.records[0].samples[0].pruned_positions) == expected
+    assert not torch.allclose(base, pruned)
+
+
+def test_classify_without_anchors_is_one_input_error(session: embedlens.Session):
+    with pytest.raises(InputError, match="no built-in anchors"):
+        session.classify(random_image(0), PROMPTS[0])

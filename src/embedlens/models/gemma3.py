@@ -37,7 +37,7 @@ from PIL import Image
 from torch import nn
 from transformers import Gemma3ForConditionalGeneration
 
-from embedlens.errors import InputError
+from embedlens.errors import EmbedLensError, InputError
 from embedlens.models.base import ModelAdapter, ModulePaths, PreparedBatch, VisualSpan
 from embedlens.models.llava import LlavaAdapter
 from embedlens.models.registry import register_adapter
@@ -102,6 +102,29 @@ class Gemma3Adapter(ModelAdapter):
     def image_placeholder(self) -> str:
         """``<start_of_image>``: what a prompt writes per image (the processor expands it to the run)."""
         return str(getattr(self.processor, "image_token", None) or self.tokenizer.boi_token)
+
+    def vision_token_features(self, features: torch.Tensor | None, span: VisualSpan) -> torch.Tensor:
+        """The pooled SigLIP features behind each grid token: the mean of the ``k x k`` patches the
+        projector averages into it (what its norm and projection then receive), ``[rows * cols, d_vision]``.
+
+        Args:
+            features: The projector's input, ``[N_images, patches * patches, d_vision]`` (SigLIP's last
+                hidden state), or None.
+            span: One image's span.
+
+        Raises:
+            EmbedLensError: The features were not captured, or their patch grid does not pool to the span's.
+        """
+        if features is None:
+            raise EmbedLensError("the projector's input was not captured")
+        image = features[span.global_image]
+        rows, cols = span.grid
+        patches = math.isqrt(int(image.shape[0]))
+        if image.ndim != 2 or patches * patches != image.shape[0] or patches % rows or patches % cols:
+            raise EmbedLensError(f"cannot pool vision features of shape {tuple(image.shape)} to a {rows} x {cols} grid")
+        kernel_rows, kernel_cols = patches // rows, patches // cols
+        blocks = image.reshape(rows, kernel_rows, cols, kernel_cols, image.shape[-1])
+        return blocks.mean(dim=(1, 3)).reshape(rows * cols, image.shape[-1])
 
     # ----------------------------------------------------------------- inputs
     def _chat_template(self) -> str | None:
