@@ -115,6 +115,11 @@ class TestSpans:
         # token_type_ids reach the prefill only (the bidirectional image mask), not the decode steps
         assert prefill["token_type_ids"] is not None and seen[1].get("token_type_ids") is None
 
+    def test_grey_and_transparent_images_become_rgb(self, adapter: Gemma3Adapter):
+        images = [random_image(0).convert("L"), random_image(1).convert("RGBA")]
+        batch = adapter.prepare([images], [PROMPTS[0]])
+        assert [view.mode for view in batch.views] == ["RGB", "RGB"] and len(batch.spans[0]) == 2
+
     def test_samples_without_images(self, adapter: Gemma3Adapter):
         batch = adapter.prepare([[random_image(0)], []], PROMPTS)
         assert [len(spans) for spans in batch.spans] == [1, 0]
@@ -156,8 +161,12 @@ class TestPrompt:
         ids = batch.inputs["input_ids"][0].tolist()
         bos = adapter.tokenizer.bos_token_id
         assert ids.count(bos) == 1 and ids[0] == bos
-        assert batch.texts[0].startswith("<start_of_turn>user\n<start_of_image>what is this")
+        assert batch.texts[0].startswith("<bos><start_of_turn>user\n<start_of_image>what is this")
         assert batch.texts[0].endswith("<start_of_turn>model\n")
+        # a raw prompt copied from the template keeps one <bos> too, and one without it gets the tokenizer's
+        for raw in (batch.texts[0], batch.texts[0][len("<bos>") :]):
+            again = adapter.prepare([[random_image(0)]], [raw], raw=True)
+            assert torch.equal(again.inputs["input_ids"], batch.inputs["input_ids"])
 
     def test_without_template_the_placeholder_goes_first(self, tmp_path: Path):
         path = build(tmp_path / "model", TinyGemma3Spec(chat_template=None))

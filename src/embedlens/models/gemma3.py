@@ -131,34 +131,38 @@ class Gemma3Adapter(ModelAdapter):
         return getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
 
     def format_prompt(self, prompt: str, num_images: int = 1) -> str:
-        """Gemma 3's chat template with one image entry per image, before the text. The template writes
-        ``<bos>`` and the tokenizer adds one too; the template's is dropped so the model sees one."""
+        """Gemma 3's chat template with one image entry per image, before the text (the text starts
+        with the template's ``<bos>``; :meth:`encode` keeps the model to one)."""
         template = self._chat_template()
         if template is None:
             return self.image_placeholder * num_images + "\n" + prompt
         content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
         messages = [{"role": "user", "content": content}]
-        text = self.processor.apply_chat_template(
+        return self.processor.apply_chat_template(
             messages, chat_template=template, add_generation_prompt=True, tokenize=False
         )
-        bos = self.tokenizer.bos_token
-        if bos and text.startswith(bos) and self._tokenizer_adds_bos():
-            text = text[len(bos) :]
-        return text
 
     def _tokenizer_adds_bos(self) -> bool:
         bos_id = self.tokenizer.bos_token_id
         return bos_id is not None and bos_id in self.tokenizer("").input_ids
 
     def encode(self, images: Sequence[Sequence[Image.Image]], texts: list[str]) -> PreparedBatch:
-        flat = [img.convert("RGB") for sample_images in images for img in sample_images]
+        """The processor on ``texts`` (one ``<start_of_image>`` per image), left-padded, one view per image.
+
+        A text that starts with ``<bos>`` (as the chat template writes it) loses it when the tokenizer
+        adds its own, so the model sees one, as ``apply_chat_template(tokenize=True)`` gives it.
+        """
+        nested = [[img.convert("RGB") for img in sample_images] for sample_images in images]
+        bos = self.tokenizer.bos_token
+        strip = bool(bos) and self._tokenizer_adds_bos()
+        model_texts = [text[len(bos) :] if strip and text.startswith(bos) else text for text in texts]
         tokenizer = self.tokenizer
         old_side = tokenizer.padding_side
         tokenizer.padding_side = "left"
         try:
             encoded = self.processor(
-                images=[list(sample_images) for sample_images in images] if flat else None,
-                text=texts,
+                images=nested if any(nested) else None,
+                text=model_texts,
                 return_tensors="pt",
                 padding=True,
                 do_pan_and_scan=False,
