@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+import tiny_gemma3
 import tiny_internvl
 from conftest import CHATML_TEMPLATE
 from embedlens.models.tiny import LLAVA_15_TEMPLATE, TinySpec, build_tiny_llava, save_tiny_llava
@@ -167,4 +168,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     # InternVL with a square image: one tile and no thumbnail.
     Family("internvl-square", tiny_internvl.build, _noise(56), views=(View("tile-0", (2, 2)),)),
+    # Gemma 3: <start_of_image>, a 4 x 4 grid pooled from 8 x 8 SigLIP patches, <end_of_image>; sliding, full, sliding
+    # attention layers (window longer than the sequences); 80 x 60 images resized to 112 x 112.
+    Family("gemma3", tiny_gemma3.build, lambda seed: random_image(seed, 80, 60)),
 )

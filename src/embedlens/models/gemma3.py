@@ -1,0 +1,235 @@
+"""Adapter for ``Gemma3ForConditionalGeneration`` (google/gemma-3-4b-it, -12b-it, -27b-it).
+
+Layout: each image is one view, ``"full"``. SigLIP encodes the image (896 px, 14 px patches -> a 64 x 64
+patch grid for the released models); Gemma 3's projector average-pools that grid to
+``mm_tokens_per_image`` tokens (256 = 16 x 16), RMS-norms and projects them. The processor writes each
+image as ``<start_of_image>``, ``mm_tokens_per_image`` image tokens (``<image_soft_token>``), then
+``<end_of_image>``; the pooled grid, row-major, is the span's grid, and the two markers are its
+``markers``. A prompt places an image with ``<start_of_image>`` (the processor's ``image_token``), which
+the processor expands.
+
+Pan-and-scan: ``Gemma3Processor`` can add crops of a wide or tall image as further images (each its own
+marked run of image tokens), but only when its call asks for ``do_pan_and_scan=True`` (the image
+processor's own setting is not consulted; the released models leave it off). :meth:`encode` always
+asks for one view per image (``do_pan_and_scan=False``). Forward inputs built elsewhere with crops
+reach :meth:`find_spans` as one image per run: nothing in the model's inputs says which runs are crops
+of which image, so each crop is reported as an image of its own.
+
+Attention: ``Gemma3Model`` gives its language model a dict of 4-D masks, ``{"full_attention",
+"sliding_attention"}``, in which each image's tokens see each other both ways (from ``token_type_ids``,
+which :meth:`encode` keeps; ``generate`` passes them at prefill only), and decoder layer ``i`` uses the
+mask and the rotary embedding (local base 10k, global base 1M) of ``config.layer_types[i]``: see
+:meth:`mask_key` and :meth:`position_embeddings`.
+
+Text embeddings: ``embed_tokens`` multiplies its rows by ``sqrt(d)`` in its forward; its ``weight`` (the
+table both lenses read, tied to the LM head) is unscaled. Visual tokens (projector outputs) are not
+scaled. The embedding lens is a cosine and does not see the factor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import Gemma3ForConditionalGeneration
+
+from embedlens.errors import EmbedLensError, InputError
+from embedlens.models.base import ModelAdapter, ModulePaths, PreparedBatch, VisualSpan
+from embedlens.models.llava import LlavaAdapter
+from embedlens.models.registry import register_adapter
+
+
+@register_adapter
+class Gemma3Adapter(ModelAdapter):
+    """Gemma 3 layout: one image -> ``<start_of_image>``, a pooled ``n x n`` grid of image tokens,
+    ``<end_of_image>``."""
+
+    family = "gemma3"
+    model_types = ("gemma3",)
+
+    @classmethod
+    def model_class(cls) -> type[nn.Module]:
+        return Gemma3ForConditionalGeneration
+
+    @classmethod
+    def num_layers_from_config(cls, config: Any) -> int:
+        return int(config.text_config.num_hidden_layers)
+
+    # ----------------------------------------------------------------- structure
+    modules = ModulePaths(
+        language_model="model.language_model",
+        decoder_layers="model.language_model.layers",
+        input_embeddings="model.language_model.embed_tokens",
+        final_norm="model.language_model.norm",
+        lm_head="lm_head",
+        vision_tower="model.vision_tower",
+        projector="model.multi_modal_projector",
+    )
+
+    def layer_type(self, layer: int) -> str:
+        """Attention kind of decoder layer ``layer`` (0-based): ``"sliding_attention"`` or ``"full_attention"``."""
+        return str(self.language_model.config.layer_types[layer])
+
+    def position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor, layer: int = 0) -> Any:
+        """The ``(cos, sin)`` decoder layer ``layer`` receives: the rotary embedding of its layer type
+        (sliding and full attention layers use different bases), each ``[B, T, head_dim]``."""
+        return self.language_model.rotary_emb(hidden, position_ids, self.layer_type(layer))
+
+    def mask_key(self, layer: int) -> str:
+        """The entry of ``Gemma3Model``'s mask dict decoder layer ``layer`` uses: its layer type."""
+        return self.layer_type(layer)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """``(rows, cols)`` of the pooled grid every image gets (``mm_tokens_per_image`` = rows * cols)."""
+        count = int(self.model.config.mm_tokens_per_image)
+        side = math.isqrt(count)
+        if side * side != count:
+            raise InputError(f"cannot tell the grid of {count} image tokens per image (not a square)")
+        return side, side
+
+    @property
+    def marker_ids(self) -> tuple[int, int]:
+        """Token ids of ``<start_of_image>`` and ``<end_of_image>`` (the config's boi / eoi ids)."""
+        config = self.model.config
+        return int(config.boi_token_id), int(config.eoi_token_id)
+
+    @property
+    def image_placeholder(self) -> str:
+        """``<start_of_image>``: what a prompt writes per image (the processor expands it to the run)."""
+        return str(getattr(self.processor, "image_token", None) or self.tokenizer.boi_token)
+
+    def vision_token_features(self, features: torch.Tensor | None, span: VisualSpan) -> torch.Tensor:
+        """The pooled SigLIP features behind each grid token: the mean of the ``k x k`` patches the
+        projector averages into it (what its norm and projection then receive), ``[rows * cols, d_vision]``.
+
+        Args:
+            features: The projector's input, ``[N_images, patches * patches, d_vision]`` (SigLIP's last
+                hidden state), or None.
+            span: One image's span.
+
+        Raises:
+            EmbedLensError: The features were not captured, or their patch grid does not pool to the span's.
+        """
+        if features is None:
+            raise EmbedLensError("the projector's input was not captured")
+        image = features[span.global_image]
+        rows, cols = span.grid
+        patches = math.isqrt(int(image.shape[0]))
+        if image.ndim != 2 or patches * patches != image.shape[0] or patches % rows or patches % cols:
+            raise EmbedLensError(f"cannot pool vision features of shape {tuple(image.shape)} to a {rows} x {cols} grid")
+        kernel_rows, kernel_cols = patches // rows, patches // cols
+        blocks = image.reshape(rows, kernel_rows, cols, kernel_cols, image.shape[-1])
+        return blocks.mean(dim=(1, 3)).reshape(rows * cols, image.shape[-1])
+
+    # ----------------------------------------------------------------- inputs
+    def _chat_template(self) -> str | None:
+        return getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
+
+    def format_prompt(self, prompt: str, num_images: int = 1) -> str:
+        """Gemma 3's chat template with one image entry per image, before the text (the text starts
+        with the template's ``<bos>``; :meth:`encode` keeps the model to one)."""
+        template = self._chat_template()
+        if template is None:
+            return self.image_placeholder * num_images + "\n" + prompt
+        content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
+        messages = [{"role": "user", "content": content}]
+        return self.processor.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=True, tokenize=False
+        )
+
+    def _tokenizer_adds_bos(self) -> bool:
+        bos_id = self.tokenizer.bos_token_id
+        return bos_id is not None and bos_id in self.tokenizer("").input_ids
+
+    def encode(self, images: Sequence[Sequence[Image.Image]], texts: list[str]) -> PreparedBatch:
+        """The processor on ``texts`` (one ``<start_of_image>`` per image), left-padded, one view per image.
+
+        A text that starts with ``<bos>`` (as the chat template writes it) loses it when the tokenizer
+        adds its own, so the model sees one, as ``apply_chat_template(tokenize=True)`` gives it.
+        """
+        nested = [[img.convert("RGB") for img in sample_images] for sample_images in images]
+        bos = self.tokenizer.bos_token
+        strip = bool(bos) and self._tokenizer_adds_bos()
+        model_texts = [text[len(bos) :] if strip and text.startswith(bos) else text for text in texts]
+        tokenizer = self.tokenizer
+        old_side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        try:
+            encoded = self.processor(
+                images=nested if any(nested) else None,
+                text=model_texts,
+                return_tensors="pt",
+                padding=True,
+                do_pan_and_scan=False,
+            )
+        finally:
+            tokenizer.padding_side = old_side
+        inputs = {k: v.to(self.device) for k, v in encoded.items() if isinstance(v, torch.Tensor)}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        pixel_values = encoded.get("pixel_values")
+        spans = self.find_spans(encoded)
+        views = [LlavaAdapter._view(self, image) for image in pixel_values] if pixel_values is not None else []
+        return PreparedBatch(inputs=inputs, spans=spans, texts=texts, views=views)
+
+    def _image_count(self, inputs: Mapping[str, Any]) -> int:
+        """Images in a batch of forward inputs: rows of ``pixel_values``, or inside ``generate`` of the
+        encoded images (``mm_encoder_outputs["image"].pooler_output``, ``[N, tokens, d]``)."""
+        pixel_values = inputs.get("pixel_values")
+        if pixel_values is not None:
+            return int(pixel_values.shape[0])
+        encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
+        if encoded is None:
+            return 0
+        features = encoded.pooler_output
+        rows, cols = self.grid
+        if int(features.shape[-2]) != rows * cols:
+            raise InputError(f"encoded images have {int(features.shape[-2])} tokens each, expected {rows * cols}")
+        return int(features.shape[0])
+
+    def find_spans(self, inputs: Mapping[str, Any]) -> list[list[VisualSpan]]:
+        input_ids: torch.Tensor = inputs["input_ids"]
+        total = self._image_count(inputs)
+        rows, cols = self.grid
+        count = rows * cols
+        boi, eoi = self.marker_ids
+        spans: list[list[VisualSpan]] = []
+        next_image = 0
+        for sample, row in enumerate(input_ids.cpu()):
+            positions = torch.nonzero(row == self.image_token_id).flatten()
+            if positions.numel() % count:
+                raise InputError(
+                    f"sample {sample} has {positions.numel()} image tokens, not a multiple of the {count} per image"
+                )
+            sample_spans: list[VisualSpan] = []
+            for chunk in positions.split(count) if positions.numel() else ():
+                if next_image >= total:
+                    raise InputError(
+                        f"sample {sample} has more image tokens than the images given ({total} in the batch)"
+                    )
+                first, last = int(chunk[0]), int(chunk[-1])
+                if last - first + 1 != count:
+                    raise InputError(f"sample {sample}: the image tokens of image {len(sample_spans)} are not one run")
+                markers = [
+                    p for p, wanted in ((first - 1, boi), (last + 1, eoi)) if 0 <= p < row.numel() and row[p] == wanted
+                ]
+                sample_spans.append(
+                    VisualSpan(
+                        sample=sample,
+                        image=len(sample_spans),
+                        global_image=next_image,
+                        positions=chunk.clone(),
+                        grid=(rows, cols),
+                        markers=torch.tensor(markers, dtype=torch.long),
+                    )
+                )
+                next_image += 1
+            spans.append(sample_spans)
+        if next_image != total:
+            raise InputError(f"{total} images given but only {next_image} placed in the text")
+        return spans
