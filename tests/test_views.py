@@ -29,6 +29,7 @@ from embedlens.pictures.groups import draw_group_map, group_panels, legend_entri
 from embedlens.pictures.panels import joined_size, panel_origins
 from embedlens.pictures.probe import draw_top1_grid, top1_panels
 from embedlens.report import write_report
+from embedlens.report.browser import BrowserError, Chromium, find_chromium
 from embedlens.result import MultiLayerProbe, ProbeResult
 from embedlens.taxonomy import diagnose
 from embedlens.taxonomy.groups import CODES
@@ -356,3 +357,26 @@ class TestReport:
         assert all(p["grid"] == [2, 4] and p["n"] == 8 and p["image"] is not None for p in panels)
         expected = "".join(CODES[name] for name in expected_groups())
         assert [p["groups"] for p in panels[2:]] == [expected[:8], expected[8:]]
+
+    def test_each_view_panel_shows_its_own_tokens_in_a_browser(self, pair, tmp_path):
+        """Hovering cell (1, 1) of each view's panel shows that view's token there, at its own row and column."""
+        try:
+            find_chromium()
+        except BrowserError as err:
+            pytest.fail(f"the report's browser tests need Chromium: {err}")
+        multi = pair[0]
+        MultiLayerProbe([multi]).save(tmp_path / "multi")
+        write_report([tmp_path / "multi"], tmp_path / "report.html")
+        with Chromium() as browser:
+            browser.open_report(tmp_path / "report.html")
+            for panel in (0, 1):
+                part = multi.part(panel)
+                browser.hover_cell(panel, 5, part.grid)
+                shown = browser.evaluate(
+                    f"""(() => {{ const t = document.querySelector('#panel-{panel} .tip');
+                    return {{head: t.querySelector('.tip-head')?.textContent || '',
+                             tokens: [...t.querySelectorAll('.tok')].map(e => e.textContent)}}; }})()"""
+                )
+                assert shown["tokens"] == list(part.top_tokens[5])
+                assert "row 1, col 1" in shown["head"]
+                assert browser.evaluate(f"document.querySelectorAll('#panel-{panel} canvas').length") >= 1
