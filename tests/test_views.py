@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -30,10 +31,11 @@ from embedlens.pictures.panels import joined_size, panel_origins
 from embedlens.pictures.probe import draw_top1_grid, top1_panels
 from embedlens.report import write_report
 from embedlens.report.browser import BrowserError, Chromium, find_chromium
+from embedlens.report.encode import TokenTable, encode_probe
 from embedlens.result import MultiLayerProbe, ProbeResult
-from embedlens.taxonomy import diagnose
+from embedlens.taxonomy import ClassifiedResult, diagnose
 from embedlens.taxonomy.groups import CODES
-from embedlens.taxonomy.stats import StatsOptions, run_stats
+from embedlens.taxonomy.stats import StatsOptions, merge, run_stats
 from embedlens.views import ViewInfo
 from taxonomy_planting import PLANTED, expected_groups, plant
 
@@ -181,6 +183,11 @@ class TestProbe:
         assert cls_position not in multi.position.tolist()
         assert multi.to_dict()["views"][0]["extra_positions"] == [cls_position]
         assert "extra   1 visual tokens that are not grid cells" in multi.summary()
+
+    def test_a_report_panel_shows_one_view(self, pair):
+        with pytest.raises(InputError, match="one view"):
+            encode_probe(MultiLayerProbe([pair[0]]), TokenTable())
+        assert encode_probe(MultiLayerProbe([pair[0].part(1)]), TokenTable())["grid"] == [2, 4]
 
     def test_views_must_cover_the_tokens(self, pair):
         multi = pair[0]
@@ -334,6 +341,19 @@ class TestTaxonomy:
         row, col = divmod(PLANTED["llm_sink"], 4)
         assert heat["fractions"]["llm_sink"][row][col] == 1.0
 
+    def test_stats_parts_written_before_views_still_merge(self, tiny, tiny_anchor_file, image_folder, tmp_path):
+        """A run interrupted under the previous version has parts without the ``view`` column."""
+        dataset, options = open_dataset(image_folder), StatsOptions(bootstrap=20)
+        run_stats(tiny, dataset, tmp_path / "out", anchors=tiny_anchor_file, options=options, progress=False)
+        parts = sorted((tmp_path / "out" / "parts").glob("*.parquet"))
+        assert parts
+        for part in parts:
+            pq.write_table(pq.read_table(part).drop(["view"]), part)
+        merge(tmp_path / "out", dataset, options, picture=False)
+        tokens = pd.read_parquet(tmp_path / "out" / "tokens.parquet")
+        assert len(tokens) == 4 * 16 and tokens["view"].tolist() == [0] * 64
+        assert tokens["index"].tolist() == list(range(16)) * 4
+
 
 class TestReport:
     """The report draws one panel per view, each on its view's picture and grid."""
@@ -344,6 +364,8 @@ class TestReport:
         session.probe(image, layers="0,1", top_k=3).save(tmp_path / "multi")
         classified = session.classify(image, anchors=anchors)
         classified.save(tmp_path / "classify")
+        loaded = ClassifiedResult.load(tmp_path / "classify")
+        assert loaded.probe.views == classified.probe.views and loaded.group.tolist() == expected_groups()
         from embedlens.cli.probe import _view
 
         assert [p.name for p in _view(classified.probe, tmp_path / "classify")] == ["view.png", "view-1.png"]

@@ -347,7 +347,7 @@ def merge(
     if picture:
         heat = data["heatmap"]
         fractions = {name: np.asarray(values, dtype=float) for name, values in heat["fractions"].items()}
-        files["heatmap"] = save_group_heatmap(fractions, out / HEATMAP_FILE, images=heat["images"])
+        files["heatmap"] = save_group_heatmap(fractions, out / HEATMAP_FILE, images=heat["images"] or None)
     atomic_write_text(files["summary"], json.dumps(data, ensure_ascii=False, indent=1))
     return StatsSummary(data=data, files=files)
 

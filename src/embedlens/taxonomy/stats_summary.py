@@ -146,7 +146,7 @@ def heatmap(used: Sequence[dict[str, Any]]) -> dict[str, Any]:
             sums += letters[None, start : start + count] == codes[:, None]
             images += 1
             break
-    fractions = sums / max(images, 1)
+    fractions = sums / images if images else np.full(sums.shape, np.nan)
     out: dict[str, Any] = {
         "grid": list(grid),
         "images": images,
