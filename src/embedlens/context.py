@@ -23,6 +23,7 @@ from embedlens.images import ImageLike, image_label, load_image
 from embedlens.lens import Lens, LensOutput, lens_class, vocabulary_hash
 from embedlens.models.base import ModelAdapter, PreparedBatch, VisualSpan, resolve_layer
 from embedlens.result import MultiLayerProbe, ProbeResult, Provenance, config_hash, with_layer
+from embedlens.views import views_from_spans
 
 #: The prompt used when none is given.
 DEFAULT_PROMPT = "Describe the image."
@@ -192,7 +193,8 @@ class ModelContext:
             vocab_limit: Return only ids below this (a base vocabulary; default: :attr:`vocab_limit`).
 
         Returns:
-            One :class:`~embedlens.result.ProbeResult` per sample, each holding ``rows * cols`` tokens;
+            One :class:`~embedlens.result.ProbeResult` per sample, each holding the ``rows * cols`` grid
+            tokens of every view of its image;
             with ``layers``, one :class:`~embedlens.result.MultiLayerProbe` per sample.
         """
         if layers is not None:
@@ -270,12 +272,17 @@ class ModelContext:
         asked = prompt_texts(len(images), prompts, raw_prompts)
         batch = self.prepare(images, prompts, raw_prompts=raw_prompts)
         captured = run_captured(self.adapter, batch.inputs, resolved)
-        spans = [sample_spans[0] for sample_spans in batch.spans]
+        # Every view of the sample's image: its grid tokens in sequence order, view after view.
+        spans = batch.spans
+        positions = [
+            torch.cat([span.positions for span in sample_spans]) if sample_spans else torch.zeros(0, dtype=torch.long)
+            for sample_spans in spans
+        ]
         # Copy out the visual rows of each layer and let the full [B, T, d] state go at once.
         visual: dict[int, list[torch.Tensor]] = {}
         for layer in resolved:
             hidden = captured.hidden.pop(layer)
-            visual[layer] = [hidden[i, span.positions.to(hidden.device)] for i, span in enumerate(spans)]
+            visual[layer] = [hidden[i, where.to(hidden.device)] for i, where in enumerate(positions)]
             del hidden
         provenance = Provenance(
             model=self.adapter.source,
@@ -300,8 +307,8 @@ class ModelContext:
                 # One search for every token of the batch: one shortlist matmul instead of one per image.
                 everything = lens.top_k(torch.cat(per_sample), top_k)
                 start = 0
-                for sample, (span, vectors) in enumerate(zip(spans, per_sample, strict=True)):
-                    stop = start + span.num_tokens
+                for sample, (sample_spans, vectors) in enumerate(zip(spans, per_sample, strict=True)):
+                    stop = start + int(vectors.shape[0])
                     found = LensOutput(
                         everything.ids[start:stop], everything.scores[start:stop], everything.tokens[start:stop]
                     )
@@ -311,7 +318,7 @@ class ModelContext:
                             images[sample],
                             asked[sample],
                             batch,
-                            span,
+                            sample_spans,
                             vectors,
                             found,
                             with_layer(provenance, layer, lens.name),
@@ -325,26 +332,32 @@ class ModelContext:
         image: ImageLike,
         prompt: str,
         batch: PreparedBatch,
-        span: VisualSpan,
+        spans: Sequence[VisualSpan],
         vectors: torch.Tensor,
         found: LensOutput,
         provenance: Provenance,
     ) -> ProbeResult:
-        """One sample's :class:`ProbeResult` from its visual vectors ``[n, d]`` and their top-k."""
-        rows, cols = span.rows_cols()
+        """One sample's :class:`ProbeResult` from its spans (one per view, in sequence order), the grid
+        tokens' visual vectors ``[n, d]`` (views laid end to end) and their top-k."""
+        if not spans:
+            raise InputError(f"sample {image_label(image)!r} has no visual tokens to probe")
+        cells = [span.rows_cols() for span in spans]
+        pictures = tuple(batch.views[s.picture] if 0 <= s.picture < len(batch.views) else None for s in spans)
         return ProbeResult(
             image=image_label(image),
             prompt=prompt,
-            text=batch.texts[span.sample],
-            grid=span.grid,
-            index=np.arange(span.num_tokens, dtype=np.int64),
-            row=rows.numpy(),
-            col=cols.numpy(),
-            position=span.positions.numpy().astype(np.int64),
+            text=batch.texts[spans[0].sample],
+            grid=spans[0].grid,
+            index=np.concatenate([np.arange(span.num_tokens, dtype=np.int64) for span in spans]),
+            row=torch.cat([rows for rows, _ in cells]).numpy(),
+            col=torch.cat([cols for _, cols in cells]).numpy(),
+            position=torch.cat([span.positions for span in spans]).numpy().astype(np.int64),
             norm=vectors.float().norm(dim=-1).cpu().numpy(),
             top_ids=found.ids.cpu().numpy(),
             top_tokens=found.tokens,
             top_sims=found.scores.cpu().numpy(),
             provenance=provenance,
-            view=batch.views[span.picture] if 0 <= span.picture < len(batch.views) else None,
+            view=pictures[0],
+            views=views_from_spans(spans),
+            pictures=pictures,
         )

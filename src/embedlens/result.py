@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import collections
-import datetime as _dt
-import hashlib
-import json
-import platform
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -15,150 +11,76 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from embedlens._version import __version__
 from embedlens.errors import InputError
-from embedlens.files import atomic_path, atomic_write_text
+from embedlens.saved import (
+    RESULT_JSON,
+    TOKENS_PARQUET,
+    VOLATILE_CONFIG_KEYS,
+    Provenance,
+    SavedResult,
+    config_hash,
+    read_result_json,
+    write_result_files,
+)
+from embedlens.views import (
+    VIEW_PNG,
+    ViewInfo,
+    check_views,
+    is_plain,
+    read_pictures,
+    save_pictures,
+    single_view,
+    view_indices,
+    views_from_json,
+)
 
-RESULT_JSON = "result.json"
-TOKENS_PARQUET = "tokens.parquet"
-#: The picture the model saw, saved beside a multi-layer result (for the HTML report).
-VIEW_PNG = "view.png"
+__all__ = [
+    "MULTI_LAYER_FORMAT",
+    "RESULT_JSON",
+    "TOKENS_PARQUET",
+    "VIEW_PNG",
+    "VOLATILE_CONFIG_KEYS",
+    "MultiLayerProbe",
+    "ProbeResult",
+    "Provenance",
+    "SavedResult",
+    "ViewInfo",
+    "config_hash",
+    "read_result_json",
+    "with_layer",
+    "write_result_files",
+]
+
 #: ``format`` of a multi-layer result's ``result.json``.
 MULTI_LAYER_FORMAT = "embedlens-probe-layers"
-
-
-#: Config keys that say where or when a config was read, not what the model is; left out of its hash.
-VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "_commit_hash")
-
-
-def _without_volatile(value: Any) -> Any:
-    """``value`` with :data:`VOLATILE_CONFIG_KEYS` removed at every depth (nested sub-configs carry them too)."""
-    if isinstance(value, dict):
-        return {k: _without_volatile(v) for k, v in value.items() if k not in VOLATILE_CONFIG_KEYS}
-    if isinstance(value, list):
-        return [_without_volatile(v) for v in value]
-    return value
-
-
-def config_hash(config: Any) -> str:
-    """SHA-256 of a ``transformers`` config's canonical JSON (its identity for provenance).
-
-    Where the config was read from (``_name_or_path``, also inside ``text_config`` / ``vision_config``),
-    its hub commit and the ``transformers`` version are left out, so one model hashes the same wherever it
-    is cached.
-    """
-    text = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else str(config)
-    data = _without_volatile(json.loads(text))
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-def write_result_files(directory: str | Path, frame: pd.DataFrame, data: dict[str, Any]) -> dict[str, Path]:
-    """Write a result's token table (``tokens.parquet``) and JSON (``result.json``), each atomically."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = {"parquet": directory / TOKENS_PARQUET, "json": directory / RESULT_JSON}
-    with atomic_path(paths["parquet"]) as tmp:
-        frame.to_parquet(tmp, index=False)
-    atomic_write_text(paths["json"], json.dumps(data, ensure_ascii=False, indent=1))
-    return paths
-
-
-def read_result_json(directory: str | Path) -> dict[str, Any]:
-    """The ``result.json`` object of a saved result directory."""
-    return json.loads((Path(directory) / RESULT_JSON).read_text(encoding="utf-8"))
-
-
-class SavedResult:
-    """What the one-image results that print as their summary share (:class:`ProbeResult` and
-    :class:`~embedlens.taxonomy.result.ClassifiedResult`): ``str()``, JSON text and saving as
-    ``tokens.parquet`` + ``result.json``. Subclasses give :meth:`summary`, :meth:`to_pandas` and
-    :meth:`to_dict`."""
-
-    def summary(self) -> str:
-        """A person's view of the result."""
-        raise NotImplementedError
-
-    def to_pandas(self) -> pd.DataFrame:
-        """One row per visual token."""
-        raise NotImplementedError
-
-    def to_dict(self, provenance: bool = True) -> dict[str, Any]:
-        """The JSON object of ``result.json``."""
-        raise NotImplementedError
-
-    def to_json(self, **kwargs: Any) -> str:
-        """JSON text of :meth:`to_dict`."""
-        return json.dumps(self.to_dict(**kwargs), ensure_ascii=False)
-
-    def __str__(self) -> str:
-        return self.summary()
-
-    def save(self, directory: str | Path) -> dict[str, Path]:
-        """Write :meth:`to_pandas` as ``tokens.parquet`` and :meth:`to_dict` as ``result.json`` into
-        ``directory``, each atomically."""
-        return write_result_files(directory, self.to_pandas(), self.to_dict())
-
-
-@dataclass(frozen=True)
-class Provenance:
-    """Where a result came from, so it can be trusted and reproduced.
-
-    Attributes:
-        model: Model name as given (built-in name, path or hub id).
-        revision: Hub commit of the checkpoint when known, else None.
-        config_hash: SHA-256 of the model config (see :func:`config_hash`).
-        vocab_hash: SHA-256 of the tokenizer vocabulary.
-        layer: Layer read (0 = projector output / decoder input).
-        lens: ``"embedding"`` or ``"logit"``.
-        k: Number of tokens kept per visual token.
-        exclude: Token kinds excluded from the lens.
-        dtype: The model's dtype.
-        embedlens_version, transformers_version, torch_version, python_version: Software versions.
-        created: UTC time of the run (ISO 8601).
-        profile: The profile the model was fed and read with (see :mod:`embedlens.profiles`).
-        vocab_limit: The lens returned only ids below this (a base vocabulary), or None.
-        rows_left_out: Embedding-table rows the lens never returned (past the tokenizer or the limit).
-    """
-
-    model: str
-    revision: str | None
-    config_hash: str
-    vocab_hash: str
-    layer: int
-    lens: str
-    k: int
-    exclude: tuple[str, ...]
-    dtype: str
-    embedlens_version: str = __version__
-    transformers_version: str = ""
-    torch_version: str = ""
-    python_version: str = field(default_factory=platform.python_version)
-    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    profile: str = "default"
-    vocab_limit: int | None = None
-    rows_left_out: int = 0
 
 
 @dataclass
 class ProbeResult(SavedResult):
     """What the lens shows for every visual token of one image.
 
-    Token arrays are in grid order (row-major); ``n = rows * cols``.
+    Token arrays cover the grid tokens of every view of the image (see :mod:`embedlens.views`), view
+    after view in sequence order, each view's tokens in its grid order (row-major); ``n`` is the sum of
+    the views' ``rows * cols``. With one view (LLaVA-1.5, Qwen, Gemma) that is simply the grid.
 
     Attributes:
         image: The image's path, or a label for in-memory images.
         prompt: The user's question (or the raw prompt).
         text: The model's full text after templating.
-        grid: ``(rows, cols)`` of the patch grid.
-        index: Token index within the grid, shape ``[n]``.
-        row, col: Grid coordinates, shape ``[n]`` each.
+        grid: ``(rows, cols)`` of the first view's patch grid (the grid, for a single-view result).
+        index: Token index within its view's grid, shape ``[n]``.
+        row, col: Grid coordinates within the token's view, shape ``[n]`` each.
         position: Sequence position in the model input, shape ``[n]``.
         norm: L2 norm of each token's vector at the probed layer (float32 math), shape ``[n]``.
         top_ids: Vocabulary ids, shape ``[n, k]``, best first.
         top_tokens: Vocabulary pieces, ``n`` lists of ``k`` strings.
         top_sims: Cosine similarities (embedding lens) or logits (logit lens), shape ``[n, k]``.
         provenance: See :class:`Provenance`.
-        view: The picture the model saw (after resize / crop), for drawing; not saved.
+        view: The picture the model saw of the first view (after resize / crop), for drawing; not saved.
+        views: Where each view's tokens sit in the arrays, its grid, extra tokens and markers (default:
+            one ``"full"`` view on ``grid`` holding every token).
+        pictures: The pictures of the views, when known (see :meth:`picture`; ``view``, not ``pictures[0]``,
+            is the first view's); not saved.
     """
 
     image: str
@@ -175,6 +97,14 @@ class ProbeResult(SavedResult):
     top_sims: np.ndarray
     provenance: Provenance
     view: Image.Image | None = field(default=None, repr=False, compare=False)
+    views: tuple[ViewInfo, ...] = ()
+    pictures: tuple[Image.Image | None, ...] = field(default=(), repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.views = check_views(self.views, len(self)) if self.views else single_view(self.grid, len(self))
+        if tuple(int(v) for v in self.grid) != self.views[0].grid:
+            raise InputError(f"the result's grid {self.grid} is not its first view's grid {self.views[0].grid}")
+        self.pictures = tuple(self.pictures)
 
     @property
     def layer(self) -> int:
@@ -186,12 +116,39 @@ class ProbeResult(SavedResult):
         """Lens used."""
         return self.provenance.lens
 
+    @property
+    def view_index(self) -> np.ndarray:
+        """Each token's view (index into :attr:`views`), int64 array of shape ``[n]``."""
+        return view_indices(self.views)
+
+    def picture(self, view: int) -> Image.Image | None:
+        """The picture of view ``view`` (``view`` for the first one), or None when unknown."""
+        if view == 0:
+            return self.view
+        return self.pictures[view] if view < len(self.pictures) else None
+
+    def part(self, view: int) -> ProbeResult:
+        """The tokens of view ``view`` alone, as a single-view result on that view's grid with its picture."""
+        info = self.views[view]
+        s = slice(info.start, info.stop)
+        return replace(
+            self,
+            grid=info.grid,
+            **{name: getattr(self, name)[s] for name in ("index", "row", "col", "position", "norm", "top_ids")},
+            top_tokens=self.top_tokens[s],
+            top_sims=self.top_sims[s],
+            view=self.picture(view),
+            views=(replace(info, start=0),),
+            pictures=(),
+        )
+
     def __len__(self) -> int:
         return int(self.index.shape[0])
 
     def to_pandas(self) -> pd.DataFrame:
-        """One row per visual token: index, row, col, position, norm, top_ids, top_tokens, top_sims."""
-        return pd.DataFrame(
+        """One row per visual token: index, (view, with several views,) row, col, position, norm, top_ids,
+        top_tokens, top_sims."""
+        frame = pd.DataFrame(
             {
                 "index": self.index,
                 "row": self.row,
@@ -203,31 +160,38 @@ class ProbeResult(SavedResult):
                 "top_sims": list(self.top_sims),
             }
         )
+        if len(self.views) > 1:
+            frame.insert(1, "view", self.view_index)
+        return frame
 
     def token_dicts(self) -> list[dict[str, Any]]:
-        """Tokens as plain JSON-ready dicts, in grid order."""
-        return [
-            {
-                "index": int(self.index[i]),
-                "row": int(self.row[i]),
-                "col": int(self.col[i]),
-                "position": int(self.position[i]),
-                "norm": float(self.norm[i]),
-                "top_ids": [int(x) for x in self.top_ids[i]],
-                "top_tokens": list(self.top_tokens[i]),
-                "top_sims": [float(x) for x in self.top_sims[i]],
-            }
-            for i in range(len(self))
-        ]
+        """Tokens as plain JSON-ready dicts, in array order (``"view"`` only with several views)."""
+        views = self.view_index.tolist() if len(self.views) > 1 else None
+        out = []
+        for i in range(len(self)):
+            token: dict[str, Any] = {"index": int(self.index[i])}
+            if views is not None:
+                token["view"] = views[i]
+            token |= {"row": int(self.row[i]), "col": int(self.col[i]), "position": int(self.position[i])}
+            token |= {"norm": float(self.norm[i]), "top_ids": [int(x) for x in self.top_ids[i]]}
+            token |= {"top_tokens": list(self.top_tokens[i]), "top_sims": [float(x) for x in self.top_sims[i]]}
+            out.append(token)
+        return out
+
+    def views_dict(self) -> dict[str, Any]:
+        """``{"views": [...]}`` (see :meth:`ViewInfo.to_dict`) unless the result is one plain ``"full"`` view."""
+        return {} if is_plain(self.views, len(self)) else {"views": [v.to_dict() for v in self.views]}
 
     def to_dict(self, provenance: bool = True) -> dict[str, Any]:
-        """The command line's JSON object (plus ``prompt``, ``text`` and ``provenance`` when asked)."""
+        """The command line's JSON object (plus ``prompt``, ``text`` and ``provenance`` when asked; plus
+        ``views`` when there are several views, extra tokens or markers)."""
         out: dict[str, Any] = {
             "model": self.provenance.model,
             "image": self.image,
             "layer": self.layer,
             "lens": self.lens,
             "grid": [int(self.grid[0]), int(self.grid[1])],
+            **self.views_dict(),
             "tokens": self.token_dicts(),
         }
         if provenance:
@@ -236,20 +200,28 @@ class ProbeResult(SavedResult):
             out["provenance"] = asdict(self.provenance)
         return out
 
+    def grid_line(self) -> str:
+        """``"4 x 4 = 16 visual tokens"``, or with several views ``"2 views: a 2 x 4, b 2 x 4 = 16 visual tokens"``."""
+        if len(self.views) == 1:
+            return f"{self.grid[0]} x {self.grid[1]} = {len(self)} visual tokens"
+        shown = ", ".join(f"{v.name} {v.grid[0]} x {v.grid[1]}" for v in self.views)
+        return f"{len(self.views)} views: {shown} = {len(self)} visual tokens"
+
     def summary(self) -> str:
         """A person's view (what ``embedlens probe`` prints): model, image, prompt, lens, grid, norms,
         the most common top-1 tokens and the first 8 tokens with their neighbours. No final newline."""
-        rows, cols = self.grid
         norms = self.norm
         lines = [
             f"model   {self.provenance.model}",
             f"image   {self.image}",
             f"prompt  {self.prompt!r}",
             f"lens    {self.lens} lens at layer {self.layer}, top-{self.provenance.k}",
-            f"grid    {rows} x {cols} = {len(self)} visual tokens at positions "
-            f"{int(self.position.min())}..{int(self.position.max())}",
+            f"grid    {self.grid_line()} at positions {int(self.position.min())}..{int(self.position.max())}",
             f"norm    min {norms.min():.3g}  median {float(sorted(norms)[len(norms) // 2]):.3g}  max {norms.max():.3g}",
         ]
+        extra = [p for v in self.views for p in v.extra_positions]
+        if extra:
+            lines.append(f"extra   {len(extra)} visual tokens that are not grid cells (not probed) at {extra[:8]}")
         top1 = collections.Counter(
             (int(ids[0]), toks[0]) for ids, toks in zip(self.top_ids, self.top_tokens, strict=True)
         )
@@ -261,34 +233,53 @@ class ProbeResult(SavedResult):
         for (token_id, piece), count in top1.most_common(12):
             lines.append(f"  {token_id:>7}  {piece!r:<16} {count:>7}  {count / len(self):>6.1%}")
         show = min(8, len(self))
-        lines += ["", f"first {show} visual tokens (row, col): top-{self.provenance.k} tokens with scores"]
+        several = len(self.views) > 1
+        where = "(view row, col)" if several else "(row, col)"
+        lines += ["", f"first {show} visual tokens {where}: top-{self.provenance.k} tokens with scores"]
         for i in range(show):
             pairs = ", ".join(f"{t!r} {s:.3f}" for t, s in zip(self.top_tokens[i], self.top_sims[i], strict=True))
-            lines.append(f"  ({self.row[i]:>2}, {self.col[i]:>2})  {pairs}")
+            name = f"{self.views[int(self.view_index[i])].name} " if several else ""
+            lines.append(f"  {name}({self.row[i]:>2}, {self.col[i]:>2})  {pairs}")
         return "\n".join(lines)
 
     @classmethod
     def load(cls, directory: str | Path) -> ProbeResult:
-        """Read a result written by :meth:`save` (from its JSON)."""
+        """Read a result written by :meth:`save` (from its JSON; files without views load as one view)."""
         data = read_result_json(directory)
         tokens = data["tokens"]
         prov = dict(data["provenance"])
         prov["exclude"] = tuple(prov.get("exclude", ()))
-        return cls(
-            image=data["image"],
-            prompt=data.get("prompt", ""),
-            text=data.get("text", ""),
-            grid=(int(data["grid"][0]), int(data["grid"][1])),
-            index=np.array([t["index"] for t in tokens], dtype=np.int64),
-            row=np.array([t["row"] for t in tokens], dtype=np.int64),
-            col=np.array([t["col"] for t in tokens], dtype=np.int64),
-            position=np.array([t["position"] for t in tokens], dtype=np.int64),
-            norm=np.array([t["norm"] for t in tokens], dtype=np.float32),
-            top_ids=np.array([t["top_ids"] for t in tokens], dtype=np.int64),
-            top_tokens=[list(t["top_tokens"]) for t in tokens],
-            top_sims=np.array([t["top_sims"] for t in tokens], dtype=np.float64),
-            provenance=Provenance(**prov),
-        )
+        columns = {name: [t[name] for t in tokens] for name in ("index", "row", "col", "position", "norm")}
+        columns |= {name: [t[name] for t in tokens] for name in ("top_ids", "top_tokens", "top_sims")}
+        return _from_columns(data, columns, Provenance(**prov), views_from_json(data, len(tokens)), ())
+
+
+def _from_columns(
+    data: dict[str, Any],
+    columns: Any,
+    provenance: Provenance,
+    views: tuple[ViewInfo, ...],
+    pictures: tuple[Image.Image | None, ...],
+) -> ProbeResult:
+    """A :class:`ProbeResult` from a saved JSON header and its token columns (lists or a frame)."""
+    return ProbeResult(
+        image=data["image"],
+        prompt=data.get("prompt", ""),
+        text=data.get("text", ""),
+        grid=views[0].grid,
+        index=np.asarray(columns["index"], dtype=np.int64),
+        row=np.asarray(columns["row"], dtype=np.int64),
+        col=np.asarray(columns["col"], dtype=np.int64),
+        position=np.asarray(columns["position"], dtype=np.int64),
+        norm=np.asarray(columns["norm"], dtype=np.float32),
+        top_ids=np.stack([np.asarray(x) for x in columns["top_ids"]]).astype(np.int64),
+        top_tokens=[list(t) for t in columns["top_tokens"]],
+        top_sims=np.stack([np.asarray(x) for x in columns["top_sims"]]).astype(np.float64),
+        provenance=provenance,
+        view=pictures[0] if pictures else None,
+        views=views,
+        pictures=pictures,
+    )
 
 
 @dataclass
@@ -297,7 +288,7 @@ class MultiLayerProbe:
 
     Attributes:
         results: One :class:`ProbeResult` per (lens, layer), lens-major with layers ascending; all of the
-            same image, prompt and grid, each with ``n = rows * cols`` tokens in grid order.
+            same image, prompt and views, each with the same ``n`` tokens in the same order.
     """
 
     results: list[ProbeResult]
@@ -307,7 +298,7 @@ class MultiLayerProbe:
             raise InputError("a multi-layer probe needs at least one result")
         first = self.results[0]
         for other in self.results[1:]:
-            if (other.image, other.grid, len(other)) != (first.image, first.grid, len(first)):
+            if (other.image, other.views, len(other)) != (first.image, first.views, len(first)):
                 raise InputError("the results of a multi-layer probe must show the same image and grid")
         keys = [(r.lens, r.layer) for r in self.results]
         if len(set(keys)) != len(keys):
@@ -330,13 +321,26 @@ class MultiLayerProbe:
 
     @property
     def grid(self) -> tuple[int, int]:
-        """``(rows, cols)`` of the patch grid."""
+        """``(rows, cols)`` of the first view's patch grid."""
         return self.results[0].grid
 
     @property
+    def views(self) -> tuple[ViewInfo, ...]:
+        """The views of the image (see :class:`ProbeResult`)."""
+        return self.results[0].views
+
+    @property
     def view(self) -> Image.Image | None:
-        """The picture the model saw, if known."""
+        """The picture the model saw (of the first view), if known."""
         return self.results[0].view
+
+    def picture(self, view: int) -> Image.Image | None:
+        """The picture of view ``view``, if known."""
+        return self.results[0].picture(view)
+
+    def part(self, view: int) -> MultiLayerProbe:
+        """View ``view``'s tokens alone at every layer and lens (see :meth:`ProbeResult.part`)."""
+        return MultiLayerProbe([result.part(view) for result in self.results])
 
     def __len__(self) -> int:
         """Number of visual tokens (per layer and lens)."""
@@ -374,6 +378,7 @@ class MultiLayerProbe:
             "prompt": first.prompt,
             "text": first.text,
             "grid": [int(first.grid[0]), int(first.grid[1])],
+            **first.views_dict(),
             "tokens": len(first),
             "layers": list(self.layers),
             "lenses": list(self.lenses),
@@ -381,13 +386,12 @@ class MultiLayerProbe:
         }
 
     def save(self, directory: str | Path) -> dict[str, Path]:
-        """Write ``tokens.parquet`` (``lens`` and ``layer`` columns), ``result.json`` and, when the picture
-        the model saw is known, ``view.png`` into ``directory``, each atomically."""
+        """Write ``tokens.parquet`` (``lens`` and ``layer`` columns), ``result.json`` and, when known, the
+        picture of each view (``view.png`` for the first, ``view-<i>.png`` for the others) into
+        ``directory``, each atomically."""
         paths = write_result_files(directory, self.to_pandas(), self.to_dict())
-        if self.view is not None:
-            paths["view"] = Path(directory) / VIEW_PNG
-            with atomic_path(paths["view"]) as tmp:
-                self.view.save(tmp, format="PNG")
+        saved = save_pictures([self.picture(v) for v in range(len(self.views))], directory)
+        paths |= {("view" if path.name == VIEW_PNG else path.stem): path for path in saved}
         return paths
 
     @classmethod
@@ -395,45 +399,22 @@ class MultiLayerProbe:
         """Read a result written by :meth:`save`, or a single-layer :class:`ProbeResult` directory."""
         directory = Path(directory)
         data = read_result_json(directory)
-        view = _read_view(directory / VIEW_PNG)
         if data.get("format") != MULTI_LAYER_FORMAT:
             single = ProbeResult.load(directory)
-            single.view = view
-            return cls([single])
+            pictures = read_pictures(directory, len(single.views))
+            return cls([replace(single, view=pictures[0], pictures=pictures)])
         frame = pd.read_parquet(directory / TOKENS_PARQUET)
+        views = views_from_json(data, int(data["tokens"]))
+        pictures = read_pictures(directory, len(views))
         base = dict(data["provenance"])
         base["exclude"] = tuple(base.get("exclude", ()))
         results = []
         for lens in data["lenses"]:
             for layer in data["layers"]:
                 part = frame[(frame["lens"] == lens) & (frame["layer"] == layer)]
-                results.append(
-                    ProbeResult(
-                        image=data["image"],
-                        prompt=data.get("prompt", ""),
-                        text=data.get("text", ""),
-                        grid=(int(data["grid"][0]), int(data["grid"][1])),
-                        index=part["index"].to_numpy(np.int64),
-                        row=part["row"].to_numpy(np.int64),
-                        col=part["col"].to_numpy(np.int64),
-                        position=part["position"].to_numpy(np.int64),
-                        norm=part["norm"].to_numpy(np.float32),
-                        top_ids=np.stack(part["top_ids"].to_list()).astype(np.int64),
-                        top_tokens=[list(t) for t in part["top_tokens"]],
-                        top_sims=np.stack(part["top_sims"].to_list()).astype(np.float64),
-                        provenance=Provenance(**{**base, "layer": int(layer), "lens": lens}),
-                        view=view,
-                    )
-                )
+                provenance = Provenance(**{**base, "layer": int(layer), "lens": lens})
+                results.append(_from_columns(data, part, provenance, views, pictures))
         return cls(results)
-
-
-def _read_view(path: Path) -> Image.Image | None:
-    """The saved picture the model saw, or None when there is none."""
-    if not path.is_file():
-        return None
-    with Image.open(path) as opened:
-        return opened.convert("RGB")
 
 
 def with_layer(provenance: Provenance, layer: int, lens: str) -> Provenance:

@@ -115,19 +115,19 @@ def _save_probe(result: Any, out: Path, *, multi: bool, report: bool) -> list[Pa
     if not multi:
         written.append(save_top1_grid(result, out / "top1.png"))
     if report:
-        written += [*([] if multi else _view(result.view, out)), write_run_report(out)]
+        written += [*([] if multi else _view(result, out)), write_run_report(out)]
     return written
 
 
-def _view(view: Any, out: Path) -> list[Path]:
-    """``out/view.png``, the picture the model saw (the report draws its grid on it), when there is one.
+def _view(result: Any, out: Path) -> list[Path]:
+    """``out/view.png``, the picture the model saw (the report draws its grid on it), when there is one;
+    with several views also ``out/view-<i>.png`` for the others (see :mod:`embedlens.views`).
 
     Written only with ``--report``, so a plain run's files stay as documented; without it the report
     draws on the source image cropped to the grid's shape."""
-    from embedlens.report import save_view
+    from embedlens.views import save_pictures
 
-    saved = save_view(view, out)
-    return [] if saved is None else [saved]
+    return save_pictures([result.picture(v) for v in range(len(result.views))], out)
 
 
 def _probe_json(result: Any, multi: bool) -> str:
@@ -170,7 +170,7 @@ def classify(
 
         written = [*result.save(out).values(), save_group_map(result, out / "groups.png")]
         if report:
-            written += [*_view(result.probe.view, out), write_run_report(out)]
+            written += [*_view(result.probe, out), write_run_report(out)]
     if as_json:
         sys.stdout.write(result.to_json(provenance=False) + "\n")
         return

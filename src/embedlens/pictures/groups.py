@@ -3,7 +3,8 @@
 Drawn with PIL over the picture the model saw (or a grey canvas): vit_sink, llm_sink and dead cells are
 blended with their group's colour (:data:`embedlens.taxonomy.groups.COLOURS`, Okabe-Ito: vermillion,
 blue, bluish green), alive cells are left as they are, thin white lines mark the cells, and a legend
-strip below gives each group's swatch and token count.
+strip below gives each group's swatch and token count. A result with several views gets one grid panel
+per view, each on that view's picture, side by side above one legend (:mod:`embedlens.pictures.panels`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from embedlens.errors import InputError
 from embedlens.pictures.colour import RGB
+from embedlens.pictures.panels import Pictures, join_panels, joined_size, picture_for
 from embedlens.pictures.save import save_png
 from embedlens.taxonomy.groups import ALL_GROUPS, COLOURS, GROUPS
 
@@ -68,18 +70,29 @@ def legend_entries(result: ClassifiedResult) -> list[LegendEntry]:
 
 
 def map_cell(result: ClassifiedResult, image: Image.Image | None = None) -> int:
-    """Side in pixels of one patch cell of :func:`draw_group_map`: ``max(32, width // cols)`` of the
+    """Side in pixels of one patch cell of :func:`draw_group_map` (of a single-view result, or of one
+    view's :meth:`~embedlens.taxonomy.result.ClassifiedResult.part`): ``max(32, width // cols)`` of the
     picture drawn on (32 on the grey canvas)."""
     base = _map_base(result, image)
     cols = result.probe.grid[1]
     return MIN_MAP_CELL if base is None else max(MIN_MAP_CELL, base.width // cols)
 
 
-def map_size(result: ClassifiedResult, image: Image.Image | None = None) -> tuple[int, int]:
+def map_size(result: ClassifiedResult, image: Pictures = None) -> tuple[int, int]:
     """``(width, height)`` of :func:`draw_group_map`'s picture: the grid is ``cols * cell`` by
-    ``rows * cell`` pixels (:func:`map_cell`), the width at least 140, plus the legend strip below."""
+    ``rows * cell`` pixels (:func:`map_cell`), the width at least 140, plus the legend strip below.
+    With several views, the grids' panels side by side (:func:`~embedlens.pictures.panels.joined_size`)
+    take the grid's place."""
+    if len(result.probe.views) > 1:
+        sizes = []
+        for v in range(len(result.probe.views)):
+            part = result.part(v)
+            cell = map_cell(part, picture_for(image, v))
+            sizes.append((part.probe.grid[1] * cell, part.probe.grid[0] * cell))
+        width, height = joined_size(sizes)
+        return max(width, MIN_MAP_WIDTH), height + legend_height()
     rows, cols = result.probe.grid
-    cell = map_cell(result, image)
+    cell = map_cell(result, picture_for(image, 0))
     return max(cols * cell, MIN_MAP_WIDTH), rows * cell + legend_height()
 
 
@@ -88,14 +101,15 @@ def legend_height() -> int:
     return 2 * LEGEND_PAD + len(ALL_GROUPS) * LEGEND_LINE
 
 
-def draw_group_map(result: ClassifiedResult, image: Image.Image | None = None, *, alpha: float = 0.45) -> Image.Image:
+def draw_group_map(result: ClassifiedResult, image: Pictures = None, *, alpha: float = 0.45) -> Image.Image:
     """Tint every visual token's patch cell in its group's colour over the model's view of the image.
 
     Args:
         result: A classification (its probe's ``grid``, ``row`` and ``col`` place the tokens).
         image: The picture to draw on, resized (bicubic) to the grid's ``cols * cell`` by
             ``rows * cell`` pixels; None uses the picture the model saw (the probe's ``view``) when the
-            result carries it, else a grey canvas (:data:`CANVAS_GREY`).
+            result carries it, else a grey canvas (:data:`CANVAS_GREY`). With several views, one
+            picture per view (or one for all); each view is drawn on its own picture.
         alpha: Opacity of the tint: a pixel of a vit_sink, llm_sink or dead cell becomes
             ``round((1 - alpha) * pixel + alpha * colour)`` (see :func:`embedlens.pictures.colour.blend`);
             alive cells are unchanged.
@@ -103,31 +117,55 @@ def draw_group_map(result: ClassifiedResult, image: Image.Image | None = None, *
     Returns:
         An RGB picture of :func:`map_size`: the grid at the top left, one-pixel :data:`BORDER` lines on
         the cell edges, and a white legend strip below (:func:`legend_entries`: a swatch and
-        ``"<group> <count>"`` per group).
+        ``"<group> <count>"`` per group, counting every view's tokens). With several views, the grid's
+        place holds :func:`group_panels` side by side under the view names.
 
     Raises:
         InputError: ``alpha`` is not a number in ``[0, 1]``, or the result's tokens do not fit its grid.
     """
+    panels = group_panels(result, image, alpha=alpha)
+    grids = panels[0] if len(panels) == 1 else join_panels(list(zip(_names(result), panels, strict=True)))
+    width, height = map_size(result, image)
+    picture = Image.new("RGB", (width, height), (255, 255, 255))
+    picture.paste(grids, (0, 0))
+    _draw_legend(ImageDraw.Draw(picture), legend_entries(result), top=grids.height)
+    return picture
+
+
+def group_panels(result: ClassifiedResult, image: Pictures = None, *, alpha: float = 0.45) -> list[Image.Image]:
+    """One tinted grid per view of ``result`` (without the legend), each on its view's picture (see
+    :func:`draw_group_map`), of ``cols * cell`` by ``rows * cell`` pixels.
+
+    Raises:
+        InputError: ``alpha`` is not a number in ``[0, 1]``, or a view's tokens do not fit its grid.
+    """
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
         raise InputError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    if len(result.probe.views) == 1:
+        return [_view_grid(result, picture_for(image, 0), float(alpha))]
+    return [_view_grid(result.part(v), picture_for(image, v), float(alpha)) for v in range(len(result.probe.views))]
+
+
+def _names(result: ClassifiedResult) -> list[str]:
+    return [view.name for view in result.probe.views]
+
+
+def _view_grid(result: ClassifiedResult, image: Image.Image | None, alpha: float) -> Image.Image:
+    """The tinted grid of a single-view result, with its cell borders."""
     rows, cols = _checked_grid(result)
     cell = map_cell(result, image)
-    width, height = map_size(result, image)
     pixels = _map_pixels(_map_base(result, image), rows * cell, cols * cell)
     for i, group in enumerate(result.group):
         if group in PAINTED:
             r, c = int(result.probe.row[i]), int(result.probe.col[i])
             block = pixels[r * cell : (r + 1) * cell, c * cell : (c + 1) * cell]
             block[...] = (1.0 - alpha) * block + alpha * np.asarray(COLOURS[str(group)], dtype=np.float64)
-    picture = Image.new("RGB", (width, height), (255, 255, 255))
-    picture.paste(Image.fromarray(np.rint(pixels).astype(np.uint8), "RGB"), (0, 0))
-    draw = ImageDraw.Draw(picture)
-    _draw_borders(draw, rows, cols, cell)
-    _draw_legend(draw, legend_entries(result), top=rows * cell)
-    return picture
+    grid = Image.fromarray(np.rint(pixels).astype(np.uint8), "RGB")
+    _draw_borders(ImageDraw.Draw(grid), rows, cols, cell)
+    return grid
 
 
-def save_group_map(result: ClassifiedResult, path: str | Path, image: Image.Image | None = None) -> Path:
+def save_group_map(result: ClassifiedResult, path: str | Path, image: Pictures = None) -> Path:
     """Write :func:`draw_group_map` as a PNG (atomically) and return its path."""
     return save_png(draw_group_map(result, image), path)
 

@@ -2,7 +2,8 @@
 
 Drawn with PIL, over the image: the picture is resized so that every patch cell is at least
 :data:`MIN_CELL` pixels wide, thin white lines mark the cells, and each cell carries its token's top-1
-piece on a dark box.
+piece on a dark box. A result with several views gets one such panel per view, each on that view's
+picture, side by side (:mod:`embedlens.pictures.panels`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from embedlens.pictures.panels import Pictures, join_panels, picture_for
 from embedlens.pictures.save import save_png
 from embedlens.result import ProbeResult
 
@@ -36,19 +38,34 @@ def top1_cell(result: ProbeResult, image: Image.Image | None = None) -> int:
     return max(MIN_CELL, _base(result, image).width // result.grid[1])
 
 
-def draw_top1_grid(result: ProbeResult, image: Image.Image | None = None) -> Image.Image:
+def draw_top1_grid(result: ProbeResult, image: Pictures = None) -> Image.Image:
     """Draw the patch grid over the model's view of the image and write each cell's top-1 token.
 
     Args:
-        result: A probe result (its ``view`` is used unless ``image`` is given).
-        image: The picture to draw on; it is resized (bicubic) to the grid's aspect.
+        result: A probe result (its views' pictures are used unless ``image`` is given).
+        image: The picture to draw on, resized (bicubic) to the grid's aspect; with several views, one
+            picture per view (or one for all of them).
 
     Returns:
-        An RGB picture of ``cols * cell`` by ``rows * cell`` pixels (``cell`` = :func:`top1_cell`).
+        For a single-view result, an RGB picture of ``cols * cell`` by ``rows * cell`` pixels (``cell`` =
+        :func:`top1_cell`); with several views, :func:`top1_panels` joined side by side under the view
+        names (:func:`embedlens.pictures.panels.join_panels`).
 
     Raises:
-        ValueError: Neither ``image`` nor the result's ``view`` is there to draw on.
+        ValueError: A view has neither a given picture nor one of its own to draw on.
     """
+    if len(result.views) > 1:
+        return join_panels([(v.name, panel) for v, panel in zip(result.views, top1_panels(result, image), strict=True)])
+    return _draw_view(result, picture_for(image, 0))
+
+
+def top1_panels(result: ProbeResult, image: Pictures = None) -> list[Image.Image]:
+    """One :func:`draw_top1_grid` panel per view of ``result``, each drawn on its view's picture."""
+    return [_draw_view(result.part(v), picture_for(image, v)) for v in range(len(result.views))]
+
+
+def _draw_view(result: ProbeResult, image: Image.Image | None) -> Image.Image:
+    """The top-1 picture of a single-view result."""
     base = _base(result, image)
     rows, cols = result.grid
     cell = top1_cell(result, image)
@@ -71,7 +88,7 @@ def draw_top1_grid(result: ProbeResult, image: Image.Image | None = None) -> Ima
     return Image.alpha_composite(canvas.convert("RGBA"), overlay).convert("RGB")
 
 
-def save_top1_grid(result: ProbeResult, path: str | Path, image: Image.Image | None = None) -> Path:
+def save_top1_grid(result: ProbeResult, path: str | Path, image: Pictures = None) -> Path:
     """Write :func:`draw_top1_grid` as a PNG (atomically) and return its path."""
     return save_png(draw_top1_grid(result, image), path)
 

@@ -92,6 +92,8 @@ def image_uri(image: Image.Image) -> str:
 
 def _grid_order(result: ProbeResult) -> np.ndarray:
     """Permutation that puts ``result``'s tokens in row-major grid order (checks every cell is there once)."""
+    if len(result.views) > 1:
+        raise InputError(f"{result.image}: a panel shows one view; encode each view's part (probe.part(view))")
     rows, cols = result.grid
     flat = np.asarray(result.row, dtype=np.int64) * cols + np.asarray(result.col, dtype=np.int64)
     if len(result) != rows * cols or not np.array_equal(np.sort(flat), np.arange(rows * cols)):
@@ -105,10 +107,11 @@ def encode_probe(
     *,
     groups: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """The page's data for one probed image (without the picture; see :func:`image_uri`).
+    """The page's data for one probed image, or one view of it (without the picture; see :func:`image_uri`).
 
     Args:
-        probe: The image's results, one per (lens, layer).
+        probe: The image's results, one per (lens, layer), of a single view (for an image with several
+            views, one view's :meth:`~embedlens.result.MultiLayerProbe.part`).
         table: The report's token table (extended with this probe's ids).
         groups: Each token's group, in the results' token order, or None.
 

@@ -87,14 +87,16 @@ def _match_key(section: Section) -> tuple[str, str, tuple[int, int]]:
     return (probe.results[0].provenance.model, probe.image, probe.grid)
 
 
-def build_data(sections: Sequence[Section]) -> tuple[dict[str, Any], dict[int, str]]:
-    """The page's JSON data (token table, group colours, probe panels) and each probe section's panel id.
+def build_data(sections: Sequence[Section]) -> tuple[dict[str, Any], dict[int, list[str]]]:
+    """The page's JSON data (token table, group colours, probe panels) and each probe section's panel ids
+    (one panel per view of the image, each on that view's picture and grid, titled with the view's name
+    when there are several).
 
     A probe folder without groups takes them from a classify folder of the same model, image and grid.
     """
     table = TokenTable()
     panels: list[dict[str, Any]] = []
-    ids: dict[int, str] = {}
+    ids: dict[int, list[str]] = {}
     labelled = {_match_key(s): s for s in sections if s.kind == "classify"}
     for index, section in enumerate(sections):
         if section.kind not in ("probe", "classify"):
@@ -104,24 +106,35 @@ def build_data(sections: Sequence[Section]) -> tuple[dict[str, Any], dict[int, s
             other = labelled[_match_key(section)]
             groups = other.data["groups"]
             section.notes.append(f"groups from {other.source} (the layer-0 rule)")
-        panel = encode_probe(section.data["probe"], table, groups=groups)
-        view = section.data["view"]
-        panel.update(
-            id=str(len(panels)),
-            title=section.title,
-            image=image_uri(view) if view is not None else None,
-            imageSize=list(view.size) if view is not None else None,
-        )
-        ids[index] = panel["id"]
-        panels.append(panel)
+        probe = section.data["probe"]
+        pictures = section.data.get("pictures") or [section.data["view"]]
+        ids[index] = []
+        for v, info in enumerate(probe.views):
+            several = len(probe.views) > 1
+            mine = groups[info.start : info.stop] if groups is not None and several else groups
+            panel = encode_probe(probe.part(v) if several else probe, table, groups=mine)
+            view = pictures[v] if v < len(pictures) else None
+            panel.update(
+                id=str(len(panels)),
+                title=f"{section.title} · view {info.name}" if several else section.title,
+                image=image_uri(view) if view is not None else None,
+                imageSize=list(view.size) if view is not None else None,
+            )
+            ids[index].append(panel["id"])
+            panels.append(panel)
     finish_id_type(panels, table)
     return {"version": 1, "tokens": table.to_dict(), "groups": _groups_json(), "panels": panels}, ids
 
 
-def _section_html(index: int, section: Section, panel_id: str | None) -> str:
+def _section_html(index: int, section: Section, panel_ids: list[str] | None) -> str:
     notes = "".join(f'<p class="note">{escape(note)}</p>' for note in section.notes)
-    if panel_id is not None:
-        body = f'<div class="probe" id="panel-{panel_id}"></div>'
+    if panel_ids is not None:
+        names = [view.name for view in section.data["probe"].views] if len(panel_ids) > 1 else []
+        body = "".join(
+            (f'<h3 class="view">view {escape(names[i])}</h3>' if names else "")
+            + f'<div class="probe" id="panel-{panel_id}"></div>'
+            for i, panel_id in enumerate(panel_ids)
+        )
     else:
         body = _RENDERERS[section.kind](section)
     return (

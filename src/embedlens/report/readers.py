@@ -170,8 +170,14 @@ def _crop_to(picture: Image.Image, grid: tuple[int, int]) -> Image.Image:
     return picture.crop((0, top, width, top + new_height))
 
 
+def _views_text(views: Any) -> str:
+    """``"a 2 x 4, b 2 x 4"``: each view's name and grid."""
+    return ", ".join(f"{view.name} {view.grid[0]} x {view.grid[1]}" for view in views)
+
+
 def _probe(directory: Path, data: dict[str, Any]) -> Section:
-    """A probe (single or multi-layer) or classify folder: ``data`` holds ``probe``, ``groups``, ``view``."""
+    """A probe (single or multi-layer) or classify folder: ``data`` holds ``probe``, ``groups``, ``view``
+    (the first view's picture) and ``pictures`` (one per view of the image; None where unknown)."""
     probe = MultiLayerProbe.load(directory)
     groups = None
     kind = "probe"
@@ -184,6 +190,13 @@ def _probe(directory: Path, data: dict[str, Any]) -> Section:
         extra["anchors"] = {name: ids for name, ids in data["rule"]["anchors"].items()}
         extra["counts"] = data.get("counts")
     view, note = find_view(directory, probe.image, probe.grid)
+    notes = [note]
+    pictures = [view, *(probe.picture(v) for v in range(1, len(probe.views)))]
+    missing = [info.name for info, picture in zip(probe.views[1:], pictures[1:], strict=True) if picture is None]
+    if len(probe.views) > 1:
+        notes[0] = f"view {probe.views[0].name}: {note}"
+    if missing:
+        notes.append(f"no saved picture of view(s) {', '.join(missing)}: their grids are drawn on blank")
     prov = data["provenance"]
     provenance = _provenance(
         model=prov.get("model"),
@@ -197,13 +210,15 @@ def _probe(directory: Path, data: dict[str, Any]) -> Section:
         exclude=prov.get("exclude"),
         dtype=prov.get("dtype"),
         **{key: value for key, value in extra.items() if value is not None},
+        **({"views": _views_text(probe.views)} if len(probe.views) > 1 else {}),
         embedlens=prov.get("embedlens_version"),
         transformers=prov.get("transformers_version"),
         torch=prov.get("torch_version"),
         created=prov.get("created"),
     )
     title = f"{'Classify' if kind == 'classify' else 'Probe'}: {Path(probe.image).name}"
-    return Section(kind, title, directory, provenance, {"probe": probe, "groups": groups, "view": view}, [note])
+    data = {"probe": probe, "groups": groups, "view": view, "pictures": pictures}
+    return Section(kind, title, directory, provenance, data, notes)
 
 
 # --------------------------------------------------------------------------- anchors / stats

@@ -81,8 +81,9 @@ def stats_html(section: Section) -> str:
     if heat.get("fractions"):
         grid = heat["grid"]
         parts.append(
-            f"<h4>Per grid cell: share of the {heat['images']} images with a {grid[0]} x {grid[1]} grid whose "
-            "token there is in each group</h4>"
+            f"<h4>Per grid cell: share of the {heat['images']} images with a {grid[0]} x {grid[1]} grid"
+            + (f" in their view {escape(str(heat['view']))}" if heat.get("view") else "")
+            + " whose token there is in each group</h4>"
         )
         maps = [
             cell_heatmap(values, COLOURS[name] if name != "alive" else (90, 90, 90), title=name)

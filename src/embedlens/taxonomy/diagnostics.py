@@ -14,7 +14,7 @@ On request:
   stream at layer ``l`` (how much the LLM changes it; dead tokens stay near 1);
 * ``cross_image_cosine`` (``cross_image=True``, :func:`diagnose` with a list of two or more images): cosine
   between the token's layer-0 vector and the mean layer-0 vector of the tokens of the *same group* at
-  the *same grid cell* in the *other* images of the batch (cross-image consistency: image-independent
+  the *same grid cell* (of the same view) in the *other* images of the batch (cross-image consistency: image-independent
   tokens such as sinks and dead tokens score about 1, alive tokens lower). NaN when no other image of
   the batch has a token of that group at that cell (always, for a single image);
 * ``text_attention`` / ``text_attention_share`` (``attention_layers=[...]``): the attention the token
@@ -106,10 +106,12 @@ def eager_attention(adapter: ModelAdapter) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- attention received
-def _text_queries(input_ids: torch.Tensor, mask: torch.Tensor | None, span: VisualSpan, image_id: int) -> torch.Tensor:
-    """Positions of the text tokens after the image's span (valid, not image tokens), shape ``[q]``."""
+def _text_queries(
+    input_ids: torch.Tensor, mask: torch.Tensor | None, spans: Sequence[VisualSpan], image_id: int
+) -> torch.Tensor:
+    """Positions of the text tokens after the image's spans (every view; valid, not image tokens), ``[q]``."""
     positions = torch.arange(input_ids.shape[0])
-    last = int(torch.cat([span.positions, span.extra_positions]).max())
+    last = int(torch.cat([torch.cat([span.positions, span.extra_positions]) for span in spans]).max())
     keep = (positions > last) & (input_ids.cpu() != image_id)
     if mask is not None:
         keep &= mask.cpu().bool()
@@ -196,11 +198,15 @@ def diagnose(
             :func:`cross_image_cosine`.
 
     Returns:
-        For each image, one row per grid token, indexed by token ``index`` (grid order), with columns ``row``,
-        ``col``, ``group``, ``anchor_id``, ``vision_norm``, ``projected_norm``, ``anchor_cosine`` and, when
-        asked, ``cross_layer_cosine``, ``cross_image_cosine``, ``text_attention``, ``text_attention_share``.
-        ``frame.attrs`` records ``cross_layer``, ``attention_layers`` and ``cross_image``. One frame for one
-        image, a list of frames for a list.
+        For each image, one row per grid token of every view of the image, indexed by token ``index``
+        (grid order), with columns ``row``, ``col``, ``group``, ``anchor_id``, ``vision_norm``,
+        ``projected_norm``, ``anchor_cosine`` and, when asked, ``cross_layer_cosine``,
+        ``cross_image_cosine``, ``text_attention``, ``text_attention_share`` (its share over all views'
+        grid tokens). With several views (see :mod:`embedlens.views`) the index is ``(view, index)``,
+        views in sequence order, and ``frame.attrs["views"]`` names them. Extra visual tokens (CLS,
+        newline slots) are never rows. ``frame.attrs`` records ``cross_layer``, ``attention_layers`` and
+        ``cross_image``, and ``vision_norm`` (why that column is NaN) when the projector does not map
+        vision tokens one to one. One frame for one image, a list of frames for a list.
     """
     given = one_or_many(image, prompt, raw_prompt)
     images, prompts, raw_prompts = given.images, given.prompts, given.raw_prompts
@@ -211,7 +217,10 @@ def diagnose(
     other = adapter.check_layer(cross_layer) if cross_layer is not None else None
     attn = resolve_attention_layers(attention_layers, adapter.num_layers) if attention_layers is not None else []
     batch = session.prepare(images, prompts, raw_prompts=raw_prompts)
-    spans = [sample_spans[0] for sample_spans in batch.spans]
+    spans = batch.spans  # per sample, one span per view of its image
+    if any(not sample_spans for sample_spans in spans):
+        raise InputError("every image must have visual tokens to diagnose")
+    grid_positions = [torch.cat([span.positions for span in sample_spans]) for sample_spans in spans]
 
     layers = {0} | ({other} if other is not None else set()) | ({attn[-1] + 1} if attn else set())
     mask = batch.inputs.get("attention_mask")
@@ -221,7 +230,7 @@ def diagnose(
             _text_queries(input_ids[s], None if mask is None else mask[s], span, adapter.image_token_id)
             for s, span in enumerate(spans)
         ],
-        keys=[span.positions for span in spans],
+        keys=grid_positions,
     )
     with contextlib.ExitStack() as stack:
         if attn:
@@ -233,28 +242,33 @@ def diagnose(
 
     lens = session.lens("embedding")
     table = adapter.input_embeddings.weight
-    firsts = [captured.hidden[0][s, span.positions.to(captured.hidden[0].device)] for s, span in enumerate(spans)]
+    device = captured.hidden[0].device
+    firsts = [captured.hidden[0][s, where.to(device)] for s, where in enumerate(grid_positions)]
     classifications = [classify_ids(lens.top_k(first, k).ids, chosen, top_k=k, precedence=order) for first in firsts]
-    cells = [span.rows_cols() for span in spans]
+    cells = [_cells(sample_spans) for sample_spans in spans]  # per sample: view, index, row, col, each [n]
     across = (
         cross_image_cosine(
-            firsts, [c.group for c in classifications], [r.numpy() for r, _ in cells], [c.numpy() for _, c in cells]
+            firsts,
+            [c.group for c in classifications],
+            [cell[2] for cell in cells],
+            [cell[3] for cell in cells],
+            views=[cell[0] for cell in cells],
         )
         if cross_image
         else None
     )
     frames = []
-    for sample, span in enumerate(spans):
-        positions = span.positions.to(captured.hidden[0].device)
+    for sample, sample_spans in enumerate(spans):
+        positions = grid_positions[sample].to(device)
         first, classification = firsts[sample], classifications[sample]  # first: [n, d]
-        rows, cols = cells[sample]
-        vision = adapter.vision_token_features(captured.vision_features, span)  # [n, d_vision]
+        view, index, rows, cols = cells[sample]
+        vision, why = vision_norms(adapter, captured.vision_features, sample_spans)
         columns: dict[str, Any] = {
-            "row": rows.numpy(),
-            "col": cols.numpy(),
+            "row": rows,
+            "col": cols,
             "group": classification.group,
             "anchor_id": pd.array(classification.anchor_id, dtype="Int64"),
-            "vision_norm": vision.double().norm(dim=-1).cpu().numpy(),
+            "vision_norm": vision,
             "projected_norm": first.double().norm(dim=-1).cpu().numpy(),
             "anchor_cosine": _anchor_cosine(first, table, classification.anchor_id),
         }
@@ -267,8 +281,16 @@ def diagnose(
             values = received.result(sample)
             columns["text_attention"] = values.numpy()
             columns["text_attention_share"] = (values / values.sum()).numpy()
-        frame = pd.DataFrame(columns, index=pd.RangeIndex(span.num_tokens, name="index"))
+        if len(sample_spans) == 1:
+            at = pd.RangeIndex(len(index), name="index")
+        else:
+            at = pd.MultiIndex.from_arrays([view, index], names=["view", "index"])
+        frame = pd.DataFrame(columns, index=at)
         frame.attrs.update({"cross_layer": other, "attention_layers": attn, "cross_image": cross_image})
+        if len(sample_spans) > 1:
+            frame.attrs["views"] = [span.view for span in sample_spans]
+        if why is not None:
+            frame.attrs["vision_norm"] = why
         frames.append(frame)
     return given.unwrap(frames)
 
@@ -278,27 +300,33 @@ def cross_image_cosine(
     groups: Sequence[np.ndarray],
     rows: Sequence[np.ndarray],
     cols: Sequence[np.ndarray],
+    *,
+    views: Sequence[np.ndarray] | None = None,
 ) -> list[np.ndarray]:
     """Cross-image consistency of every token of a batch of images (float64).
 
     A token's score is the cosine between its vector and the mean vector of the tokens with the same
-    group at the same grid cell ``(row, col)`` in the *other* images (each image has one token per cell).
+    group at the same grid cell ``(row, col)`` of the same view in the *other* images (each image has
+    one token per cell of each view).
 
     Args:
         vectors: Per image, its tokens' layer-0 vectors, shape ``[n_i, d]`` (one device for all).
         groups: Per image, its tokens' groups, string array ``[n_i]``.
-        rows, cols: Per image, its tokens' grid coordinates, integer arrays ``[n_i]`` each.
+        rows, cols: Per image, its tokens' grid coordinates within their view, integer arrays ``[n_i]`` each.
+        views: Per image, each token's view (index), integer array ``[n_i]``; None: one view.
 
     Returns:
         Per image, float64 array ``[n_i]``; NaN where no other image has a token of that group at that cell.
     """
     if not vectors:
         return []
-    keys: dict[tuple[int, int, str], int] = {}
+    if views is None:
+        views = [np.zeros(len(image_groups), dtype=np.int64) for image_groups in groups]
+    keys: dict[tuple[int, int, int, str], int] = {}
     slots = [
-        keys.setdefault((int(r), int(c), str(g)), len(keys))
-        for image_groups, image_rows, image_cols in zip(groups, rows, cols, strict=True)
-        for g, r, c in zip(image_groups, image_rows, image_cols, strict=True)
+        keys.setdefault((int(v), int(r), int(c), str(g)), len(keys))
+        for image_groups, image_rows, image_cols, image_views in zip(groups, rows, cols, views, strict=True)
+        for g, r, c, v in zip(image_groups, image_rows, image_cols, image_views, strict=True)
     ]
     flat = torch.cat([v.detach() for v in vectors]).double()  # [N, d]
     slot = torch.tensor(slots, dtype=torch.long, device=flat.device)  # [N]
@@ -307,6 +335,35 @@ def cross_image_cosine(
     others = (sums[slot] - flat) / (counts - 1).clamp_min(1).unsqueeze(1).double()
     scores = torch.where(counts > 1, cosine(flat, others), float("nan")).cpu().numpy()
     return list(np.split(scores, np.cumsum([int(v.shape[0]) for v in vectors])[:-1]))
+
+
+def _cells(spans: Sequence[VisualSpan]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each grid token's view, index within its view, row and column (views laid end to end), ``[n]`` each."""
+    parts = [(span.rows_cols(), span.num_tokens) for span in spans]
+    view = np.concatenate([np.full(count, v, dtype=np.int64) for v, (_, count) in enumerate(parts)])
+    index = np.concatenate([np.arange(count, dtype=np.int64) for _, count in parts])
+    rows = np.concatenate([r.numpy() for (r, _), _ in parts])
+    cols = np.concatenate([c.numpy() for (_, c), _ in parts])
+    return view, index, rows, cols
+
+
+def vision_norms(
+    adapter: ModelAdapter, features: torch.Tensor | None, spans: Sequence[VisualSpan]
+) -> tuple[np.ndarray, str | None]:
+    """The L2 norm of the vision features behind each grid token (the adapter's
+    :meth:`~embedlens.models.base.ModelAdapter.vision_token_features`), ``[n]`` with the views laid end to
+    end, and None; or NaN and the reason when the family cannot say which features stand behind a token.
+    """
+    if features is None:
+        raise EmbedLensError("the projector's input was not captured")
+    out = []
+    for span in spans:
+        try:
+            vectors = adapter.vision_token_features(features, span)  # [rows * cols, d_vision]
+        except EmbedLensError as exc:
+            return np.full(sum(span.num_tokens for span in spans), np.nan), str(exc)
+        out.append(vectors.double().norm(dim=-1).cpu().numpy())
+    return (np.concatenate(out) if out else np.zeros(0)), None
 
 
 def _anchor_cosine(vectors: torch.Tensor, table: torch.Tensor, anchor_ids: list[int | None]) -> np.ndarray:

@@ -17,7 +17,7 @@ import torch
 from embedlens.capture import Captured
 from embedlens.errors import InputError
 from embedlens.models.base import ModelAdapter, VisualSpan
-from embedlens.taxonomy.diagnostics import cosine
+from embedlens.taxonomy.diagnostics import cosine, vision_norms
 
 _TINY = torch.finfo(torch.float64).tiny
 #: Per-token figures, averaged per vocabulary id over its hitting tokens.
@@ -132,9 +132,9 @@ def _sample_figures(
     first = captured.hidden[0][sample, positions]
     at_sink = captured.hidden[sink][sample, positions]
     reference = captured.hidden[sink][sample, first_position].unsqueeze(0).expand_as(at_sink)
-    norms = [adapter.vision_token_features(captured.vision_features, span).double().norm(dim=-1) for span in spans]
+    norms, _ = vision_norms(adapter, captured.vision_features, spans)  # every view; NaN when the family can't say
     figures = {
-        "norm_ratio": torch.cat([_relative(norm) for norm in norms]).to(device),
+        "norm_ratio": _relative(torch.from_numpy(norms)).to(device),
         "bos_cosine": cosine(at_sink, reference),
         "massive_ratio": _relative(_peak_ratio(at_sink)),
         "cross_layer_cosine": cosine(first, captured.hidden[cross][sample, positions]),

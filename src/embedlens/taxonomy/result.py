@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,22 @@ class ClassifiedResult(SavedResult):
 
     @property
     def group(self) -> np.ndarray:
-        """Each token's group, string array of shape ``[n]`` (grid order)."""
+        """Each token's group, string array of shape ``[n]`` (the probe's token order)."""
         return self.classification.group
+
+    def part(self, view: int) -> ClassifiedResult:
+        """View ``view``'s tokens alone, with their labels (see :meth:`ProbeResult.part`)."""
+        info = self.probe.views[view]
+        s = slice(info.start, info.stop)
+        found = self.classification
+        classification = replace(
+            found,
+            group=found.group[s],
+            members=found.members[s],
+            anchor_id=found.anchor_id[s],
+            anchor_rank=found.anchor_rank[s],
+        )
+        return ClassifiedResult(probe=self.probe.part(view), classification=classification, anchors=self.anchors)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -86,7 +100,6 @@ class ClassifiedResult(SavedResult):
         per group, overlaps and a letter map of the grid. With ``tokenizer`` the anchor ids are shown
         with their pieces. No final newline."""
         probe, classification, anchors = self.probe, self.classification, self.anchors
-        rows, cols = probe.grid
         total = len(self)
         size = len(tokenizer) if tokenizer is not None else 0
         described = []
@@ -104,7 +117,7 @@ class ClassifiedResult(SavedResult):
             f"rule     any of the top-{classification.top_k} nearest input-embedding ids (layer {probe.layer}) "
             f"is an anchor; precedence {' > '.join(classification.precedence)}",
             f"anchors  {' | '.join(described)}  (for {anchors.model}, vocabulary {anchors.vocab_hash[:8]})",
-            f"grid     {rows} x {cols} = {total} visual tokens",
+            f"grid     {probe.grid_line()}",
             "",
             f"  {'group':<9} {'tokens':>7}  {'share':>6}",
         ]
@@ -114,7 +127,12 @@ class ClassifiedResult(SavedResult):
         lines += [f"overlaps {pairs} ({classification.n_overlapping} tokens match 2+ groups)", ""]
         lines.append("map (S = ViT sink, L = LLM sink, D = dead, . = alive)")
         letters = [LETTERS[str(g)] for g in classification.group]
-        lines += ["  " + " ".join(letters[r * cols : (r + 1) * cols]) for r in range(rows)]
+        for view in probe.views:
+            cols = view.grid[1]
+            mine = letters[view.start : view.stop]
+            if len(probe.views) > 1:
+                lines.append(f"  view {view.name} ({view.grid[0]} x {cols})")
+            lines += ["  " + " ".join(mine[r * cols : (r + 1) * cols]) for r in range(-(-len(mine) // max(cols, 1)))]
         return "\n".join(lines)
 
     @classmethod

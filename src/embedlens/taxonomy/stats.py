@@ -7,7 +7,9 @@ losing or duplicating a row: images with a record are done, a Parquet without it
 :func:`merge` then reads every committed batch, in dataset order, and writes
 
 * ``tokens.parquet``: one row per visual token (``image_index``, ``image``, ``index``, ``row``,
-  ``col``, ``group``, ``anchor_id``, ``top_ids``, ``norm``), streamed part by part;
+  ``col``, ``group``, ``anchor_id``, ``top_ids``, ``norm``, ``view``), streamed part by part; with
+  several views per image (:mod:`embedlens.views`) every view's grid tokens are rows, ``view`` says
+  which (index into the views of the image's record) and ``index`` / ``row`` / ``col`` are within it;
 * ``images.parquet``: one row per dataset item (status, grid, tokens and count of each group);
 * ``summary.json``: group fractions over all tokens with bootstrap confidence intervals (images are
   resampled, since tokens of one image are not independent), per-image means, overlaps, the grid
@@ -96,6 +98,7 @@ TOKEN_SCHEMA = pa.schema(
         ("anchor_id", pa.int64()),
         ("top_ids", pa.list_(pa.int64())),
         ("norm", pa.float32()),
+        ("view", pa.int64()),
     ]
 )
 
@@ -264,11 +267,15 @@ def _classify_batch(
             columns["anchor_id"] += list(found.anchor_id)
             columns["top_ids"] += probe.top_ids[:, : found.top_k].tolist()
             columns["norm"] += probe.norm.tolist()
+            columns["view"] += probe.view_index.tolist()
             records.append(
                 _record(
                     item,
                     status="ok",
                     grid=list(probe.grid),
+                    views=[
+                        {"name": v.name, "grid": list(v.grid), "start": v.start, "count": v.count} for v in probe.views
+                    ],
                     tokens=n,
                     counts=dict(found.counts),
                     overlaps=dict(found.overlaps),
@@ -277,7 +284,8 @@ def _classify_batch(
             )
     records.sort(key=lambda record: record["index"])
     table = pa.table(columns, schema=TOKEN_SCHEMA)
-    order = np.lexsort((np.asarray(columns["index"]), np.asarray(columns["image_index"])))
+    # Within an image, rows keep the probe's order (views in sequence order, each in grid order).
+    order = np.lexsort((np.arange(len(columns["index"])), np.asarray(columns["image_index"])))
     return table.take(pa.array(order, type=pa.int64())), records
 
 
@@ -339,7 +347,7 @@ def merge(
     if picture:
         heat = data["heatmap"]
         fractions = {name: np.asarray(values, dtype=float) for name, values in heat["fractions"].items()}
-        files["heatmap"] = save_group_heatmap(fractions, out / HEATMAP_FILE, images=heat["images"])
+        files["heatmap"] = save_group_heatmap(fractions, out / HEATMAP_FILE, images=heat["images"] or None)
     atomic_write_text(files["summary"], json.dumps(data, ensure_ascii=False, indent=1))
     return StatsSummary(data=data, files=files)
 
@@ -356,7 +364,10 @@ def _write_tokens(run: RunDir, target: Path) -> None:
     committed.sort(key=lambda entry: entry[0])
     with atomic_path(target) as tmp, pq.ParquetWriter(tmp, TOKEN_SCHEMA) as writer:
         for _, part, mine in committed:
-            table = pq.read_table(part.data(".parquet"), schema=TOKEN_SCHEMA)
+            table = pq.read_table(part.data(".parquet"))
+            if "view" not in table.column_names:  # written before views existed: one view
+                table = table.append_column("view", pa.array(np.zeros(table.num_rows, dtype=np.int64)))
+            table = table.select(TOKEN_SCHEMA.names).cast(TOKEN_SCHEMA)
             if len(mine) < len(part.records):
                 table = table.filter(pc.is_in(table["image_index"], value_set=pa.array(mine, type=pa.int64())))
             writer.write_table(table)

@@ -111,31 +111,53 @@ def summary_data(
     }
 
 
+def _views(record: dict[str, Any]) -> list[tuple[str, tuple[int, int], int, int]]:
+    """``(name, (rows, cols), start, count)`` of each view of an ok record (older records: one ``"full"`` view)."""
+    listed = record.get("views")
+    if not listed:
+        rows, cols = int(record["grid"][0]), int(record["grid"][1])
+        return [("full", (rows, cols), 0, len(record["groups"]))]
+    return [(str(v["name"]), (int(v["grid"][0]), int(v["grid"][1])), int(v["start"]), int(v["count"])) for v in listed]
+
+
 def heatmap(used: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Per grid cell, the fraction of images whose token there is in each group.
 
-    Images are grouped by grid shape; the heatmap is drawn for the most common shape (the others are
-    counted in ``"other_grids"``).
+    Every view of every image is keyed by its name and grid shape; the heatmap is drawn for the most
+    common key (ties: the larger grid), over the images that have that view, and the others are counted
+    in ``"other_grids"`` (``"RxC"``, or ``"<view> RxC"`` when a view is not ``"full"``). With several
+    views, ``"view"`` names the view drawn.
     """
-    shapes: dict[tuple[int, int], int] = {}
+    keys: dict[tuple[str, tuple[int, int]], int] = {}
     for record in used:
-        shape = (int(record["grid"][0]), int(record["grid"][1]))
-        shapes[shape] = shapes.get(shape, 0) + 1
-    grid = max(shapes, key=lambda shape: (shapes[shape], shape))
+        for name, shape, _, _ in _views(record):
+            keys[(name, shape)] = keys.get((name, shape), 0) + 1
+    chosen = max(keys, key=lambda key: (keys[key], key[1], key[0] == "full"))
+    name, grid = chosen
     cells = grid[0] * grid[1]
     sums = np.zeros((len(ALL_GROUPS), cells), dtype=np.int64)
     codes = np.array([ord(CODES[name]) for name in ALL_GROUPS], dtype=np.uint8)
+    images = 0
     for record in used:
-        if tuple(record["grid"]) != grid:
-            continue
         letters = np.frombuffer(record["groups"].encode("ascii"), dtype=np.uint8)
-        if letters.size != cells:
-            continue
-        sums += letters[None, :] == codes[:, None]
-    fractions = sums / shapes[grid]
-    return {
+        for view, shape, start, count in _views(record):
+            if (view, shape) != chosen or count != cells or start + count > letters.size:
+                continue
+            sums += letters[None, start : start + count] == codes[:, None]
+            images += 1
+            break
+    fractions = sums / images if images else np.full(sums.shape, np.nan)
+    out: dict[str, Any] = {
         "grid": list(grid),
-        "images": shapes[grid],
-        "fractions": {name: fractions[g].reshape(grid).round(6).tolist() for g, name in enumerate(ALL_GROUPS)},
-        "other_grids": {f"{r}x{c}": count for (r, c), count in shapes.items() if (r, c) != grid},
+        "images": images,
+        "fractions": {g_name: fractions[g].reshape(grid).round(6).tolist() for g, g_name in enumerate(ALL_GROUPS)},
+        "other_grids": {_key_text(key): count for key, count in keys.items() if key != chosen},
     }
+    if any(record.get("views") and len(record["views"]) > 1 for record in used):
+        out["view"] = name
+    return out
+
+
+def _key_text(key: tuple[str, tuple[int, int]]) -> str:
+    name, (rows, cols) = key
+    return f"{rows}x{cols}" if name == "full" else f"{name} {rows}x{cols}"
