@@ -17,7 +17,7 @@ import torch
 import embedlens
 from embedlens.capture import run_captured
 from embedlens.errors import InputError
-from embedlens.interventions import Prune, intervene
+from embedlens.interventions import Prune, intervene, parse
 from embedlens.models.gemma3 import Gemma3Adapter
 from helpers import random_image
 from tiny_gemma3 import TinyGemma3Spec, build, build_tiny_gemma3
@@ -266,6 +266,19 @@ def test_window_shorter_than_the_sequence_changes_the_sliding_layers(tmp_path: P
         with torch.no_grad():
             logits.append(adapter.model(**batch.inputs).logits[0, -1])
     assert not torch.allclose(logits[0], logits[1])
+
+
+def test_inject_past_a_short_window_is_one_input_error(tmp_path: Path):
+    """Inject gives later layers masks of their own; past a sliding window (whose cache drops old tokens)
+    decoding stops with one clear error, while pruning alone keeps working."""
+    path = build(tmp_path / "w8", TinyGemma3Spec(sliding_window=8))
+    session = embedlens.load(str(path), device="cpu")
+    batch = session.adapter.prepare([[random_image(0)]], [PROMPTS[1]])
+    with torch.no_grad():
+        with intervene(session, [parse("inject@1")]), pytest.raises(InputError, match="sliding-window layers"):
+            session.model.generate(**batch.inputs, max_new_tokens=2, do_sample=False)
+        with intervene(session, [Prune(indices=(0, 5))]):
+            session.model.generate(**batch.inputs, max_new_tokens=2, do_sample=False)
 
 
 # --------------------------------------------------------------------------- session

@@ -333,11 +333,23 @@ class Engine:
         return implementation
 
     # ------------------------------------------------------------------ decode
+    def _check_window(self, state: Layout, steps: int) -> None:
+        """Inject and Exit give later layers masks of their own, sized to full caches; a sliding-window
+        cache that has dropped its oldest tokens would no longer match them, so refuse to go past it."""
+        window = _sliding_window(self.adapter)
+        if window is not None and len(state.phases) > 1 and state.length + state.decoded + steps > window:
+            raise InputError(
+                f"inject and exit decode at most {window} tokens (prompt and answer) on this model, whose "
+                f"sliding-window layers keep only the last {window}; this one reached "
+                f"{state.length + state.decoded + steps}"
+            )
+
     def _decode(self, kwargs: dict) -> None:
         state = self.state
         assert state is not None
         state.in_prefill = False
         embeds = kwargs.get("inputs_embeds")
+        self._check_window(state, embeds.shape[1])
         if state.tail is None:
             # the language model was called without the whole model around it
             given = kwargs.get("attention_mask")
@@ -355,6 +367,15 @@ class Engine:
         state.tail = None
         if positions is not None:
             kwargs["position_ids"] = from_planes(positions, self.planar)
+
+
+def _sliding_window(adapter: ModelAdapter) -> int | None:
+    """The window of the language model's sliding-window layers whose caches keep only that window, or None."""
+    config = getattr(adapter.language_model, "config", None)
+    if "sliding_attention" not in (getattr(config, "layer_types", None) or ()):
+        return None
+    window = getattr(config, "sliding_window", None)
+    return int(window) if window else None
 
 
 def _finish_records(records: list[SampleRecord], state: Layout) -> None:
