@@ -174,13 +174,14 @@ FAMILIES: tuple[Family, ...] = (
     Family("gemma3", tiny_gemma3.build, lambda seed: random_image(seed, 80, 60)),
     # Qwen2-VL: one dynamic grid per image; an 84 x 56 (wide) image -> 4 x 6 patches of 14 px -> 2 x 3 tokens.
     Family("qwen2_vl", build_qwen2_vl, lambda seed: random_image(seed, 84, 56), views=(View(grid=(2, 3)),)),
-    # Qwen2.5-VL: 112 x 84 -> 3 x 4 tokens over windows of 2 x 2 tokens: the merger's rows come in window
-    # order, the language model's in row-major order.
+    # Qwen2.5-VL: 112 x 56 -> 2 x 4 tokens over two windows of 2 x 2 tokens: the merger's rows come in window
+    # order, the language model's in row-major order. (The pruned cells then empty column 0, so renumbering
+    # M-RoPE positions differs from keeping them; on a 3 x 4 grid every row and column keeps a cell.)
     Family(
         "qwen2_5_vl",
         build_qwen2_5_vl,
-        lambda seed: random_image(seed, 112, 84),
-        views=(View(grid=(3, 4), projector_order=False),),
+        lambda seed: random_image(seed, 112, 56),
+        views=(View(grid=(2, 4), projector_order=False),),
     ),
     # Qwen3-VL: 16 px patches, a tall 64 x 96 image -> 4 x 6 patches -> 3 x 2 tokens; DeepStack levels.
     Family("qwen3_vl", build_qwen3_vl, lambda seed: random_image(seed, 64, 96), views=(View(grid=(3, 2)),)),

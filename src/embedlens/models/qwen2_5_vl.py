@@ -7,6 +7,7 @@ merger's own output rows follow the grid only when an image fits in one window.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -24,3 +25,16 @@ class Qwen25VLAdapter(QwenVLAdapter):
     @classmethod
     def model_class(cls) -> type[nn.Module]:
         return Qwen2_5_VLForConditionalGeneration
+
+    def merger_order(self, rows: int, cols: int) -> torch.Tensor:
+        """Row-major indices of an image's grid cells in the merger's (window) order: windows of
+        ``window_size / (patch * merge)`` cells a side, row-major, and the cells row-major inside each."""
+        vision = self.model.config.vision_config
+        side = max(1, int(vision.window_size) // self.merge_size // self.patch_size)
+        index = torch.arange(rows * cols).reshape(rows, cols)
+        windows = [
+            index[top : top + side, left : left + side].flatten()
+            for top in range(0, rows, side)
+            for left in range(0, cols, side)
+        ]
+        return torch.cat(windows)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from embedlens.errors import InputError
+from embedlens.errors import EmbedLensError, InputError
 from embedlens.models.base import ModelAdapter, ModulePaths, PreparedBatch, VisualSpan
 
 
@@ -167,6 +167,40 @@ class QwenVLAdapter(ModelAdapter):
             pictures.append(Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8)))
         return pictures
 
+    # ----------------------------------------------------------------- vision features
+    #: Merged grids of the images of the last batch whose spans were found from ``image_grid_thw``.
+    _last_grids: tuple[tuple[int, int], ...] = ()
+
+    def merger_order(self, rows: int, cols: int) -> torch.Tensor | None:
+        """The order in which the merger receives one image's grid cells (row-major indices), or None when
+        it is row-major (Qwen2-VL, Qwen3-VL; Qwen2.5-VL's windows override this)."""
+        return None
+
+    def vision_token_features(self, features: torch.Tensor | None, span: VisualSpan) -> torch.Tensor:
+        """The patch features the merger joins into each grid token of ``span``: its ``merge ** 2`` patches
+        (vision-tower output) side by side, ``[rows * cols, merge ** 2 * d_vision]``, in row-major order.
+
+        ``features`` is the merger's input ``[sum_i t_i * h_i * w_i, d_vision]`` for the whole batch; where
+        each image's patches start is known from the batch whose spans were found last (that batch must be
+        the one captured: its patch count is checked).
+        """
+        if features is None:
+            raise EmbedLensError("the projector's input was not captured")
+        unit = self.merge_size**2
+        counts = [rows * cols for rows, cols in self._last_grids]
+        if features.dim() != 2 or features.shape[0] != unit * sum(counts) or span.global_image >= len(counts):
+            raise EmbedLensError(
+                f"the merger's input {tuple(features.shape)} is not the last prepared batch's "
+                f"({unit * sum(counts)} patches); prepare the batch again before reading its vision features"
+            )
+        rows, cols = self._last_grids[span.global_image]
+        start = unit * sum(counts[: span.global_image])
+        tokens = features[start : start + unit * rows * cols].reshape(rows * cols, -1)
+        order = self.merger_order(rows, cols)
+        if order is not None:
+            tokens = tokens[torch.argsort(order.to(tokens.device))]
+        return tokens
+
     # ----------------------------------------------------------------- spans
     def _image_counts(self, inputs: Mapping[str, Any]) -> tuple[list[int], list[tuple[int, int]] | None]:
         """Visual tokens per image in batch order, and each image's merged grid ``(rows, cols)`` where the
@@ -198,6 +232,8 @@ class QwenVLAdapter(ModelAdapter):
     def find_spans(self, inputs: Mapping[str, Any]) -> list[list[VisualSpan]]:
         input_ids: torch.Tensor = inputs["input_ids"].cpu()
         counts, grids = self._image_counts(inputs)
+        if grids is not None:
+            self._last_grids = tuple(grids)
         planes = None
         if grids is None:
             position_ids = inputs.get("position_ids")
