@@ -13,6 +13,7 @@ import torch
 
 import embedlens
 from embedlens.errors import InputError
+from embedlens.models.base import VisualSpan
 from embedlens.models.qwen_vl import rope_planes
 from helpers import random_image
 from tiny_qwen_vl import TOKENIZER_SIZE, QwenSpec, save_qwen
@@ -134,6 +135,23 @@ class TestGrids:
         for view, image in zip(batch.views, images, strict=True):
             difference = np.abs(np.asarray(view, dtype=int) - np.asarray(image, dtype=int))
             assert difference.max() <= 1
+
+    def test_without_a_chat_template_the_image_block_goes_first(self, session: embedlens.Session):
+        adapter = session.adapter
+        saved = adapter.processor.chat_template, adapter.tokenizer.chat_template
+        adapter.processor.chat_template = adapter.tokenizer.chat_template = None
+        try:
+            text = adapter.format_prompt("what is this", num_images=2)
+            batch = adapter.prepare([[_image(session, (2, 3)), _image(session, (1, 4))]], ["what is this"])
+        finally:
+            adapter.processor.chat_template, adapter.tokenizer.chat_template = saved
+        assert text == "<|vision_start|><|image_pad|><|vision_end|>" * 2 + "\nwhat is this"
+        assert [span.grid for span in batch.spans[0]] == [(2, 3), (1, 4)]
+        assert all(span.markers.numel() == 2 for span in batch.spans[0])
+
+    def test_extreme_aspect_ratio_is_an_input_error(self, session: embedlens.Session):
+        with pytest.raises(InputError, match="aspect ratio"):
+            session.adapter.prepare([[random_image(0, 250, 1)]], ["what is this"])
 
     def test_more_images_than_placeholders_is_an_input_error(self, session: embedlens.Session):
         adapter = session.adapter
@@ -345,7 +363,9 @@ def test_vision_token_features_are_what_the_merger_joins(session: embedlens.Sess
             with torch.inference_mode():
                 merged = merger(tokens.reshape(span.num_tokens * adapter.merge_size**2, -1))
             torch.testing.assert_close(merged, captured.hidden[0][span.sample, span.positions], rtol=0, atol=1e-6)
-    other = adapter.prepare([[_image(session, (2, 2))]], ["what is this"])
-    assert other.spans
+    last = batch.spans[1][-1]
     with pytest.raises(embedlens.EmbedLensError):
-        adapter.vision_token_features(captured.vision_features, batch.spans[0][0])
+        adapter.vision_token_features(captured.vision_features[:-1], last)
+    plain = VisualSpan(last.sample, last.image, last.global_image, last.positions, last.grid)
+    with pytest.raises(embedlens.EmbedLensError):
+        adapter.vision_token_features(captured.vision_features, plain)

@@ -22,6 +22,7 @@ Layout, as the processor and the model lay it out:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -42,6 +43,18 @@ def rope_planes(position_ids: torch.Tensor) -> torch.Tensor:
     if position_ids.dim() == 3 and position_ids.shape[0] == 3:
         return position_ids
     raise InputError(f"M-RoPE position ids must be [B, T], [3, B, T] or [4, B, T]; got {tuple(position_ids.shape)}")
+
+
+@dataclass
+class MergedSpan(VisualSpan):
+    """A Qwen image's span, which also says where the image's patches sit in the merger's input.
+
+    Attributes:
+        first_patch: Row of the merger's input (every image's patches of the batch, ``[sum_i t_i * h_i * w_i,
+            d_vision]``) where this image's patches start.
+    """
+
+    first_patch: int = 0
 
 
 class QwenVLAdapter(ModelAdapter):
@@ -128,6 +141,8 @@ class QwenVLAdapter(ModelAdapter):
         tokenizer.padding_side = "left"
         try:
             encoded = self.processor(images=flat or None, text=texts, return_tensors="pt", padding=True)
+        except ValueError as exc:  # the image processor refuses aspect ratios over 200
+            raise InputError(f"cannot process the images: {str(exc).strip().splitlines()[0]}") from exc
         finally:
             tokenizer.padding_side = old_side
         inputs = {k: v.to(self.device) for k, v in encoded.items() if isinstance(v, torch.Tensor)}
@@ -168,35 +183,33 @@ class QwenVLAdapter(ModelAdapter):
         return pictures
 
     # ----------------------------------------------------------------- vision features
-    #: Merged grids of the images of the last batch whose spans were found from ``image_grid_thw``.
-    _last_grids: tuple[tuple[int, int], ...] = ()
-
     def merger_order(self, rows: int, cols: int) -> torch.Tensor | None:
         """The order in which the merger receives one image's grid cells (row-major indices), or None when
         it is row-major (Qwen2-VL, Qwen3-VL; Qwen2.5-VL's windows override this)."""
         return None
 
     def vision_token_features(self, features: torch.Tensor | None, span: VisualSpan) -> torch.Tensor:
-        """The patch features the merger joins into each grid token of ``span``: its ``merge ** 2`` patches
-        (vision-tower output) side by side, ``[rows * cols, merge ** 2 * d_vision]``, in row-major order.
+        """The patch features the merger joins into each grid token of ``span``: the token's ``merge ** 2``
+        patches (vision-tower output) side by side, ``[rows * cols, merge ** 2 * d_vision]``, row-major.
 
-        ``features`` is the merger's input ``[sum_i t_i * h_i * w_i, d_vision]`` for the whole batch; where
-        each image's patches start is known from the batch whose spans were found last (that batch must be
-        the one captured: its patch count is checked).
+        Args:
+            features: The merger's input for the whole batch, ``[sum_i t_i * h_i * w_i, d_vision]``.
+            span: One image's span as :meth:`find_spans` gives it (a :class:`MergedSpan`).
+
+        Raises:
+            EmbedLensError: The features were not captured or do not hold the span's patches.
         """
         if features is None:
             raise EmbedLensError("the projector's input was not captured")
         unit = self.merge_size**2
-        counts = [rows * cols for rows, cols in self._last_grids]
-        if features.dim() != 2 or features.shape[0] != unit * sum(counts) or span.global_image >= len(counts):
+        first = getattr(span, "first_patch", None)
+        if first is None or features.dim() != 2 or features.shape[0] < first + unit * span.num_tokens:
             raise EmbedLensError(
-                f"the merger's input {tuple(features.shape)} is not the last prepared batch's "
-                f"({unit * sum(counts)} patches); prepare the batch again before reading its vision features"
+                f"the merger received {tuple(features.shape)}, which does not hold the "
+                f"{unit * span.num_tokens} patches of image {span.global_image}"
             )
-        rows, cols = self._last_grids[span.global_image]
-        start = unit * sum(counts[: span.global_image])
-        tokens = features[start : start + unit * rows * cols].reshape(rows * cols, -1)
-        order = self.merger_order(rows, cols)
+        tokens = features[first : first + unit * span.num_tokens].reshape(span.num_tokens, -1)
+        order = self.merger_order(*span.grid)
         if order is not None:
             tokens = tokens[torch.argsort(order.to(tokens.device))]
         return tokens
@@ -232,8 +245,6 @@ class QwenVLAdapter(ModelAdapter):
     def find_spans(self, inputs: Mapping[str, Any]) -> list[list[VisualSpan]]:
         input_ids: torch.Tensor = inputs["input_ids"].cpu()
         counts, grids = self._image_counts(inputs)
-        if grids is not None:
-            self._last_grids = tuple(grids)
         planes = None
         if grids is None:
             position_ids = inputs.get("position_ids")
@@ -269,13 +280,14 @@ class QwenVLAdapter(ModelAdapter):
                     if token is not None and 0 <= where < length and int(row[where]) == token
                 ]
                 sample_spans.append(
-                    VisualSpan(
+                    MergedSpan(
                         sample=sample,
                         image=len(sample_spans),
                         global_image=next_image,
                         positions=chunk.clone(),
                         grid=grid,
                         markers=torch.tensor(markers, dtype=torch.long),
+                        first_patch=self.merge_size**2 * sum(counts[:next_image]),
                     )
                 )
                 offset += count
