@@ -13,6 +13,7 @@ import torch
 
 import embedlens
 from embedlens.errors import InputError
+from embedlens.interventions import intervene, parse
 from embedlens.models.base import VisualSpan
 from embedlens.models.qwen_vl import rope_planes
 from helpers import random_image
@@ -251,7 +252,46 @@ class TestPositionHooks:
             rope_planes(torch.zeros(2, 2, 6, dtype=torch.long))
 
 
+class TestUnderInterventions:
+    """Pruning a left-padded batch whose second sample holds two images of other shapes: cached decoding
+    equals recomputing the whole sequence (M-RoPE positions kept or renumbered, DeepStack at the kept
+    tokens), and the recorded prune hits every image."""
+
+    @pytest.mark.parametrize("notation", ["prune:[0,2,3]", "prune:[0,2,3],positions=reindex"])
+    def test_cached_decoding_equals_recomputing(self, session: embedlens.Session, notation: str):
+        steps = 3
+        model = session.model
+        batch = _mixed_batch(session)
+        items = [parse(notation)]
+        with intervene(session, items) as run, torch.no_grad():
+            cached = model.generate(
+                **batch.inputs, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True, output_logits=True
+            )
+        assert [sample.pruned for sample in run.last.samples] == [[0, 2, 3], [0, 2, 3] * 2]  # cells of each image
+        inputs = dict(batch.inputs)
+        recomputed = []
+        for _ in range(steps):
+            with intervene(session, items), torch.no_grad():
+                logits = model(**inputs, use_cache=False).logits[:, -1]
+            recomputed.append(logits)
+            step = logits.argmax(dim=-1, keepdim=True)
+            inputs["input_ids"] = torch.cat([inputs["input_ids"], step], dim=1)
+            inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(step)], dim=1)
+            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(step)], dim=1)
+        torch.testing.assert_close(torch.stack(cached.logits, dim=1), torch.stack(recomputed, dim=1), rtol=0, atol=1e-5)
+
+
 class TestUserFacing:
+    def test_tiny_processor_matches_the_vision_config(self, session: embedlens.Session):
+        vision = session.adapter.model.config.vision_config
+        image_processor = session.adapter.processor.image_processor
+        assert image_processor.patch_size == vision.patch_size
+        assert image_processor.merge_size == vision.spatial_merge_size
+        assert image_processor.temporal_patch_size == vision.temporal_patch_size
+        batch = session.adapter.prepare([[_image(session, (2, 3))]], ["what is this"])
+        types = batch.inputs["mm_token_type_ids"][0]
+        assert torch.equal(types.bool(), batch.inputs["input_ids"][0] == session.adapter.image_token_id)
+
     def test_probe_never_returns_ids_past_the_tokenizer(self, session: embedlens.Session):
         result = session.probe(_image(session, (2, 3)), layer=0, top_k=50)
         assert result.provenance.rows_left_out == session.adapter.input_embeddings.weight.shape[0] - TOKENIZER_SIZE > 0
