@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import Qwen2_5_VLForConditionalGeneration
 
 from embedlens.models.qwen_vl import QwenVLAdapter
 from embedlens.models.registry import register_adapter
@@ -24,6 +23,8 @@ class Qwen25VLAdapter(QwenVLAdapter):
 
     @classmethod
     def model_class(cls) -> type[nn.Module]:
+        from transformers import Qwen2_5_VLForConditionalGeneration  # here: importing the modeling code costs ~50 ms
+
         return Qwen2_5_VLForConditionalGeneration
 
     def merger_order(self, rows: int, cols: int) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from torch import nn
-from transformers import Qwen2VLForConditionalGeneration
 
 from embedlens.models.qwen_vl import QwenVLAdapter
 from embedlens.models.registry import register_adapter
@@ -18,4 +17,6 @@ class Qwen2VLAdapter(QwenVLAdapter):
 
     @classmethod
     def model_class(cls) -> type[nn.Module]:
+        from transformers import Qwen2VLForConditionalGeneration  # here: importing the modeling code costs ~50 ms
+
         return Qwen2VLForConditionalGeneration

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Qwen3VLForConditionalGeneration
 
 from embedlens.errors import InputError
 from embedlens.models.qwen_vl import QwenVLAdapter
@@ -30,6 +29,8 @@ class Qwen3VLAdapter(QwenVLAdapter):
 
     @classmethod
     def model_class(cls) -> type[nn.Module]:
+        from transformers import Qwen3VLForConditionalGeneration  # here: importing the modeling code costs ~50 ms
+
         return Qwen3VLForConditionalGeneration
 
     def pop_layer_additions(self, llm_kwargs: dict[str, Any], length: int) -> dict[int, torch.Tensor]:
