@@ -24,6 +24,7 @@ import tiny_internvl
 from conftest import CHATML_TEMPLATE
 from embedlens.models.tiny import LLAVA_15_TEMPLATE, TinySpec, build_tiny_llava, save_tiny_llava
 from helpers import random_image
+from tiny_qwen_vl import build_qwen2_5_vl, build_qwen2_vl, build_qwen3_vl
 
 
 @dataclass(frozen=True)
@@ -171,4 +172,17 @@ FAMILIES: tuple[Family, ...] = (
     # Gemma 3: <start_of_image>, a 4 x 4 grid pooled from 8 x 8 SigLIP patches, <end_of_image>; sliding, full, sliding
     # attention layers (window longer than the sequences); 80 x 60 images resized to 112 x 112.
     Family("gemma3", tiny_gemma3.build, lambda seed: random_image(seed, 80, 60)),
+    # Qwen2-VL: one dynamic grid per image; an 84 x 56 (wide) image -> 4 x 6 patches of 14 px -> 2 x 3 tokens.
+    Family("qwen2_vl", build_qwen2_vl, lambda seed: random_image(seed, 84, 56), views=(View(grid=(2, 3)),)),
+    # Qwen2.5-VL: 112 x 56 -> 2 x 4 tokens over two windows of 2 x 2 tokens: the merger's rows come in window
+    # order, the language model's in row-major order. (The pruned cells then empty column 0, so renumbering
+    # M-RoPE positions differs from keeping them; on a 3 x 4 grid every row and column keeps a cell.)
+    Family(
+        "qwen2_5_vl",
+        build_qwen2_5_vl,
+        lambda seed: random_image(seed, 112, 56),
+        views=(View(grid=(2, 4), projector_order=False),),
+    ),
+    # Qwen3-VL: 16 px patches, a tall 64 x 96 image -> 4 x 6 patches -> 3 x 2 tokens; DeepStack levels.
+    Family("qwen3_vl", build_qwen3_vl, lambda seed: random_image(seed, 64, 96), views=(View(grid=(3, 2)),)),
 )

@@ -14,7 +14,15 @@ import torch
 from safetensors import SafetensorError
 
 from embedlens.errors import InputError, UnsupportedModelError
-from embedlens.models import builtins, gemma3, internvl, llava  # noqa: F401  (registration side effects)
+from embedlens.models import (  # noqa: F401  (registration side effects)
+    builtins,
+    gemma3,
+    internvl,
+    llava,
+    qwen2_5_vl,
+    qwen2_vl,
+    qwen3_vl,
+)
 from embedlens.models.base import ModelAdapter, resolve_layer
 from embedlens.models.registry import (
     _first_line,

@@ -1,0 +1,298 @@
+"""Shared machinery of the Qwen-VL families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): one dynamic grid per image,
+M-RoPE position planes.
+
+Layout, as the processor and the model lay it out:
+
+* Each image is resized to a multiple of ``patch_size * merge_size`` pixels a side and cut into an
+  ``(h, w)`` grid of patches (``image_grid_thw`` holds ``(t, h, w)`` per image, ``t = 1`` for images).
+  The merger joins each ``merge x merge`` block of patches into one LLM token, so the language model sees
+  ``(h / merge) x (w / merge)`` visual tokens per image, in row-major order of that merged grid (the
+  processor orders the patches block by block). One view, ``"full"``, per image.
+* In the text, ``<|vision_start|>`` + that many ``<|image_pad|>`` (the image token) + ``<|vision_end|>``.
+  The two markers are ordinary text tokens, reported as a span's ``markers``.
+* Positions are M-RoPE: three planes (temporal, height, width); visual tokens get their grid cell's row and
+  column. The language model receives ``position_ids`` ``[3, B, T]`` (a plain forward) or ``[4, B, T]``
+  (``generate``: a text plane in front); its rotary embedding takes the three M-RoPE planes, its decoder
+  layers the text plane (or None).
+* Inside ``generate`` the first forward gets ``mm_encoder_outputs`` instead of ``pixel_values`` and no
+  ``image_grid_thw``; the grid of each image is then read from the height and width planes of the
+  ``position_ids`` it gets (rows and columns of the grid cells).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+from embedlens.errors import EmbedLensError, InputError
+from embedlens.models.base import ModelAdapter, ModulePaths, PreparedBatch, VisualSpan
+
+
+def rope_planes(position_ids: torch.Tensor) -> torch.Tensor:
+    """The three M-RoPE planes (temporal, height, width) ``[3, B, T]`` of position ids given as ``[B, T]``
+    (text positions, copied to every plane), ``[3, B, T]`` or ``[4, B, T]`` (text plane first, dropped)."""
+    if position_ids.dim() == 2:
+        return position_ids[None].expand(3, *position_ids.shape)
+    if position_ids.dim() == 3 and position_ids.shape[0] == 4:
+        return position_ids[1:]
+    if position_ids.dim() == 3 and position_ids.shape[0] == 3:
+        return position_ids
+    raise InputError(f"M-RoPE position ids must be [B, T], [3, B, T] or [4, B, T]; got {tuple(position_ids.shape)}")
+
+
+@dataclass
+class MergedSpan(VisualSpan):
+    """A Qwen image's span, which also says where the image's patches sit in the merger's input.
+
+    Attributes:
+        first_patch: Row of the merger's input (every image's patches of the batch, ``[sum_i t_i * h_i * w_i,
+            d_vision]``) where this image's patches start.
+    """
+
+    first_patch: int = 0
+
+
+class QwenVLAdapter(ModelAdapter):
+    """What the Qwen-VL families share; each family's file subclasses it and registers."""
+
+    modules = ModulePaths(
+        language_model="model.language_model",
+        decoder_layers="model.language_model.layers",
+        input_embeddings="model.language_model.embed_tokens",
+        final_norm="model.language_model.norm",
+        lm_head="lm_head",
+        vision_tower="model.visual",
+        # The merger is what the language model's visual tokens come from (Qwen2.5-VL reorders its output
+        # rows out of window order afterwards; Qwen3-VL's DeepStack mergers are separate modules).
+        projector="model.visual.merger",
+    )
+
+    #: Whether ``[B, T]`` position ids given to the language model reach its decoder layers as the text
+    #: plane (Qwen3-VL expands them to four planes) or not at all (Qwen2/2.5-VL expand them to three).
+    flat_positions_reach_layers: ClassVar[bool] = False
+
+    @classmethod
+    def num_layers_from_config(cls, config: Any) -> int:
+        return int(config.text_config.num_hidden_layers)
+
+    # ----------------------------------------------------------------- geometry
+    @property
+    def merge_size(self) -> int:
+        """Side of the block of patches the merger joins into one visual token."""
+        return int(self.model.config.vision_config.spatial_merge_size)
+
+    @property
+    def patch_size(self) -> int:
+        """Side of a vision patch in pixels."""
+        return int(self.model.config.vision_config.patch_size)
+
+    @property
+    def marker_ids(self) -> tuple[int | None, int | None]:
+        """Token ids of ``<|vision_start|>`` and ``<|vision_end|>`` (None where the config lacks one)."""
+        config = self.model.config
+        start = getattr(config, "vision_start_token_id", None)
+        end = getattr(config, "vision_end_token_id", None)
+        return (None if start is None else int(start), None if end is None else int(end))
+
+    # ----------------------------------------------------------------- position hooks
+    def position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor, layer: int = 0) -> Any:
+        """The rotary ``(cos, sin)`` for the three M-RoPE planes of ``position_ids`` (``[B, T]``,
+        ``[3, B, T]`` or ``[4, B, T]``, see :func:`rope_planes`); the same for every layer."""
+        return self.language_model.rotary_emb(hidden, rope_planes(position_ids))
+
+    def layer_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor | None:
+        """The text plane when the language model gets four planes; ``[B, T]`` ids where the family passes
+        them on (:attr:`flat_positions_reach_layers`); otherwise None, as the language model does."""
+        if position_ids.dim() == 3 and position_ids.shape[0] == 4:
+            return position_ids[0]
+        if position_ids.dim() == 2 and self.flat_positions_reach_layers:
+            return position_ids
+        return None
+
+    # ----------------------------------------------------------------- inputs
+    def _chat_template(self) -> str | None:
+        return getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
+
+    def format_prompt(self, prompt: str, num_images: int = 1) -> str:
+        template = self._chat_template()
+        if template is None:
+            return self._image_block() * num_images + "\n" + prompt
+        content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
+        messages = [{"role": "user", "content": content}]
+        return self.processor.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=True, tokenize=False
+        )
+
+    def _image_block(self) -> str:
+        """One image as the Qwen chat templates write it: the placeholder between the vision markers."""
+        start = getattr(self.processor, "vision_start_token", None) or "<|vision_start|>"
+        end = getattr(self.processor, "vision_end_token", None) or "<|vision_end|>"
+        return start + self.image_placeholder + end
+
+    def encode(self, images: Sequence[Sequence[Image.Image]], texts: list[str]) -> PreparedBatch:
+        flat = [img.convert("RGB") for sample_images in images for img in sample_images]
+        tokenizer = self.tokenizer
+        old_side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        try:
+            encoded = self.processor(images=flat or None, text=texts, return_tensors="pt", padding=True)
+        except ValueError as exc:  # the image processor refuses aspect ratios over 200
+            raise InputError(f"cannot process the images: {str(exc).strip().splitlines()[0]}") from exc
+        finally:
+            tokenizer.padding_side = old_side
+        inputs = {k: v.to(self.device) for k, v in encoded.items() if isinstance(v, torch.Tensor)}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        spans = self.find_spans(encoded)
+        pixel_values, grids = encoded.get("pixel_values"), encoded.get("image_grid_thw")
+        views = self._pictures(pixel_values, grids) if pixel_values is not None and grids is not None else []
+        return PreparedBatch(inputs=inputs, spans=spans, texts=texts, views=views)
+
+    def _pictures(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[Image.Image]:
+        """Undo the image processor's patch layout and normalisation: the picture of each image the vision
+        tower sees, as RGB.
+
+        Args:
+            pixel_values: ``[sum_i t_i * h_i * w_i, C * T * p * p]``, each image's patches block by block
+                (``merge x merge`` blocks in row-major order, row-major inside a block), each patch
+                ``(C, T, p, p)`` flattened (``T`` = the temporal patch size; images repeat one frame).
+            grid_thw: ``[N_images, 3]``.
+        """
+        ip = self.processor.image_processor
+        patch, merge = int(ip.patch_size), int(ip.merge_size)
+        frames = int(getattr(ip, "temporal_patch_size", 1) or 1)
+        mean = np.asarray(getattr(ip, "image_mean", None) or [0.0, 0.0, 0.0], dtype=np.float32)
+        std = np.asarray(getattr(ip, "image_std", None) or [1.0, 1.0, 1.0], dtype=np.float32)
+        scale = float(getattr(ip, "rescale_factor", 1 / 255))
+        pictures = []
+        start = 0
+        for t, h, w in grid_thw.tolist():
+            count = t * h * w
+            rows = pixel_values[start : start + count].float().cpu()
+            start += count
+            blocks = rows[: h * w].reshape(h // merge, w // merge, merge, merge, -1, frames, patch, patch)
+            # [h/m, w/m, m, m, C, p, p] -> [h/m, m, p, w/m, m, p, C] -> [h * p, w * p, C]
+            array = blocks[:, :, :, :, :, 0].permute(0, 2, 5, 1, 3, 6, 4).reshape(h * patch, w * patch, -1).numpy()
+            array = (array * std + mean) / scale
+            pictures.append(Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8)))
+        return pictures
+
+    # ----------------------------------------------------------------- vision features
+    def merger_order(self, rows: int, cols: int) -> torch.Tensor | None:
+        """The order in which the merger receives one image's grid cells (row-major indices), or None when
+        it is row-major (Qwen2-VL, Qwen3-VL; Qwen2.5-VL's windows override this)."""
+        return None
+
+    def vision_token_features(self, features: torch.Tensor | None, span: VisualSpan) -> torch.Tensor:
+        """The patch features the merger joins into each grid token of ``span``: the token's ``merge ** 2``
+        patches (vision-tower output) side by side, ``[rows * cols, merge ** 2 * d_vision]``, row-major.
+
+        Args:
+            features: The merger's input for the whole batch, ``[sum_i t_i * h_i * w_i, d_vision]``.
+            span: One image's span as :meth:`find_spans` gives it (a :class:`MergedSpan`).
+
+        Raises:
+            EmbedLensError: The features were not captured or do not hold the span's patches.
+        """
+        if features is None:
+            raise EmbedLensError("the projector's input was not captured")
+        unit = self.merge_size**2
+        first = getattr(span, "first_patch", None)
+        if first is None or features.dim() != 2 or features.shape[0] < first + unit * span.num_tokens:
+            raise EmbedLensError(
+                f"the merger received {tuple(features.shape)}, which does not hold the "
+                f"{unit * span.num_tokens} patches of image {span.global_image}"
+            )
+        tokens = features[first : first + unit * span.num_tokens].reshape(span.num_tokens, -1)
+        order = self.merger_order(*span.grid)
+        if order is not None:
+            tokens = tokens[torch.argsort(order.to(tokens.device))]
+        return tokens
+
+    # ----------------------------------------------------------------- spans
+    def _image_counts(self, inputs: Mapping[str, Any]) -> tuple[list[int], list[tuple[int, int]] | None]:
+        """Visual tokens per image in batch order, and each image's merged grid ``(rows, cols)`` where the
+        inputs tell it without the positions (None: read it from the position ids)."""
+        grid_thw = inputs.get("image_grid_thw")
+        merge = self.merge_size
+        if grid_thw is not None:
+            grids = []
+            for t, h, w in torch.as_tensor(grid_thw).tolist():
+                if t != 1 or h % merge or w % merge:
+                    raise InputError(f"an image grid of {t} x {h} x {w} patches is not an image's (merge {merge})")
+                grids.append((h // merge, w // merge))
+            return [rows * cols for rows, cols in grids], grids
+        encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
+        if encoded is None:
+            return [], []
+        return [int(features.shape[0]) for features in encoded.pooler_output], None
+
+    @staticmethod
+    def _grid_from_positions(planes: torch.Tensor, sample: int, chunk: torch.Tensor) -> tuple[int, int]:
+        """An image's ``(rows, cols)`` read from the height and width planes ``[3, B, T]`` at its tokens."""
+        heights, widths = planes[1, sample, chunk], planes[2, sample, chunk]
+        rows = int(heights.max() - heights.min()) + 1
+        cols = int(widths.max() - widths.min()) + 1
+        if rows * cols != chunk.numel():
+            raise InputError(f"cannot tell the grid of an image with {chunk.numel()} visual tokens from its positions")
+        return rows, cols
+
+    def find_spans(self, inputs: Mapping[str, Any]) -> list[list[VisualSpan]]:
+        input_ids: torch.Tensor = inputs["input_ids"].cpu()
+        counts, grids = self._image_counts(inputs)
+        planes = None
+        if grids is None:
+            position_ids = inputs.get("position_ids")
+            if position_ids is None or position_ids.dim() != 3:
+                raise InputError(
+                    "the image grids need image_grid_thw, or M-RoPE position ids beside the encoded images"
+                )
+            planes = rope_planes(position_ids).cpu()
+        start_id, end_id = self.marker_ids
+        length = input_ids.shape[1]
+        spans: list[list[VisualSpan]] = []
+        next_image = 0
+        for sample, row in enumerate(input_ids):
+            positions = torch.nonzero(row == self.image_token_id).flatten()
+            sample_spans: list[VisualSpan] = []
+            offset = 0
+            while offset < positions.numel():
+                if next_image >= len(counts):
+                    raise InputError(
+                        f"sample {sample} has more image tokens than the images given ({len(counts)} in the batch)"
+                    )
+                count = counts[next_image]
+                chunk = positions[offset : offset + count]
+                if chunk.numel() != count:
+                    raise InputError(
+                        f"sample {sample}: expected {count} image tokens for image {len(sample_spans)}, "
+                        f"found {chunk.numel()}"
+                    )
+                grid = grids[next_image] if grids is not None else self._grid_from_positions(planes, sample, chunk)
+                markers = [
+                    int(where)
+                    for where, token in ((chunk[0] - 1, start_id), (chunk[-1] + 1, end_id))
+                    if token is not None and 0 <= where < length and int(row[where]) == token
+                ]
+                sample_spans.append(
+                    MergedSpan(
+                        sample=sample,
+                        image=len(sample_spans),
+                        global_image=next_image,
+                        positions=chunk.clone(),
+                        grid=grid,
+                        markers=torch.tensor(markers, dtype=torch.long),
+                        first_patch=self.merge_size**2 * sum(counts[:next_image]),
+                    )
+                )
+                offset += count
+                next_image += 1
+            spans.append(sample_spans)
+        if next_image != len(counts):
+            raise InputError(f"{len(counts)} images given but only {next_image} placed in the text")
+        return spans
