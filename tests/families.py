@@ -24,6 +24,7 @@ import tiny_internvl
 from conftest import CHATML_TEMPLATE
 from embedlens.models.tiny import LLAVA_15_TEMPLATE, TinySpec, build_tiny_llava, save_tiny_llava
 from helpers import random_image
+from tiny_llava_next import save_llava_next, save_llava_onevision
 
 
 @dataclass(frozen=True)
@@ -171,4 +172,21 @@ FAMILIES: tuple[Family, ...] = (
     # Gemma 3: <start_of_image>, a 4 x 4 grid pooled from 8 x 8 SigLIP patches, <end_of_image>; sliding, full, sliding
     # attention layers (window longer than the sequences); 80 x 60 images resized to 112 x 112.
     Family("gemma3", tiny_gemma3.build, lambda seed: random_image(seed, 80, 60)),
+    # LLaVA-NeXT (CLIP + LLaMA, [INST] template), a wide 200 x 40 image: a 4 x 4 base view, then 1 x 3
+    # tiles stitched to 4 x 12 and unpadded to 2 x 12, each row followed by a newline slot.
+    Family(
+        "llava-next",
+        save_llava_next,
+        lambda seed: random_image(seed, 200, 40),
+        views=(View("base", (4, 4)), View("tiles", (2, 12), extra_offsets=(12, 25), projector_order=False)),
+    ),
+    # LLaVA-OneVision (SigLIP + Qwen2, ChatML), the same layout for one image per sample; a sample with
+    # several images gets base views only (tests/test_family_llava_next.py checks that layout).
+    Family(
+        "llava-onevision",
+        save_llava_onevision,
+        lambda seed: random_image(seed, 200, 40),
+        views=(View("base", (4, 4)), View("tiles", (2, 12), extra_offsets=(12, 25), projector_order=False)),
+        multi_image=False,
+    ),
 )

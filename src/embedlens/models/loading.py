@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 
 from embedlens.errors import InputError, UnsupportedModelError
-from embedlens.models import builtins, gemma3, internvl, llava  # noqa: F401  (registration side effects)
+from embedlens.models import builtins, gemma3, internvl, llava, llava_next, llava_onevision  # noqa: F401  (registration side effects)
 from embedlens.models.base import ModelAdapter, resolve_layer
 from embedlens.models.registry import (
     _first_line,
