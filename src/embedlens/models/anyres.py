@@ -40,7 +40,8 @@ class AnyresImage:
     Attributes:
         side: Rows (= columns) of the base view's grid.
         tiles: ``(rows, cols)`` of the tiles view's grid as present in the sequence (after unpadding
-            and downsampling), or None for an image that is not tiled (base view + one newline slot).
+            and downsampling; each row followed by a newline slot), or None for an image that is not
+            tiled (base view + one newline slot).
         layout: ``(tile_rows, tile_cols)``: how many tiles the image was cut into (``(0, 0)`` untiled).
         area: ``(top, left, rows, cols)``: the unpadded part of the stitched tile grid, in patches
             (before any downsampling), or None when unknown (images known from features alone).
@@ -59,27 +60,29 @@ class AnyresImage:
         rows, cols = self.tiles
         return self.side * self.side + rows * (cols + 1)
 
+    @property
+    def has_tiles_view(self) -> bool:
+        """Whether the image has a tiles view with grid cells (see :meth:`spans`)."""
+        return self.tiles is not None and self.tiles[0] * self.tiles[1] > 0
+
     def spans(self, run: torch.Tensor, sample: int, image: int, global_image: int, picture: int) -> list[VisualSpan]:
         """The image's views as spans, given ``run``, its ``[tokens]`` image-token positions in order;
-        view ``k`` shows picture ``picture + k``."""
+        view ``k`` shows picture ``picture + k``.
+
+        An untiled image's newline slot is an extra position of its base view; so are the newline
+        slots of a tiles grid that unpadding left without cells (an image so far from every tile
+        layout's aspect that no whole row, or column, of patches shows it), which gets no tiles view.
+        """
         cells = self.side * self.side
         base = (self.side, self.side)
-        if self.tiles is None:
+        if not self.has_tiles_view:
             return [VisualSpan(sample, image, global_image, run[:cells], base, run[cells:], "base", picture=picture)]
         rows, cols = self.tiles
         grid = run[cells:].view(rows, cols + 1)
+        tiles = (grid[:, :cols].flatten(), (rows, cols), grid[:, cols])
         return [
             VisualSpan(sample, image, global_image, run[:cells], base, run[:0], "base", picture=picture),
-            VisualSpan(
-                sample,
-                image,
-                global_image,
-                grid[:, :cols].flatten(),
-                (rows, cols),
-                grid[:, cols],
-                "tiles",
-                picture=picture + 1,
-            ),
+            VisualSpan(sample, image, global_image, *tiles, "tiles", picture=picture + 1),
         ]
 
 
@@ -193,21 +196,21 @@ class AnyresAdapter(LlavaAdapter):
 
     def _layout_of_features(self, features: torch.Tensor) -> AnyresImage:
         """An image's layout from its packed features ``[tokens, d]``: base cells, then rows ending in
-        the newline vector (or a single newline for an untiled image)."""
+        the newline vector (a single newline for an untiled image, only newlines for a tiles grid
+        without columns)."""
         cells = self.side * self.side
         rest = features[cells:]
-        newline = self.image_newline.to(rest.device, rest.dtype)
-        flags = (rest == newline).all(dim=-1).cpu() if rest.numel() else torch.zeros(0, dtype=torch.bool)
-        if flags.numel() == 1 and bool(flags[0]):
-            return AnyresImage(self.side, None)
-        ends = torch.nonzero(flags).flatten()
-        if ends.numel() and int(ends[0]) > 0 and rest.shape[0] % (int(ends[0]) + 1) == 0:
-            cols = int(ends[0])
-            rows = rest.shape[0] // (cols + 1)
-            expected = torch.zeros(rows, cols + 1, dtype=torch.bool)
+        if rest.shape[0] == 0:
+            return AnyresImage(self.side, (0, 0))
+        flags = (rest == self.image_newline.to(rest.device, rest.dtype)).all(dim=-1).cpu()
+        if bool(flags.all()):
+            return AnyresImage(self.side, None if flags.numel() == 1 else (flags.numel(), 0))
+        cols = int(flags.int().argmax())
+        if cols > 0 and rest.shape[0] % (cols + 1) == 0:
+            expected = torch.zeros(rest.shape[0] // (cols + 1), cols + 1, dtype=torch.bool)
             expected[:, cols] = True
             if torch.equal(flags, expected.flatten()):
-                return AnyresImage(self.side, (rows, cols))
+                return AnyresImage(self.side, (expected.shape[0], cols))
         raise InputError(f"cannot tell the tile grid of an image with {features.shape[0]} visual tokens")
 
     def image_grids(self, inputs: Mapping[str, Any]) -> list[tuple[int, int]]:
@@ -241,7 +244,7 @@ class AnyresAdapter(LlavaAdapter):
         patch = self.patch_size
         for tiles, layout in zip(pixel_values, self.image_layouts(encoded), strict=True):
             pictures.append(self._view(tiles[0]))
-            if layout.tiles is None or layout.area is None:
+            if not layout.has_tiles_view or layout.area is None:
                 continue
             tile_rows, tile_cols = layout.layout
             size = self.tile_size
