@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import embedlens
-from embedlens.errors import InputError
+from embedlens.capture import run_captured
+from embedlens.errors import EmbedLensError, InputError
 from embedlens.interventions import Prune, intervene
 from embedlens.models.anyres import AnyresAdapter, downsampled, unpadded_area
 from helpers import random_image
@@ -164,6 +165,41 @@ def test_tiles_cells_hold_the_stitched_projector_rows(next_session: embedlens.Se
         assert torch.equal(embeds[sample, spans[1].positions], expected), f"sample {sample}"
         first_patch += 1 + layout.layout[0] * layout.layout[1]
     assert first_patch == projected.shape[0]
+
+
+@pytest.mark.parametrize("names", ["next_session", "onevision_session", "capped_session"])
+def test_vision_token_features_follow_the_packing(request: pytest.FixtureRequest, names: str):
+    """``vision_token_features`` only rearranges (and, downsampled, interpolates) the projector's
+    rows, as the model does to the projector's outputs: given those outputs instead of its inputs it
+    must return exactly the layer-0 vectors at each span's grid positions, every view, every size;
+    given the captured inputs, the projector of its answer is the layer-0 vectors (no downsampling)."""
+    (session,) = _sessions(request, names)
+    adapter: AnyresAdapter = session.adapter
+    batch, out, projected = _run(session, SIZES)
+    embeds = out.hidden_states[0]
+    captured = run_captured(adapter, batch.inputs, [0], vision_features=True)
+    for spans in batch.spans:
+        for span in spans:
+            where = f"sample {span.sample} view {span.view}"
+            expected = embeds[span.sample, span.positions]
+            assert torch.equal(adapter.vision_token_features(projected, span), expected), where
+            vision = adapter.vision_token_features(captured.vision_features, span)
+            assert vision.shape == (span.num_tokens, captured.vision_features.shape[-1])
+            if span.view == "base" or span.grid == span.anyres.area[2:]:
+                with torch.no_grad():
+                    torch.testing.assert_close(adapter.projector(vision), expected, rtol=0, atol=1e-6, msg=where)
+
+
+def test_vision_token_features_need_the_layout(next_session: embedlens.Session):
+    batch, out, projected = _run(next_session, [(200, 40)])
+    inputs = {"input_ids": batch.inputs["input_ids"], "mm_encoder_outputs": {"image": out.image_outputs}}
+    (spans,) = next_session.adapter.find_spans(inputs)  # as inside generate: no image sizes
+    with pytest.raises(EmbedLensError, match="does not say which patches"):
+        next_session.adapter.vision_token_features(projected, spans[1])
+    with pytest.raises(EmbedLensError, match="not captured"):
+        next_session.adapter.vision_token_features(None, batch.spans[0][1])
+    with pytest.raises(EmbedLensError, match="does not hold image 0"):
+        next_session.adapter.vision_token_features(projected[:2], batch.spans[0][1])
 
 
 def test_downsampled_grid_is_what_the_tokens_show(capped_session: embedlens.Session):

@@ -26,9 +26,10 @@ from typing import Any
 
 import torch
 from PIL import Image
+from torch.nn import functional
 from transformers.image_processing_utils import select_best_resolution
 
-from embedlens.errors import InputError
+from embedlens.errors import EmbedLensError, InputError
 from embedlens.models.base import PreparedBatch, VisualSpan
 from embedlens.models.llava import LlavaAdapter
 
@@ -61,13 +62,24 @@ class AnyresImage:
         return self.side * self.side + rows * (cols + 1)
 
     @property
+    def patches(self) -> int | None:
+        """Rows of ``pixel_values`` (and of the projector's input) the image takes: the base image and
+        its tiles; None when unknown (a tiled image known from its features alone)."""
+        if self.tiles is None:
+            return 1
+        return 1 + self.layout[0] * self.layout[1] if self.area is not None else None
+
+    @property
     def has_tiles_view(self) -> bool:
         """Whether the image has a tiles view with grid cells (see :meth:`spans`)."""
         return self.tiles is not None and self.tiles[0] * self.tiles[1] > 0
 
-    def spans(self, run: torch.Tensor, sample: int, image: int, global_image: int, picture: int) -> list[VisualSpan]:
+    def spans(
+        self, run: torch.Tensor, sample: int, image: int, global_image: int, picture: int, first_patch: int
+    ) -> list[AnyresSpan]:
         """The image's views as spans, given ``run``, its ``[tokens]`` image-token positions in order;
-        view ``k`` shows picture ``picture + k``.
+        view ``k`` shows picture ``picture + k``; ``first_patch`` is the image's first row of
+        ``pixel_values`` (-1: unknown).
 
         An untiled image's newline slot is an extra position of its base view; so are the newline
         slots of a tiles grid that unpadding left without cells (an image so far from every tile
@@ -75,15 +87,33 @@ class AnyresImage:
         """
         cells = self.side * self.side
         base = (self.side, self.side)
+        about = {"anyres": self, "first_patch": first_patch}
         if not self.has_tiles_view:
-            return [VisualSpan(sample, image, global_image, run[:cells], base, run[cells:], "base", picture=picture)]
+            return [
+                AnyresSpan(
+                    sample, image, global_image, run[:cells], base, run[cells:], "base", picture=picture, **about
+                )
+            ]
         rows, cols = self.tiles
         grid = run[cells:].view(rows, cols + 1)
         tiles = (grid[:, :cols].flatten(), (rows, cols), grid[:, cols])
         return [
-            VisualSpan(sample, image, global_image, run[:cells], base, run[:0], "base", picture=picture),
-            VisualSpan(sample, image, global_image, *tiles, "tiles", picture=picture + 1),
+            AnyresSpan(sample, image, global_image, run[:cells], base, run[:0], "base", picture=picture, **about),
+            AnyresSpan(sample, image, global_image, *tiles, "tiles", picture=picture + 1, **about),
         ]
+
+
+@dataclass
+class AnyresSpan(VisualSpan):
+    """A view of an anyres image, knowing the image's layout (to find each cell's vision features).
+
+    Attributes:
+        anyres: The image's layout, or None.
+        first_patch: The image's first row of ``pixel_values`` and of the projector's input (-1: unknown).
+    """
+
+    anyres: AnyresImage | None = None
+    first_patch: int = -1
 
 
 def unpadded_area(image_size: tuple[int, int], rows: int, cols: int) -> tuple[int, int, int, int]:
@@ -217,6 +247,53 @@ class AnyresAdapter(LlavaAdapter):
         """``(rows, cols)`` of every image's base view (its whole picture at one tile's size)."""
         return [(layout.side, layout.side) for layout in self.image_layouts(inputs)]
 
+    # ----------------------------------------------------------------- vision features
+    def vision_token_features(self, features: torch.Tensor | None, span: VisualSpan) -> torch.Tensor:
+        """What the projector received for each grid cell of ``span``.
+
+        The base view's cells are the base image's patches in order. A tiles cell ``(r, c)`` is patch
+        ``(top + r, left + c)`` of the stitched tile grid: patch ``((top + r) % side, (left + c) % side)``
+        of tile ``((top + r) // side, (left + c) // side)``. Where OneVision downsampled the tiles
+        view, the model interpolated the projector's outputs; here the vision features are
+        interpolated the same way (bilinear, to the view's grid), the nearest equivalent, as the
+        projector is not linear.
+
+        Args:
+            features: The projector's input, one row per base image or tile (``pixel_values`` rows,
+                images in batch order): ``[N_patches, side * side, d_vision]``.
+            span: One view of one image, as this adapter's ``find_spans`` gave it from ``image_sizes``.
+
+        Returns:
+            ``[rows * cols, d_vision]``, row-major over the view's grid.
+
+        Raises:
+            EmbedLensError: The features were not captured, or do not hold the span's image.
+        """
+        if features is None:
+            raise EmbedLensError("the projector's input was not captured")
+        layout = getattr(span, "anyres", None)
+        first = int(getattr(span, "first_patch", -1))
+        cells = self.side * self.side
+        if layout is None or layout.patches is None or first < 0:
+            raise EmbedLensError(f"the {self.family} span does not say which patches it shows (spans from prepare do)")
+        if features.ndim != 3 or features.shape[1] != cells or first + layout.patches > features.shape[0]:
+            raise EmbedLensError(
+                f"the projector received {tuple(features.shape)}, which does not hold image {span.global_image} "
+                f"({layout.patches} patches of {cells} tokens from row {first})"
+            )
+        if span.view == "base":
+            return features[first]
+        tile_rows, tile_cols = layout.layout
+        side, dim = self.side, features.shape[-1]
+        tiles = features[first + 1 : first + 1 + tile_rows * tile_cols].reshape(tile_rows, tile_cols, side, side, dim)
+        grid = tiles.permute(0, 2, 1, 3, 4).reshape(tile_rows * side, tile_cols * side, dim)
+        top, left, rows, cols = layout.area
+        grid = grid[top : top + rows, left : left + cols]
+        if (rows, cols) != span.grid:
+            moved = grid.permute(2, 0, 1)[None]
+            grid = functional.interpolate(moved, size=span.grid, mode="bilinear")[0].permute(1, 2, 0)
+        return grid.reshape(-1, dim)
+
     # ----------------------------------------------------------------- inputs
     def encode(self, images: Sequence[Sequence[Image.Image]], texts: list[str]) -> PreparedBatch:
         given = self.processor_images(images) if any(images) else None
@@ -260,7 +337,7 @@ class AnyresAdapter(LlavaAdapter):
         input_ids: torch.Tensor = inputs["input_ids"]
         layouts = self.image_layouts(inputs)
         spans: list[list[VisualSpan]] = []
-        next_image = picture = 0
+        next_image = picture = first_patch = 0
         for sample, row in enumerate(input_ids.cpu()):
             positions = torch.nonzero(row == self.image_token_id).flatten()
             sample_spans: list[VisualSpan] = []
@@ -276,9 +353,10 @@ class AnyresAdapter(LlavaAdapter):
                     raise InputError(
                         f"sample {sample}: expected {layout.tokens} image tokens for image {image}, found {run.numel()}"
                     )
-                views = layout.spans(run.clone(), sample, image, next_image, picture)
+                views = layout.spans(run.clone(), sample, image, next_image, picture, first_patch)
                 sample_spans += views
                 picture += len(views)
+                first_patch = first_patch + layout.patches if first_patch >= 0 and layout.patches else -1
                 offset += layout.tokens
                 image += 1
                 next_image += 1
