@@ -10,18 +10,32 @@ multi-image layout, and the layout found inside ``generate`` from the packed fea
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlavaNextConfig,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionImageProcessor,
+    LlavaOnevisionProcessor,
+    LlavaOnevisionVideoProcessor,
+)
 
 import embedlens
 from embedlens.capture import run_captured
 from embedlens.errors import EmbedLensError, InputError
 from embedlens.interventions import Prune, intervene
 from embedlens.models.anyres import AnyresAdapter, downsampled, unpadded_area
+from embedlens.models.llava_next import LlavaNextAdapter
+from embedlens.models.llava_onevision import LlavaOnevisionAdapter
+from embedlens.models.tiny import build_tiny_tokenizer
 from helpers import random_image
-from tiny_llava_next import TinyAnyres, save_llava_next, save_llava_onevision
+from tiny_llava_next import TinyAnyres, save_llava_next, save_llava_onevision, tokenizer_with_video
 
 #: (width, height) of images around and across the tile layouts: wide, tall, square, near-square,
 #: tiny, and far larger than any layout.
@@ -300,3 +314,59 @@ def test_builders_are_fast(tmp_path: Path):
     save_llava_next(tmp_path / "a")
     save_llava_onevision(tmp_path / "b")
     assert time.perf_counter() - start < 2.0
+
+
+#: (width, height): photo shapes, extreme strips, a near-square, a tiny and a large image.
+REAL_SIZES = [(640, 480), (333, 1001), (1001, 333), (2000, 1500), (4000, 300), (100, 3000), (777, 779), (50, 50)]
+
+
+def _real_shaped() -> list[tuple[AnyresAdapter, object, int]]:
+    """Adapters over llava-v1.6-mistral-7b-hf's and llava-onevision-qwen2-7b-ov-hf's geometry (336 px
+    CLIP tiles with 5 pinpoints; 384 px SigLIP tiles, 36 pinpoints, anyres_max_9), configs only, with
+    their real image processor settings: (adapter, processor, image token id)."""
+    pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(image_size=336, patch_size=14),
+        image_grid_pinpoints=pinpoints,
+        image_token_id=999,
+    )
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, image_grid_pinpoints=pinpoints
+    )
+    tokenizer = build_tiny_tokenizer(1000)
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    onevision = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(),
+        tokenizer=tokenizer_with_video(1000),
+        video_processor=LlavaOnevisionVideoProcessor(),
+        num_image_tokens=27 * 27,
+        vision_feature_select_strategy="full",
+    )
+    return [
+        (LlavaNextAdapter(SimpleNamespace(config=config), processor, "next"), processor, 999),
+        (
+            LlavaOnevisionAdapter(SimpleNamespace(config=LlavaOnevisionConfig(image_token_index=998)), onevision, "ov"),
+            onevision,
+            998,
+        ),
+    ]
+
+
+def test_real_shaped_token_counts():
+    """At the real checkpoints' sizes (24 x 24 and 27 x 27 grids, where the unpadding rounds and
+    OneVision downsamples large images) the layout's token count equals the processor's."""
+    for adapter, processor, token in _real_shaped():
+        downsampled_seen = False
+        for width, height in REAL_SIZES:
+            encoded = processor(images=[random_image(0, width, height)], text=["<image>"], return_tensors="pt")
+            layout = adapter.layout((height, width))
+            where = f"{adapter.family} {width} x {height}"
+            assert int(encoded["input_ids"].eq(token).sum()) == layout.tokens, where
+            downsampled_seen |= layout.tiles != layout.area[2:]
+        assert downsampled_seen == (adapter.family == "llava_onevision")

@@ -130,7 +130,7 @@ def build_llava_next(
     return model, processor
 
 
-def _tokenizer_with_video(vocab_size: int) -> PreTrainedTokenizerFast:
+def tokenizer_with_video(vocab_size: int) -> PreTrainedTokenizerFast:
     """The tiny tokenizer with ``<image>`` at id ``V - 2`` and ``<video>`` at ``V - 1``."""
     tokenizer = build_tiny_tokenizer(vocab_size - 1)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
@@ -162,7 +162,7 @@ def build_llava_onevision(
     side = spec.tile // spec.patch
     processor = LlavaOnevisionProcessor(
         image_processor=image_processor,
-        tokenizer=_tokenizer_with_video(spec.vocab_size),
+        tokenizer=tokenizer_with_video(spec.vocab_size),
         video_processor=LlavaOnevisionVideoProcessor(size={"height": spec.tile, "width": spec.tile}),
         num_image_tokens=side * side,
         vision_feature_select_strategy="full",
