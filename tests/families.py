@@ -24,6 +24,7 @@ import tiny_internvl
 from conftest import CHATML_TEMPLATE
 from embedlens.models.tiny import LLAVA_15_TEMPLATE, TinySpec, build_tiny_llava, save_tiny_llava
 from helpers import random_image
+from tiny_llava_next import save_llava_next, save_llava_onevision
 from tiny_qwen_vl import build_qwen2_5_vl, build_qwen2_vl, build_qwen3_vl
 
 
@@ -185,4 +186,21 @@ FAMILIES: tuple[Family, ...] = (
     ),
     # Qwen3-VL: 16 px patches, a tall 64 x 96 image -> 4 x 6 patches -> 3 x 2 tokens; DeepStack levels.
     Family("qwen3_vl", build_qwen3_vl, lambda seed: random_image(seed, 64, 96), views=(View(grid=(3, 2)),)),
+    # LLaVA-NeXT (CLIP + LLaMA, [INST] template), a wide 200 x 40 image: a 4 x 4 base view, then 1 x 3
+    # tiles stitched to 4 x 12 and unpadded to 2 x 12, each row followed by a newline slot.
+    Family(
+        "llava-next",
+        save_llava_next,
+        lambda seed: random_image(seed, 200, 40),
+        views=(View("base", (4, 4)), View("tiles", (2, 12), extra_offsets=(12, 25), projector_order=False)),
+    ),
+    # LLaVA-OneVision (SigLIP + Qwen2, ChatML), the same layout for one image per sample; a sample with
+    # several images gets base views only (tests/test_family_llava_next.py checks that layout).
+    Family(
+        "llava-onevision",
+        save_llava_onevision,
+        lambda seed: random_image(seed, 200, 40),
+        views=(View("base", (4, 4)), View("tiles", (2, 12), extra_offsets=(12, 25), projector_order=False)),
+        multi_image=False,
+    ),
 )

@@ -364,11 +364,21 @@ class TestSpans:
                 assert not bool((extra[:, None, :] == vectors[None, :, :]).all(dim=-1).any())
 
     def test_two_images_in_one_sample(self, loaded: Loaded):
-        family = loaded.family
-        if not family.multi_image:
-            pytest.skip(f"{family.name} takes one image per sample")
-        batch = loaded.adapter.prepare([[family.image(0), family.image(1)], [family.image(2)]], list(family.prompts))
-        self._check(loaded, batch, [2, 1])
+        """Two images in one sample: the usual layout per image, or, for a family that lays a sample of
+        several images out differently (``multi_image=False``), spans that still cover exactly the image
+        tokens, one image after the other, without overlaps."""
+        family, adapter = loaded.family, loaded.adapter
+        batch = adapter.prepare([[family.image(0), family.image(1)], [family.image(2)]], list(family.prompts))
+        if family.multi_image:
+            self._check(loaded, batch, [2, 1])
+            return
+        for sample, (row, spans) in enumerate(zip(batch.inputs["input_ids"].cpu(), batch.spans, strict=True)):
+            covered = _all_positions(spans)
+            assert len(covered) == len(set(covered)), f"sample {sample}: spans overlap"
+            assert sorted(covered) == torch.nonzero(row == adapter.image_token_id).flatten().tolist()
+            assert sorted({span.image for span in spans}) == list(range(2 - sample))
+            ends = [max(_all_positions([s for s in spans if s.image == image])) for image in range(2 - sample)]
+            assert ends == sorted(ends), f"sample {sample}: images out of order"
 
 
 # --------------------------------------------------------------------------- 3. empty

@@ -19,6 +19,8 @@ from embedlens.models import (  # noqa: F401  (registration side effects)
     gemma3,
     internvl,
     llava,
+    llava_next,
+    llava_onevision,
     qwen2_5_vl,
     qwen2_vl,
     qwen3_vl,
