@@ -106,7 +106,8 @@ class Plant:
         return Anchors.for_tokenizer(groups, self.adapter.tokenizer, model="planted")
 
     @contextlib.contextmanager
-    def __call__(self) -> Iterator[Plant]:
+    def hooks(self) -> Iterator[Plant]:
+        """The hooks installed for the ``with`` block (removed after it, also on an exception)."""
         adapter = self.adapter
         handles = [
             adapter.model.register_forward_pre_hook(self._model_hook, with_kwargs=True, prepend=True),
@@ -197,7 +198,7 @@ def covers_every_view(reported: Sequence[int], spans: Sequence, feature: str) ->
 
 @pytest.fixture
 def plant(loaded: Loaded) -> Iterator[Plant]:
-    with Plant(loaded)() as planted:
+    with Plant(loaded).hooks() as planted:
         yield planted
 
 
@@ -260,7 +261,7 @@ class TestDiscoverAnchors:
     def test_finds_planted_llm_sinks_and_dead(self, loaded: Loaded):
         assert loaded.adapter.num_layers >= 2, "discovery planting needs two decoder layers"
         config = DiscoveryConfig(sink_layer=1, cross_layer=1)
-        with Plant(loaded, discovery=True)() as planted:
+        with Plant(loaded, discovery=True).hooks() as planted:
             found = discover_anchors(
                 loaded.session, images(loaded, 3), loaded.family.prompts[0], config=config, batch_size=3, progress=False
             )
@@ -270,7 +271,10 @@ class TestDiscoverAnchors:
         assert dead in found.groups["dead"], found.to_pandas().loc[[dead]].to_string()
         assert not {bos, massive, dead} & set(found.groups["vit_sink"])
         classified = loaded.session.classify(loaded.family.image(0), anchors=found.anchors)
-        assert len(classified) == sum(span.num_tokens for span in planted.batches[0][0])
+        cells = sum(span.num_tokens for span in planted.batches[0][0])
+        assert len(classified) == cells, (
+            f"classify with the discovered anchors labels {len(classified)} of {cells} cells"
+        )
 
 
 # --------------------------------------------------------------------------- 4. stats

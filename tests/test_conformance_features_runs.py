@@ -43,7 +43,7 @@ def loaded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 @pytest.fixture
 def plant(loaded: Loaded):
-    with Plant(loaded)() as planted:
+    with Plant(loaded).hooks() as planted:
         yield planted
 
 
