@@ -43,6 +43,10 @@ from taxonomy_planting import top_ids, unit_rows
 
 #: The planted groups, in the order of :func:`planted_cells`.
 GROUPS = ("vit_sink", "llm_sink", "dead")
+#: What discovery must find, in the order of :func:`discovery_cells`.
+DISCOVERY = ("vit_sink", "llm_bos", "llm_massive", "dead")
+#: Vision-feature scale of the planted ViT sink.
+VIT_BOOST = 50.0
 #: Neighbours of an anchor kept out of other anchors' and of the noise tokens' reach.
 NEAR = 5
 
@@ -55,12 +59,18 @@ def loaded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 # --------------------------------------------------------------------------- planting
 def planted_cells(cells: int) -> tuple[int, int, int]:
-    """The grid cells (row-major) planted in a view of ``cells`` cells: first, middle, last."""
+    """The grid cells (row-major) holding the anchors of :data:`GROUPS` in a view of ``cells`` cells."""
     assert cells >= 3, f"a view of {cells} grid cells is too small to plant three anchors"
     return 0, cells // 2, cells - 1
 
 
-def anchor_ids(loaded: Loaded, count: int = 3) -> list[int]:
+def discovery_cells(cells: int) -> tuple[int, int, int, int]:
+    """The cells of :data:`DISCOVERY` in a view of ``cells`` cells."""
+    assert cells >= 4, f"a view of {cells} grid cells is too small to plant four anchors"
+    return 0, cells // 3, 2 * cells // 3, cells - 1
+
+
+def anchor_ids(loaded: Loaded, count: int) -> list[int]:
     """``count`` ordinary ids (below the tokenizer's size, not special) none of which is among another's
     :data:`NEAR` nearest rows or shares one with it."""
     adapter = loaded.adapter
@@ -80,22 +90,29 @@ def anchor_ids(loaded: Loaded, count: int = 3) -> list[int]:
 
 
 class Plant:
-    """Hooks planting anchor rows at :func:`planted_cells` of every span of every prefill (see the module
-    docs); with ``discovery``, also the LLM sinks and the dead token at the input of decoder layer 1.
+    """Hooks planting anchor rows at chosen cells of every span of every prefill (see the module docs).
+
+    Without ``discovery`` the cells are :func:`planted_cells`, one per group of :data:`GROUPS`. With it,
+    :func:`discovery_cells`, one per part of :data:`DISCOVERY`: the vision features behind the ViT-sink
+    cell (``adapter.vision_token_features`` says which entries of the projector's input those are) are
+    scaled by :data:`VIT_BOOST`, and at the input of decoder layer 1 the ``llm_bos`` cell copies the first
+    position, the ``llm_massive`` cell gets a massive activation and the ``dead`` cell is set back to its
+    layer-0 row.
 
     Attributes:
-        ids: The planted ids, one per cell of :func:`planted_cells` (first, middle, last).
+        ids: The planted ids, one per planted cell, in cell order.
         batches: The spans of every prefill seen, in order.
     """
 
     def __init__(self, loaded: Loaded, *, discovery: bool = False) -> None:
         self.adapter = loaded.adapter
-        self.ids = anchor_ids(loaded)
         self.discovery = discovery
+        self.cells = discovery_cells if discovery else planted_cells
+        self.ids = anchor_ids(loaded, len(DISCOVERY) if discovery else len(GROUPS))
         table = self.adapter.input_embeddings.weight.detach()
         avoid = sorted({int(i) for a in self.ids for i in top_ids(table[a : a + 1], table, NEAR)[0]})
         self.basis = torch.linalg.qr(unit_rows(table[avoid]).T)[0]  # [d, m] orthonormal, float64
-        self.rows = table[self.ids].clone()  # [3, d]
+        self.rows = table[self.ids].clone()  # [cells, d]
         self.batches: list[list[list]] = []
         self._pending: tuple[list[list], torch.Tensor | None, int] | None = None
 
@@ -109,18 +126,23 @@ class Plant:
     def hooks(self) -> Iterator[Plant]:
         """The hooks installed for the ``with`` block (removed after it, also on an exception)."""
         adapter = self.adapter
+        pre = {"with_kwargs": True, "prepend": True}
         handles = [
-            adapter.model.register_forward_pre_hook(self._model_hook, with_kwargs=True, prepend=True),
-            adapter.language_model.register_forward_pre_hook(self._llm_hook, with_kwargs=True, prepend=True),
+            adapter.model.register_forward_pre_hook(self._model_hook, **pre),
+            adapter.language_model.register_forward_pre_hook(self._llm_hook, **pre),
         ]
         if self.discovery:
-            layer = adapter.decoder_layers[1]
-            handles.append(layer.register_forward_pre_hook(self._sink_hook, with_kwargs=True, prepend=True))
+            handles.append(adapter.projector.register_forward_pre_hook(self._boost_hook, prepend=True))
+            handles.append(adapter.decoder_layers[1].register_forward_pre_hook(self._sink_hook, **pre))
         try:
             yield self
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _spans(self) -> Iterator:
+        assert self._pending is not None
+        return (span for sample_spans in self._pending[0] for span in sample_spans)
 
     def _model_hook(self, _module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -130,15 +152,30 @@ class Plant:
         self.batches.append(spans)
         self._pending = (spans, kwargs.get("attention_mask"), int(input_ids.shape[1]))
 
+    def _boost_hook(self, _module, args: tuple):
+        """The projector's input: the entries behind the ViT-sink cell of every span, scaled."""
+        if self._pending is None or not args or not isinstance(args[0], torch.Tensor):
+            return None
+        features = args[0]
+        with torch.inference_mode(False), torch.enable_grad():
+            behind = torch.zeros(features.shape, dtype=torch.bool, device=features.device)
+            for span in self._spans():
+                probe = torch.zeros(features.shape, dtype=torch.float64, device=features.device, requires_grad=True)
+                cell = self.cells(span.num_tokens)[0]
+                (gradient,) = torch.autograd.grad(self.adapter.vision_token_features(probe, span)[cell].sum(), probe)
+                behind |= gradient != 0
+        assert bool(behind.any()), "vision_token_features names no projector input behind the ViT-sink cell"
+        return (torch.where(behind, features * VIT_BOOST, features), *args[1:])
+
     def _llm_hook(self, _module, args: tuple, kwargs: dict):
         embeds = kwargs.get("inputs_embeds")
         if self._pending is None or embeds is None or embeds.shape[1] != self._pending[2]:
             return None
         embeds = embeds.clone()
-        for span in (span for spans in self._pending[0] for span in spans):
+        for span in self._spans():
             grid = embeds[span.sample, span.positions].double()
             grid = grid - (grid @ self.basis) @ self.basis.T  # no anchor nor neighbour in reach
-            for cell, row in zip(planted_cells(span.num_tokens), self.rows, strict=True):
+            for cell, row in zip(self.cells(span.num_tokens), self.rows, strict=True):
                 grid[cell] = row.double()
             embeds[span.sample, span.positions] = grid.to(embeds.dtype)
         kwargs["inputs_embeds"] = embeds
@@ -147,21 +184,21 @@ class Plant:
         return args, kwargs
 
     def _sink_hook(self, _module, args: tuple, kwargs: dict):
-        """Decoder layer 1's input: cell 0 copies the first position, the middle cell gets a massive
-        activation, the last cell is set back to its layer-0 row (dead)."""
+        """Decoder layer 1's input: the LLM sinks and the dead token of :data:`DISCOVERY`."""
         if self._pending is None:
             return None
-        spans, mask, length = self._pending
+        mask, length = self._pending[1:]
         hidden = args[0] if args else kwargs["hidden_states"]
         if hidden.shape[1] != length:
             return None
         hidden = hidden.clone()
-        for span in (span for sample_spans in spans for span in sample_spans):
-            first = 0 if mask is None else int(torch.nonzero(mask[span.sample]).flatten()[0])
-            bos, massive, dead = (int(span.positions[c]) for c in planted_cells(span.num_tokens))
-            hidden[span.sample, bos] = hidden[span.sample, first]
-            hidden[span.sample, massive, 3] = 100 * hidden[span.sample, massive].abs().max()
-            hidden[span.sample, dead] = self.rows[2].to(hidden.dtype)
+        for span in self._spans():
+            row = span.sample
+            first = 0 if mask is None else int(torch.nonzero(mask[row]).flatten()[0])
+            _, bos, massive, dead = (int(span.positions[c]) for c in self.cells(span.num_tokens))
+            hidden[row, bos] = hidden[row, first]
+            hidden[row, massive, 3] = 100 * hidden[row, massive].abs().max()
+            hidden[row, dead] = self.rows[3].to(hidden.dtype)
         self._pending = None
         if args:
             return (hidden, *args[1:]), kwargs
@@ -255,21 +292,23 @@ class TestClassify:
 
 # --------------------------------------------------------------------------- 3. discover-anchors
 class TestDiscoverAnchors:
-    """Discovery finds the planted LLM sinks and dead token (ViT sinks would need per-token vision-feature
-    norms in the family's layout, which the adapter interface does not give, so none is planted)."""
+    """Discovery finds the planted ViT sink (vision features read through ``vision_token_features``),
+    the two LLM sinks and the dead token, each in its group."""
 
-    def test_finds_planted_llm_sinks_and_dead(self, loaded: Loaded):
+    def test_finds_planted_sinks_and_dead(self, loaded: Loaded):
         assert loaded.adapter.num_layers >= 2, "discovery planting needs two decoder layers"
         config = DiscoveryConfig(sink_layer=1, cross_layer=1)
         with Plant(loaded, discovery=True).hooks() as planted:
             found = discover_anchors(
                 loaded.session, images(loaded, 3), loaded.family.prompts[0], config=config, batch_size=3, progress=False
             )
-        bos, massive, dead = planted.ids
+        vit, bos, massive, dead = planted.ids
         assert found.num_images == 3
-        assert {bos, massive} <= set(found.groups["llm_sink"]), found.to_pandas().loc[[bos, massive]].to_string()
-        assert dead in found.groups["dead"], found.to_pandas().loc[[dead]].to_string()
-        assert not {bos, massive, dead} & set(found.groups["vit_sink"])
+        expected = {"vit_sink": {vit}, "llm_sink": {bos, massive}, "dead": {dead}}
+        for group, ids in expected.items():
+            evidence = found.to_pandas().reindex(sorted(ids)).to_string()
+            assert ids <= set(found.groups[group]), f"{group} {found.groups[group]} lacks {ids}:\n{evidence}"
+            assert not set(planted.ids) - ids & set(found.groups[group]), f"another plant in {group}"
         classified = loaded.session.classify(loaded.family.image(0), anchors=found.anchors)
         cells = sum(span.num_tokens for span in planted.batches[0][0])
         assert len(classified) == cells, (
