@@ -4,20 +4,23 @@
 check that each user-facing feature runs on the family and gives the answer planted into it, so the
 closing note can show a family x feature table. Nothing here may be taught about a family: the checks
 use the public API and the adapter interface only (``prepare``, ``find_spans``, ``image_token_id``,
-``input_embeddings``, ``language_model``, ``decoder_layers``, ``tokenizer``).
+``input_embeddings``, ``language_model``, ``decoder_layers``, ``projector``, ``vision_token_features``,
+``tokenizer``).
 
 On random weights nothing a lens shows means anything, so the tests decide what some visual tokens are.
 :class:`Plant` hooks the model, family-agnostically: a pre-hook on the model finds the spans of every
 prefill (``adapter.find_spans`` on the model's own keyword arguments), and a pre-hook on the language
-model writes, at three chosen grid cells of every span (every view), the embedding-table rows of three
-anchor ids into ``inputs_embeds``, and removes the anchors' directions (and their neighbours') from
-every other grid cell, so that no other token can name an anchor. Those cells are layer 0 for every
-reader (lens, rule, discovery, interventions). For discovery it also plants, at the input of decoder
-layer 1, an LLM sink that copies the first position's state, one with a massive activation, and a dead
-token left at its layer-0 row.
+model writes, at chosen grid cells of every span (every view), the embedding-table rows of anchor ids
+into ``inputs_embeds``, and removes the anchors' directions (and their neighbours') from every other
+grid cell, so that no other token can name an anchor. Those cells are layer 0 for every reader (lens,
+rule, discovery, interventions). For discovery it also plants a ViT sink (the projector inputs that
+``vision_token_features`` puts behind one cell, scaled up) and, at the input of decoder layer 1, an LLM
+sink that copies the first position's state, one with a massive activation, and a dead token left at
+its layer-0 row.
 
 One class per feature (``1. probe`` ... ``6. generate`` here; ``7. FLOPs`` ... ``10. lmms-eval`` in the
-other module). A feature that cannot work on a family yet fails with a message saying what is missing.
+other module). A feature that cannot work on a family yet fails with a message saying what is missing
+(for multi-view families: which views a result leaves out).
 """
 
 from __future__ import annotations
