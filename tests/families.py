@@ -6,7 +6,9 @@ the directory the suite then loads by path through ``embedlens.load``. Besides t
 states the few facts the checks compare against (what the processor should lay out for one image),
 so a wrong adapter cannot pass by agreeing with itself.
 
-Import as ``from families import FAMILIES`` (pytest puts ``tests/`` on ``sys.path``).
+Import as ``from families import FAMILIES`` (pytest puts ``tests/`` on ``sys.path``). The conformance
+modules share one loader, :func:`load_family` (a tiny checkpoint built to a temporary directory and
+loaded by path on the CPU), returning a :class:`Loaded`.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+import embedlens
 import tiny_gemma3
 import tiny_internvl
 from conftest import CHATML_TEMPLATE
+from embedlens.models.base import ModelAdapter
 from embedlens.models.tiny import LLAVA_15_TEMPLATE, TinySpec, build_tiny_llava, save_tiny_llava
 from helpers import random_image
 from tiny_llava_next import save_llava_next, save_llava_onevision
@@ -204,3 +209,23 @@ FAMILIES: tuple[Family, ...] = (
         multi_image=False,
     ),
 )
+
+
+@dataclass
+class Loaded:
+    """One family's tiny checkpoint, loaded by path."""
+
+    family: Family
+    session: embedlens.Session
+    path: Path
+
+    @property
+    def adapter(self) -> ModelAdapter:
+        return self.session.adapter
+
+
+def load_family(family: Family, tmp_path_factory: pytest.TempPathFactory) -> Loaded:
+    """Build ``family``'s tiny checkpoint to a fresh temporary directory (from pytest's
+    ``tmp_path_factory``) and load it by path through ``embedlens.load`` on the CPU."""
+    path = family.build(tmp_path_factory.mktemp(f"family-{family.name}") / "model")
+    return Loaded(family, embedlens.load(str(path), device="cpu"), Path(path))

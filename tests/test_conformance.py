@@ -38,15 +38,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 
-import embedlens
 from embedlens.interventions import Prune, intervene, parse
 from embedlens.models.base import ModelAdapter, PreparedBatch, VisualSpan
-from families import FAMILIES, Family
+from families import FAMILIES, Family, Loaded, load_family
 
 #: Greedy steps of the KV-cache check.
 STEPS = 4
@@ -54,25 +52,10 @@ STEPS = 4
 TOP_K = 5
 
 
-@dataclass
-class Loaded:
-    """One family's tiny checkpoint, loaded by path."""
-
-    family: Family
-    session: embedlens.Session
-    path: Path
-
-    @property
-    def adapter(self) -> ModelAdapter:
-        return self.session.adapter
-
-
 @pytest.fixture(scope="module", params=FAMILIES, ids=str)
 def loaded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Loaded:
     """Each family's tiny checkpoint, built once to a temporary directory and loaded by path on the CPU."""
-    family: Family = request.param
-    path = family.build(tmp_path_factory.mktemp(f"family-{family.name}") / "model")
-    return Loaded(family, embedlens.load(str(path), device="cpu"), Path(path))
+    return load_family(request.param, tmp_path_factory)
 
 
 # --------------------------------------------------------------------------- helpers
