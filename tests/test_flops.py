@@ -275,9 +275,11 @@ class TestVisionFlops:
             assert sample_flops(tiny.adapter, record).vision == expected, items
             assert sample_flops(tiny.adapter, record, baseline=True).vision == expected, items
 
-    def test_per_image(self, tiny, sizes):
-        one = vision_flops(tiny.adapter, GRID_TOKENS)
-        assert vision_flops(tiny.adapter, GRID_TOKENS, images=3) == 3 * one
+    def test_per_pass(self, tiny, sizes):
+        """One tower pass per image (CLIP: the patches plus CLS); three images cost three times one."""
+        assert tiny.adapter.class_tokens == 1
+        one = vision_flops(tiny.adapter, [GRID_TOKENS + 1], GRID_TOKENS)
+        assert vision_flops(tiny.adapter, [GRID_TOKENS + 1] * 3, 3 * GRID_TOKENS) == 3 * one
         assert one == hand_vision(sizes, GRID_TOKENS, sizes.d)
 
 

@@ -18,6 +18,7 @@ so Skip's saving shows in FLOPs but not in measured time.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,23 +97,40 @@ def _linear_flops_per_token(module: nn.Module) -> float:
     return float(sum(2 * m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear)))
 
 
-def vision_flops(adapter: ModelAdapter, grid_tokens: int, images: int = 1) -> float:
-    """Vision tower + projector FLOPs for ``images`` images of ``grid_tokens`` patches each.
+def _vision_size(config: Any, *names: str) -> int:
+    """The first of ``names`` the vision config sets (families name their sizes differently)."""
+    for name in names:
+        value = getattr(config, name, None)
+        if value:
+            return int(value[-1] if isinstance(value, (list, tuple)) else value)
+    return 0
 
-    Every linear layer of the tower runs on every token (patches + one CLS); attention adds
-    ``4 * tokens^2 * width`` per layer; the patch embedding is a linear map of each patch.
+
+def vision_flops(adapter: ModelAdapter, passes: Sequence[int], grid_tokens: int) -> float:
+    """Vision tower + projector FLOPs of one sample's images.
+
+    Every linear layer of the tower runs on every token of each pass (patches and any class token);
+    attention adds ``4 * tokens^2 * width`` per layer and pass; the patch embedding is a linear map of
+    each patch; the projector runs once per grid token.
+
+    Args:
+        adapter: The model.
+        passes: Tokens of each tower pass (see :meth:`~embedlens.models.base.ModelAdapter.vision_passes`).
+        grid_tokens: Grid tokens the projector produces, all views together.
     """
     tower = adapter.vision_tower
     config: Any = getattr(tower, "config", None)
-    tokens = grid_tokens + 1
-    width = int(getattr(config, "hidden_size", 0) or 0)
-    depth = int(getattr(config, "num_hidden_layers", 0) or 0)
-    patch = int(getattr(config, "patch_size", 0) or 0)
-    channels = int(getattr(config, "num_channels", 3) or 3)
-    per_image = tokens * _linear_flops_per_token(tower) + depth * 4.0 * tokens * tokens * width
-    per_image += 2.0 * grid_tokens * channels * patch * patch * width
-    per_image += grid_tokens * _linear_flops_per_token(adapter.projector)
-    return images * per_image
+    width = _vision_size(config, "hidden_size", "embed_dim")
+    depth = _vision_size(config, "num_hidden_layers", "depth")
+    patch = _vision_size(config, "patch_size")
+    channels = _vision_size(config, "num_channels", "in_channels", "in_chans") or 3
+    frames = _vision_size(config, "temporal_patch_size") or 1
+    per_token = _linear_flops_per_token(tower)
+    total = 0.0
+    for tokens in passes:
+        total += tokens * per_token + depth * 4.0 * tokens * tokens * width
+        total += 2.0 * (tokens - adapter.class_tokens) * channels * frames * patch * patch * width
+    return total + grid_tokens * _linear_flops_per_token(adapter.projector)
 
 
 def layer_flops(dims: TextDims, tokens: int, skipped_attn: tuple[int, int] = (0, 0), skipped_mlp: int = 0) -> float:
@@ -150,5 +168,5 @@ def sample_flops(adapter: ModelAdapter, record: SampleRecord, *, baseline: bool 
         attn = (0, 0) if baseline else record.skipped_visible.get(str(layer), (0, 0))
         mlp = 0 if baseline else record.skipped.get(f"{layer}.5", 0)
         layers.append(layer_flops(dims, count, attn, mlp))
-    vision = vision_flops(adapter, record.grid_tokens, images=record.images) if record.images else 0.0
+    vision = vision_flops(adapter, record.vision_passes, record.grid_tokens) if record.images else 0.0
     return FlopCount(layers=layers, vision=vision, head=2.0 * dims.hidden * dims.vocab, tokens_per_layer=tokens)

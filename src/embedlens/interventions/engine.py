@@ -279,7 +279,11 @@ class Engine:
     def _choose(self, embeds: torch.Tensor, mask: torch.Tensor, spans: list[list[VisualSpan]]) -> Selection:
         """Token selection: each row's visual tokens, labelled when needed, and what the plan does to them."""
         batch = embeds.shape[0]
-        tokens = [SampleTokens.from_spans(sample_spans) for sample_spans in spans]
+        adapter = self.adapter
+        tokens = [
+            SampleTokens.from_spans(sample_spans, [n for span in sample_spans for n in adapter.vision_passes(span)])
+            for sample_spans in spans
+        ]
         if self.targets is not None:
             if len(self.targets) < batch:
                 raise InputError(f"{len(self.targets)} target lists given for a batch of {batch}")

@@ -35,7 +35,8 @@ class SampleRecord:
         skipped_visible: For each skipped attention sublayer (``"n"``), ``(rows, keys)``: the rows
             skipped and the sum of the keys each would have attended to (for FLOP accounting).
         images: Images in the sample.
-        grid_tokens: Grid tokens per image.
+        grid_tokens: Grid tokens of the sample (every view of every image).
+        vision_passes: Tokens of each vision-tower pass behind the sample's images (for FLOP accounting).
     """
 
     sample_id: int
@@ -50,6 +51,7 @@ class SampleRecord:
     skipped_visible: dict[str, tuple[int, int]] = field(default_factory=dict)
     images: int = 0
     grid_tokens: int = 0
+    vision_passes: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -42,7 +42,8 @@ class SampleTokens:
             :data:`~embedlens.taxonomy.groups.GROUPS`, overlaps kept), or None, ``[n, 3]`` bool.
         targets: Cells of the sample's ``"target"`` group (per image), or None when not given.
         images: Images in the sample.
-        grid_tokens: Grid tokens of the first image (0 without images).
+        grid_tokens: Grid tokens of the sample, every view of every image.
+        vision_passes: Tokens of each vision-tower pass behind the sample's images.
     """
 
     positions: torch.Tensor
@@ -54,10 +55,11 @@ class SampleTokens:
     targets: tuple[int, ...] | None = None
     images: int = 0
     grid_tokens: int = 0
+    vision_passes: list[int] = field(default_factory=list)
 
     @classmethod
-    def from_spans(cls, spans: Sequence[VisualSpan]) -> SampleTokens:
-        """Collect the grid tokens of one sample's spans."""
+    def from_spans(cls, spans: Sequence[VisualSpan], vision_passes: Sequence[int] = ()) -> SampleTokens:
+        """Collect the grid tokens of one sample's spans (``vision_passes``: the tower passes behind them)."""
         empty = torch.zeros(0, dtype=torch.long)
         if not spans:
             return cls(empty, empty, empty, empty)
@@ -66,8 +68,9 @@ class SampleTokens:
             cells=torch.cat([torch.arange(span.num_tokens) for span in spans]),
             cells_per_image=torch.cat([torch.full((span.num_tokens,), span.num_tokens) for span in spans]),
             extra=torch.cat([span.extra_positions for span in spans]).long(),
-            images=len(spans),
-            grid_tokens=int(spans[0].num_tokens),
+            images=len({span.image for span in spans}),
+            grid_tokens=sum(span.num_tokens for span in spans),
+            vision_passes=list(vision_passes),
         )
 
     @property
@@ -214,6 +217,7 @@ def select_tokens(
             visual=int(sample.num_tokens + sample.extra.numel()),
             images=sample.images,
             grid_tokens=sample.grid_tokens,
+            vision_passes=sample.vision_passes,
         )
         if sample.labels is not None:
             record.groups = {str(name): int((sample.labels == name).sum()) for name in sorted(set(sample.labels))}

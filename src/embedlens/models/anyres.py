@@ -248,6 +248,18 @@ class AnyresAdapter(LlavaAdapter):
         return [(layout.side, layout.side) for layout in self.image_layouts(inputs)]
 
     # ----------------------------------------------------------------- vision features
+    def vision_passes(self, span: VisualSpan) -> list[int]:
+        """One tower pass over a full tile (``side * side`` patches plus any class token) for the base view
+        and for each tile of the tiles view; an image known from its features alone counts the fewest
+        tiles that hold its tiles grid."""
+        layout = getattr(span, "anyres", None)
+        side = layout.side if layout is not None else span.grid[0]
+        per_pass = side * side + self.class_tokens
+        if span.view != "tiles":
+            return [per_pass]
+        tiles = layout.layout[0] * layout.layout[1] if layout is not None else 0
+        return [per_pass] * (tiles or max(1, -(-span.num_tokens // (side * side))))
+
     def vision_token_features(self, features: torch.Tensor | None, span: VisualSpan) -> torch.Tensor:
         """What the projector received for each grid cell of ``span``.
 

@@ -394,6 +394,26 @@ class ModelAdapter(ABC):
             )
         return image[extra:]
 
+    # ----------------------------------------------------------------- vision cost
+    #: Vision-tower patches behind one grid token (Qwen's merger: ``merge_size ** 2``; InternVL's pixel
+    #: shuffle: 4; Gemma 3's pooling: ``k ** 2``); 1 for projectors that map patches one to one.
+    patches_per_token: int = 1
+
+    @property
+    def class_tokens(self) -> int:
+        """Tokens the vision tower adds to each pass besides the patches (1 for a CLS token, else 0)."""
+        for module in self.vision_tower.modules():
+            if isinstance(getattr(module, "class_embedding", None), torch.Tensor) or isinstance(
+                getattr(module, "cls_token", None), torch.Tensor
+            ):
+                return 1
+        return 0
+
+    def vision_passes(self, span: VisualSpan) -> list[int]:
+        """Tokens of each vision-tower pass that produces this view (for FLOP accounting, ``[passes]``):
+        by default one pass over the view's patches plus the tower's class token."""
+        return [span.num_tokens * self.patches_per_token + self.class_tokens]
+
     # ----------------------------------------------------------------- layers
     def check_layer(self, layer: int) -> int:
         """Return ``layer`` as an index in ``0 .. L`` (negative counts from the end) or raise."""

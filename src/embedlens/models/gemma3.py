@@ -93,6 +93,13 @@ class Gemma3Adapter(ModelAdapter):
         return side, side
 
     @property
+    def patches_per_token(self) -> int:  # type: ignore[override]
+        """SigLIP patches the projector averages into one token (``(patches per side / grid side) ** 2``)."""
+        vision = self.model.config.vision_config
+        per_side = int(vision.image_size) // int(vision.patch_size)
+        return (per_side // self.grid[0]) ** 2
+
+    @property
     def marker_ids(self) -> tuple[int, int]:
         """Token ids of ``<start_of_image>`` and ``<end_of_image>`` (the config's boi / eoi ids)."""
         config = self.model.config

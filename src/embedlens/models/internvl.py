@@ -115,6 +115,11 @@ class InternVLAdapter(ModelAdapter):
         patch = int(patch[-1] if isinstance(patch, (list, tuple)) else patch)
         return int((pixels // patch) * config.downsample_ratio)
 
+    @property
+    def patches_per_token(self) -> int:  # type: ignore[override]
+        """Patches pixel shuffle folds into one token (``1 / downsample_ratio ** 2``: 4 at 0.5)."""
+        return round(1 / float(self.model.config.downsample_ratio) ** 2)
+
     def _views_given(self, inputs: Mapping[str, Any]) -> int | None:
         """Views (rows of ``pixel_values`` or of the encoded images) in the batch, None when neither is given."""
         pixel_values = inputs.get("pixel_values")

@@ -82,6 +82,11 @@ class QwenVLAdapter(ModelAdapter):
 
     # ----------------------------------------------------------------- geometry
     @property
+    def patches_per_token(self) -> int:  # type: ignore[override]
+        """Patches the merger folds into one token (``merge_size ** 2``)."""
+        return self.merge_size**2
+
+    @property
     def merge_size(self) -> int:
         """Side of the block of patches the merger joins into one visual token."""
         return int(self.model.config.vision_config.spatial_merge_size)

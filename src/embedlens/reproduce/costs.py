@@ -181,7 +181,7 @@ def cost_model(
     grid = visual - extra
     return CostModel(
         dims=TextDims.of(adapter),
-        vision=vision_flops(adapter, grid),
+        vision=vision_flops(adapter, [grid + adapter.class_tokens], grid),
         visual_tokens=visual,
         text_tokens=text_tokens,
         prefix_tokens=prefix_tokens,
