@@ -107,7 +107,9 @@ class TestRuns:
         expected = {BASELINE: 0, "-vit_sink": 1, "-llm_sink": 1, "-sinks": 2, "-dead": 1, "-sink+dead": 3}
         for name, cells in expected.items():
             assert pruned[name] == cells * views, f"{name}: pruned {pruned[name]} cells, planted {cells * views}"
-        assert pruned["random(sink+dead) seed 0"] == 3 * views
+        # the matched control draws as many cells from the rest of the grid, as far as the rest goes
+        cells = sum(span.num_tokens for span in plant.batches[-1][0])
+        assert pruned["random(sink+dead) seed 0"] == min(3 * views, cells - 3 * views)
         assert all(e["flops_ratio"] < 1 for e in table["settings"][1:]), "pruning saved no FLOPs"
 
     def test_inject_sweep(self, loaded: Loaded, tmp_path: Path):
