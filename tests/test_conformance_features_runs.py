@@ -13,6 +13,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from lmms_eval.api.instance import Instance
@@ -172,6 +173,17 @@ class TestPatchbench:
                 blank.paste(image.getpixel((0, 0)), (left, top, right, bottom))
             for changed in view_changes(loaded.adapter, geometry, image, blank):  # one list per view
                 assert changed and set(changed) <= set(row["target_patches"]), (row["id"], changed)
+            # independently, in the picture of each view the family shows (its own undoing of the layout)
+            both = loaded.session.prepare([image, blank], [row["question"]] * 2)
+            for span, other in zip(*both.spans, strict=True):
+                old, new = np.asarray(both.views[span.picture]), np.asarray(both.views[other.picture])
+                rows, cols = span.grid
+                side = min(old.shape[0] // rows, old.shape[1] // cols)
+                where = np.argwhere((old != new).any(axis=2))
+                cells = {
+                    int(y // side) * cols + int(x // side) for y, x in where if y < rows * side and x < cols * side
+                }
+                assert cells and cells <= set(row["target_patches"]), (row["id"], span.view, cells)
 
 
 # --------------------------------------------------------------------------- 10. lmms-eval
