@@ -279,7 +279,8 @@ def generate_benchmark(
     Args:
         out: Output directory (created).
         adapter: The model's adapter (its processor decides picture, views and grid); one from
-            :func:`~embedlens.bench.patchgeom.processor_adapter` needs no weights.
+            :func:`~embedlens.bench.patchgeom.processor_adapter` needs no weights and keeps pixel values
+            in float32 (an adapter loaded in a half dtype compares its rounded pixel values).
         per_category: Items per category.
         categories: Which of :data:`CATEGORIES` to make.
         seed: Everything depends only on ``(seed, category, index)``.
