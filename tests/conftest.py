@@ -148,5 +148,5 @@ def bench_dir(tiny, tmp_path_factory) -> Path:
     Shared by every test that evaluates on it: tests must not modify its files.
     """
     out = tmp_path_factory.mktemp("bench")
-    generate_benchmark(out, tiny.adapter.processor.image_processor, 14, per_category=3, progress=False)
+    generate_benchmark(out, tiny.adapter, per_category=3, progress=False)
     return out

@@ -184,7 +184,7 @@ class TestMakePatchbench:
 
 def test_sweep_without_a_scaling_layer_says_so(capsys, tiny, tiny_dir, tmp_path):
     bench = tmp_path / "bench"
-    generate_benchmark(bench, tiny.adapter.processor.image_processor, 14, per_category=1, progress=False)
+    generate_benchmark(bench, tiny.adapter, per_category=1, progress=False)
     args = ["inject-sweep", bench, "-m", tiny_dir, "--device", "cpu", "--out", tmp_path / "o", "--no-progress"]
     code, _, err = run_cli(capsys, *args, "--layers", "0", "--timing-items", "0", "--bootstrap", "10")
     assert code == 0, err

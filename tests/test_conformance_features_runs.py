@@ -13,6 +13,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from lmms_eval.api.instance import Instance
@@ -22,7 +23,7 @@ from embedlens.analysis.alignment import LAYERS_FILE, AlignOptions, run_align
 from embedlens.analysis.sweep import SWEEP_FILE, SweepOptions, run_inject_sweep
 from embedlens.bench.flops import sample_flops
 from embedlens.bench.lmms_model import EmbedLensLMM
-from embedlens.bench.patchbench import PatchGeometry, changed_cells
+from embedlens.bench.patchbench import PatchGeometry, view_changes
 from embedlens.bench.runner import BASELINE, ITEMS_FILE, TABLE_JSON, EvalOptions, preset, run_eval
 from embedlens.bench.vqa import read_questions
 from embedlens.datasets import open_dataset
@@ -146,8 +147,9 @@ class TestRuns:
 
 # --------------------------------------------------------------------------- 9. make-patchbench
 class TestPatchbench:
-    """``make-patchbench`` reads the family's processor; its grid is the model's, and every target's
-    patches are the ones whose processed pixels change (the benchmark's verification, redone)."""
+    """``make-patchbench`` reads the family's processor and config (no weights); its grid is the model's
+    token grid in every view, and every target's cells are the ones whose pixels change in every view
+    when the target is painted over (the benchmark's verification, redone through the loaded model)."""
 
     def test_make_and_verify(self, loaded: Loaded, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
         out = tmp_path / "bench"
@@ -158,19 +160,30 @@ class TestPatchbench:
         assert code == 0, err
         meta = json.loads((out / "meta.json").read_text())
         geometry = PatchGeometry(**meta["geometry"])
-        processor = loaded.adapter.processor.image_processor
         rows = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines() if line.strip()]
         assert rows
         for row in rows:
             image = Image.open(out / row["image"]).convert("RGB")
+            assert image.size == (geometry.width, geometry.height)
             spans = loaded.session.prepare([image], [row["question"]]).spans[0]
-            grids = [span.grid for span in spans]
-            assert tuple(row["grid"]) == spans[0].grid, f"benchmark grid {row['grid']}, model's views {grids}"
+            assert [span.view for span in spans] == list(geometry.views), (row["id"], geometry.views)
+            assert {span.grid for span in spans} == {tuple(row["grid"])}, f"benchmark grid {row['grid']}"
             blank = image.copy()
             for left, top, right, bottom in row["target_boxes"]:
                 blank.paste(image.getpixel((0, 0)), (left, top, right, bottom))
-            changed = changed_cells(processor, geometry, image, blank)
-            assert changed and set(changed) <= set(row["target_patches"]), (row["id"], changed)
+            for changed in view_changes(loaded.adapter, geometry, image, blank):  # one list per view
+                assert changed and set(changed) <= set(row["target_patches"]), (row["id"], changed)
+            # independently, in the picture of each view the family shows (its own undoing of the layout)
+            both = loaded.session.prepare([image, blank], [row["question"]] * 2)
+            for span, other in zip(*both.spans, strict=True):
+                old, new = np.asarray(both.views[span.picture]), np.asarray(both.views[other.picture])
+                rows, cols = span.grid
+                side = min(old.shape[0] // rows, old.shape[1] // cols)
+                where = np.argwhere((old != new).any(axis=2))
+                cells = {
+                    int(y // side) * cols + int(x // side) for y, x in where if y < rows * side and x < cols * side
+                }
+                assert cells and cells <= set(row["target_patches"]), (row["id"], span.view, cells)
 
 
 # --------------------------------------------------------------------------- 10. lmms-eval

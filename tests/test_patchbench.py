@@ -24,6 +24,8 @@ from embedlens.bench.patchbench import (
     generate_benchmark,
     make_item,
 )
+from embedlens.bench.patchgeom import processor_adapter
+from embedlens.models.base import ModelAdapter
 from embedlens.models.tiny import TinySpec, build_tiny_llava
 from embedlens.synth.draw import BASIC_SHAPES, COLOUR_NAMES, COLOURS, SHAPE_KINDS
 from embedlens.synth.glyphs import LETTERS
@@ -35,10 +37,13 @@ SIZES = {336: 5, 224: 24}
 FLAT = (3, 250, 7)
 
 
-def image_processor(size: int) -> Any:
-    """The image processor of a tiny LLaVA with ``size`` px pictures (patch 14)."""
-    _, processor = build_tiny_llava(TinySpec(image_size=size))
-    return processor.image_processor
+def llava(size: int, image_processor: Any = None) -> ModelAdapter:
+    """A tiny LLaVA's adapter with ``size`` px pictures (patch 14), over a model on the meta device as
+    ``make-patchbench`` builds it; ``image_processor`` replaces its image processor when given."""
+    model, processor = build_tiny_llava(TinySpec(image_size=size))
+    if image_processor is not None:
+        processor.image_processor = image_processor
+    return processor_adapter(model.config, processor)
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +51,10 @@ def benches(tmp_path_factory) -> dict[int, dict[str, Any]]:
     """Generated benchmarks by image size: folder, meta, rows and the processor they were made for."""
     made = {}
     for size, per_category in SIZES.items():
-        processor = image_processor(size)
+        adapter = llava(size)
         out = tmp_path_factory.mktemp(f"bench{size}")
-        meta = generate_benchmark(out, processor, PATCH, per_category=per_category, progress=False)
-        made[size] = {"size": size, "out": out, "meta": meta, "processor": processor}
+        meta = generate_benchmark(out, adapter, per_category=per_category, progress=False)
+        made[size] = {"size": size, "out": out, "meta": meta, "processor": adapter.processor.image_processor}
         made[size]["rows"] = read_jsonl(out / "items.jsonl")
     return made
 
@@ -68,33 +73,34 @@ def bench224(benches) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def setup() -> tuple[Any, PatchGeometry]:
-    """The 224 px processor (16 x 16 grid) and its geometry."""
-    processor = image_processor(224)
-    return processor, PatchGeometry.from_processor(processor, PATCH)
+    """The 224 px adapter (16 x 16 grid) and its geometry."""
+    adapter = llava(224)
+    return adapter, PatchGeometry.from_adapter(adapter)
 
 
 @pytest.fixture(scope="module")
 def resampling() -> tuple[Any, PatchGeometry]:
-    """A processor that enlarges the drawn 56 px picture 3x (shortest edge 168) before a 56 px centre crop."""
-    processor = CLIPImageProcessorPil(size={"shortest_edge": 168}, crop_size={"height": 56, "width": 56})
-    return processor, PatchGeometry.from_processor(processor, PATCH)
+    """An adapter whose processor enlarges the drawn 56 px picture 3x (shortest edge 168) before a 56 px
+    centre crop."""
+    adapter = llava(56, CLIPImageProcessorPil(size={"shortest_edge": 168}, crop_size={"height": 56, "width": 56}))
+    return adapter, PatchGeometry.from_adapter(adapter)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """Benchmarks at 224 px, 3 items per category: seed 0 twice and seed 1."""
-    processor = image_processor(224)
+    adapter = llava(224)
     out = {}
     for name, seed in (("a", 0), ("b", 0), ("other", 1)):
         out[name] = tmp_path_factory.mktemp(f"seed-{name}")
-        generate_benchmark(out[name], processor, PATCH, per_category=3, seed=seed, progress=False)
+        generate_benchmark(out[name], adapter, per_category=3, seed=seed, progress=False)
     return out
 
 
 @pytest.fixture(scope="module")
-def processor() -> Any:
-    """The tiny default processor: 56 px, a 4 x 4 grid."""
-    return image_processor(56)
+def adapter() -> ModelAdapter:
+    """The tiny default LLaVA's adapter: 56 px, a 4 x 4 grid."""
+    return llava(56)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -169,7 +175,9 @@ class TestPlacement:
         """Drawn images are exactly the processor's output size, so the processor does not resample them."""
         size = bench["size"]
         geometry = bench["meta"]["geometry"]
-        assert geometry == {"width": size, "height": size, "patch": PATCH, "rows": size // PATCH, "cols": size // PATCH}
+        grid = size // PATCH
+        expected = {"width": size, "height": size, "patch": PATCH, "rows": grid, "cols": grid, "views": ["full"]}
+        assert geometry == expected
 
 
 class TestChangedCells:
@@ -178,18 +186,18 @@ class TestChangedCells:
 
     @pytest.mark.parametrize("offset", [(0, 0), (5, 7), (13, 13)])
     def test_one_pixel_in_a_known_patch(self, setup, offset):
-        processor, geometry = setup
+        adapter, geometry = setup
         assert (geometry.rows, geometry.cols) == (16, 16)
         before = Image.new("RGB", (224, 224), (128, 128, 128))
         after = before.copy()
         row, col = 2, 3
         after.putpixel((col * PATCH + offset[0], row * PATCH + offset[1]), (255, 0, 0))
-        assert changed_cells(processor, geometry, before, after) == [row * geometry.cols + col] == [35]
+        assert changed_cells(adapter, geometry, before, after) == [row * geometry.cols + col] == [35]
 
     def test_identical_images(self, setup):
-        processor, geometry = setup
+        adapter, geometry = setup
         image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8))
-        assert changed_cells(processor, geometry, image, image.copy()) == []
+        assert changed_cells(adapter, geometry, image, image.copy()) == []
 
     def test_cell_box_matches_the_grid(self, setup):
         _, geometry = setup
@@ -203,35 +211,35 @@ class TestResamplingProcessor:
     generator must then refuse with a clear message instead of writing targets that straddle patches."""
 
     def test_drawn_pixels_really_spread(self, resampling):
-        processor, geometry = resampling
+        adapter, geometry = resampling
         assert (geometry.rows, geometry.cols) == (4, 4)
         for cell in range(geometry.cells):
             before = Image.new("RGB", (56, 56), (128, 128, 128))
             after = before.copy()
             after.paste((255, 0, 0), geometry.cell_box(cell))
-            assert changed_cells(processor, geometry, before, after) != [cell]
+            assert changed_cells(adapter, geometry, before, after) != [cell]
         # a square filling a central patch's box reaches several patches
         before = Image.new("RGB", (56, 56), (128, 128, 128))
         after = before.copy()
         after.paste((255, 0, 0), geometry.cell_box(5))
-        assert len(changed_cells(processor, geometry, before, after)) > 1
+        assert len(changed_cells(adapter, geometry, before, after)) > 1
 
     @pytest.mark.parametrize("category", CATEGORIES)
     def test_make_item_refuses(self, resampling, category):
-        processor, geometry = resampling
+        adapter, geometry = resampling
         with pytest.raises(InputError, match=r"inside their patches after \d+ tries; does the processor resample"):
-            make_item(category, 0, geometry, processor)
+            make_item(category, 0, geometry, adapter)
 
     def test_generate_writes_no_items(self, resampling, tmp_path):
-        processor, _ = resampling
+        adapter, _ = resampling
         with pytest.raises(InputError, match="resample"):
-            generate_benchmark(tmp_path / "b", processor, PATCH, per_category=1, progress=False)
+            generate_benchmark(tmp_path / "b", adapter, per_category=1, progress=False)
         assert not (tmp_path / "b" / "items.jsonl").exists()
 
     def test_picture_not_a_whole_number_of_patches(self):
-        processor = CLIPImageProcessorPil(size={"shortest_edge": 50}, crop_size={"height": 50, "width": 50})
-        with pytest.raises(InputError, match="not a whole number of 14 px patches"):
-            PatchGeometry.from_processor(processor, PATCH)
+        adapter = llava(56, CLIPImageProcessorPil(size={"shortest_edge": 50}, crop_size={"height": 50, "width": 50}))
+        with pytest.raises(InputError, match=r"\(3, 50, 50\) is not a \[3, H, W\] picture cut into 3 x 3 equal cells"):
+            PatchGeometry.from_adapter(adapter)
 
 
 class TestDeterminism:
@@ -257,10 +265,10 @@ class TestDeterminism:
         assert json.loads((runs["other"] / "meta.json").read_text())["seed"] == 1
 
     def test_make_item_alone_matches_the_benchmark(self, runs):
-        processor = image_processor(224)
-        geometry = PatchGeometry.from_processor(processor, PATCH)
+        adapter = llava(224)
+        geometry = PatchGeometry.from_adapter(adapter)
         rows = {r["id"]: r for r in read_jsonl(runs["a"] / "items.jsonl")}
-        item, image = make_item("count", 2, geometry, processor, seed=0)
+        item, image = make_item("count", 2, geometry, adapter, seed=0)
         assert rows["count-00002"]["target_patches"] == item.target_patches
         saved = np.asarray(Image.open(runs["a"] / item.image).convert("RGB"))
         assert np.array_equal(saved, np.asarray(image))
@@ -351,7 +359,7 @@ class TestContent:
         meta = bench224["meta"]
         assert json.loads((bench224["out"] / "meta.json").read_text()) == meta
         assert meta["format"] == BENCH_FORMAT and meta["seed"] == 0 and meta["per_category"] == 24
-        assert meta["geometry"] == {"width": 224, "height": 224, "patch": 14, "rows": 16, "cols": 16}
+        assert meta["geometry"] == {"width": 224, "height": 224, "patch": 14, "rows": 16, "cols": 16, "views": ["full"]}
         assert meta["categories"] == list(CATEGORIES)
         assert meta["counts"] == dict.fromkeys(CATEGORIES, 24) and meta["items"] == 96
         assert meta["colours"] == {name: list(COLOURS[name]) for name in COLOUR_NAMES}
@@ -364,15 +372,13 @@ class TestContent:
         assert "plain" in kinds and "photo" in kinds and len(kinds) >= 3
 
     def test_some_categories_only(self, tmp_path):
-        meta = generate_benchmark(
-            tmp_path, image_processor(56), PATCH, per_category=2, categories=("ocr",), progress=False
-        )
+        meta = generate_benchmark(tmp_path, llava(56), per_category=2, categories=("ocr",), progress=False)
         rows = read_jsonl(tmp_path / "items.jsonl")
         assert meta["counts"] == {"ocr": 2} and [r["category"] for r in rows] == ["ocr", "ocr"]
 
     def test_a_category_named_twice_is_made_once(self, tmp_path):
         meta = generate_benchmark(
-            tmp_path, image_processor(56), PATCH, per_category=1, categories=("count", "ocr", "count"), progress=False
+            tmp_path, llava(56), per_category=1, categories=("count", "ocr", "count"), progress=False
         )
         ids = [r["id"] for r in read_jsonl(tmp_path / "items.jsonl")]
         assert ids == ["count-00000", "ocr-00000"]
@@ -383,25 +389,25 @@ class TestBadInput:
     """Wrong arguments must stop with one clear InputError before anything is written."""
 
     @pytest.mark.parametrize("categories", [("object", "shoes"), ()])
-    def test_unknown_category(self, processor, tmp_path, categories):
+    def test_unknown_category(self, adapter, tmp_path, categories):
         with pytest.raises(InputError, match="unknown categories"):
-            generate_benchmark(tmp_path / "b", processor, PATCH, per_category=1, categories=categories)
+            generate_benchmark(tmp_path / "b", adapter, per_category=1, categories=categories)
         assert not (tmp_path / "b").exists()
 
-    def test_make_item_unknown_category(self, processor):
-        geometry = PatchGeometry.from_processor(processor, PATCH)
+    def test_make_item_unknown_category(self, adapter):
+        geometry = PatchGeometry.from_adapter(adapter)
         with pytest.raises(InputError, match="unknown category 'shoes'"):
-            make_item("shoes", 0, geometry, processor)
+            make_item("shoes", 0, geometry, adapter)
 
     @pytest.mark.parametrize("per_category", [0, -3, True, 1.5])
-    def test_per_category(self, processor, tmp_path, per_category):
+    def test_per_category(self, adapter, tmp_path, per_category):
         with pytest.raises(InputError, match="positive integer"):
-            generate_benchmark(tmp_path / "b", processor, PATCH, per_category=per_category)
+            generate_benchmark(tmp_path / "b", adapter, per_category=per_category)
         assert not (tmp_path / "b").exists()
 
-    def test_out_is_a_file(self, processor, tmp_path):
+    def test_out_is_a_file(self, adapter, tmp_path):
         target = tmp_path / "file"
         target.write_text("x")
         with pytest.raises(InputError, match="is a file"):
-            generate_benchmark(target, processor, PATCH, per_category=1, progress=False)
+            generate_benchmark(target, adapter, per_category=1, progress=False)
         assert target.read_text() == "x"

@@ -220,7 +220,7 @@ def runs(tiny, tiny_anchor_file, tmp_path_factory) -> dict[str, Path]:
     )
     out["stats"] = root / "stats"
     bench = root / "bench"
-    generate_benchmark(bench, tiny.adapter.processor.image_processor, 14, per_category=1, progress=False)
+    generate_benchmark(bench, tiny.adapter, per_category=1, progress=False)
     quick = EvalOptions(batch_size=4, max_new_tokens=2, bootstrap=50)
     run_eval(tiny, read_questions(bench), [parse_setting("prune:target")], root / "eval", options=quick, progress=False)
     out["eval"] = root / "eval"

@@ -1,11 +1,13 @@
-"""The patch-compression benchmark: each target inside exactly one visual patch of a given model.
+"""The patch-compression benchmark: each target inside exactly one visual token's cell of a given model.
 
 The paper shows that a single alive visual token already encodes an object, a colour or a character
-(REFERENCE §3). This generator makes that measurable on any model: it reads the model's processor to
-learn which picture the vision tower sees and how it is cut into patches, draws each target inside one
-patch of that picture, and then *verifies* the placement by running the processor on the image with
-and without the target -- the only patches whose pixel values change must be the recorded ones. An
-item that fails the check is redrawn elsewhere; nothing unverified is written.
+(REFERENCE §3). This generator makes that measurable on any model: it reads, through the model's
+adapter, which picture the vision tower sees and how its visual tokens cut it into cells
+(:class:`~embedlens.bench.patchgeom.PatchGeometry`: one vision patch for LLaVA, a merged block for
+Qwen, ...), draws each target inside one cell of that picture, and then *verifies* the placement by
+preparing the image with and without the target -- in every view of the image, the only cells whose
+processed pixel values change must be the recorded ones. An item that fails the check is redrawn
+elsewhere; nothing unverified is written.
 
 Categories (``CATEGORIES``):
 
@@ -19,7 +21,9 @@ Backgrounds cycle through plain, textured and photographic (packaged photos). Ev
 on ``(seed, category, index)``. Written: ``images/*.png``, ``items.jsonl`` (one row per item: image,
 question, answers, type, category, target_patches, ...), ``control.jsonl`` (the same items with
 ``"prune_target": true``: the evaluation removes the target patches' tokens, so the answer must then
-come from somewhere else) and ``meta.json`` (geometry, seed, counts).
+come from somewhere else) and ``meta.json`` (geometry with the grid and the views, seed, counts).
+``target_patches`` are cells of the grid, the same cells in every view (as the ``target`` group of a
+prune reads them).
 """
 
 from __future__ import annotations
@@ -31,18 +35,23 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from embedlens.bench.patchgeom import PatchGeometry, changed_cells, view_changes
 from embedlens.errors import InputError
 from embedlens.files import atomic_write_text, umask
 from embedlens.synth.backgrounds import TEXTURES, colour_distance, make_background
 from embedlens.synth.draw import BASIC_SHAPES, COLOUR_NAMES, COLOURS, RGB, SHAPE_KINDS, BBox, draw_shape, jitter_colour
 from embedlens.synth.glyphs import LETTERS, draw_text_in_box
+
+if TYPE_CHECKING:
+    from embedlens.models.base import ModelAdapter
+
+__all__ = ["PatchGeometry", "changed_cells", "generate_benchmark", "make_item", "view_changes"]
 
 CATEGORIES: tuple[str, ...] = ("object", "colour", "count", "ocr")
 BACKGROUNDS: tuple[str, ...] = ("plain", "texture", "photo")
@@ -63,56 +72,6 @@ QUESTIONS: dict[str, str] = {
     "ocr-char": "What character is written in the image?",
     "ocr-pair": "What letters are written in the image?",
 }
-
-
-@dataclass(frozen=True)
-class PatchGeometry:
-    """The picture a model's vision tower sees and its patch grid.
-
-    Attributes:
-        width: Width in pixels of the images to draw (the processor's output width).
-        height: Height in pixels.
-        patch: Patch side in pixels.
-        rows: Patch rows; ``cols``: patch columns.
-    """
-
-    width: int
-    height: int
-    patch: int
-    rows: int
-    cols: int
-
-    @classmethod
-    def from_processor(cls, image_processor: Any, patch: int) -> PatchGeometry:
-        """Run the image processor on a blank probe image to learn the picture it produces."""
-        probe = Image.new("RGB", (640, 480), (128, 128, 128))
-        pixels = image_processor(images=[probe], return_tensors="pt")["pixel_values"]
-        height, width = (int(v) for v in pixels.shape[-2:])
-        if height % patch or width % patch:
-            raise InputError(f"the processor's {width}x{height} picture is not a whole number of {patch} px patches")
-        return cls(width=width, height=height, patch=patch, rows=height // patch, cols=width // patch)
-
-    @property
-    def cells(self) -> int:
-        """Number of patches."""
-        return self.rows * self.cols
-
-    def cell_box(self, cell: int, margin: int = 1) -> BBox:
-        """Pixel box of patch ``cell`` (row-major), shrunk by ``margin`` on every side."""
-        row, col = divmod(cell, self.cols)
-        p = self.patch
-        return col * p + margin, row * p + margin, (col + 1) * p - margin, (row + 1) * p - margin
-
-
-def changed_cells(image_processor: Any, geometry: PatchGeometry, before: Image.Image, after: Image.Image) -> list[int]:
-    """Patches whose processed pixel values differ between two images (what the model sees change)."""
-    pixels = image_processor(images=[before, after], return_tensors="pt")["pixel_values"]
-    if tuple(pixels.shape[-2:]) != (geometry.height, geometry.width):
-        raise InputError("the processor's picture size changed between images")
-    differs = (pixels[0] != pixels[1]).any(dim=0)  # [H, W]
-    p = geometry.patch
-    per_cell = differs.reshape(geometry.rows, p, geometry.cols, p).any(dim=3).any(dim=1)
-    return torch.nonzero(per_cell.flatten()).flatten().tolist()
 
 
 @dataclass
@@ -234,16 +193,17 @@ def make_item(
     category: str,
     index: int,
     geometry: PatchGeometry,
-    image_processor: Any,
+    adapter: ModelAdapter,
     *,
     seed: int = 0,
     attempts: int = 20,
 ) -> tuple[Item, Image.Image]:
-    """Draw and verify item ``index`` of ``category``; retried with new placements until verified.
+    """Draw and verify item ``index`` of ``category`` (in every view, exactly the target cells change);
+    retried with new placements until verified.
 
     Raises:
         InputError: No placement passed the check in ``attempts`` tries (the processor resamples the
-            picture so that no drawing stays inside one patch).
+            picture so that no drawing stays inside one cell).
     """
     if category not in CATEGORIES:
         raise InputError(f"unknown category {category!r}; categories are {', '.join(CATEGORIES)}")
@@ -261,7 +221,7 @@ def make_item(
             boxes.append(paint(image, box))
             colours_ok &= colour_distance(array, box, colour) >= MIN_CONTRAST
         cells = sorted(cell for cell, _, _ in plan.targets)
-        if not colours_ok or changed_cells(image_processor, geometry, background, image) != cells:
+        if not colours_ok or any(seen != cells for seen in view_changes(adapter, geometry, background, image)):
             continue
         item = Item(
             id=f"{category}-{index:05d}",
@@ -302,8 +262,7 @@ def holds_benchmark(directory: Path) -> bool:
 
 def generate_benchmark(
     out: str | Path,
-    image_processor: Any,
-    patch: int,
+    adapter: ModelAdapter,
     *,
     per_category: int = 200,
     categories: Sequence[str] = CATEGORIES,
@@ -319,8 +278,9 @@ def generate_benchmark(
 
     Args:
         out: Output directory (created).
-        image_processor: The model's image processor (decides picture size and crop).
-        patch: The vision tower's patch size in pixels.
+        adapter: The model's adapter (its processor decides picture, views and grid); one from
+            :func:`~embedlens.bench.patchgeom.processor_adapter` needs no weights and keeps pixel values
+            in float32 (an adapter loaded in a half dtype compares its rounded pixel values).
         per_category: Items per category.
         categories: Which of :data:`CATEGORIES` to make.
         seed: Everything depends only on ``(seed, category, index)``.
@@ -330,8 +290,9 @@ def generate_benchmark(
             other files there are left alone). Without it such an ``out`` is refused.
 
     Raises:
-        InputError: Bad ``per_category`` or ``categories``, ``out`` is a file, or ``out`` holds a
-            benchmark and ``overwrite`` is off.
+        InputError: Bad ``per_category`` or ``categories``, ``out`` is a file, ``out`` holds a
+            benchmark and ``overwrite`` is off, or the model's views do not share one grid of square
+            cells (see :meth:`PatchGeometry.from_adapter`).
     """
     if isinstance(per_category, bool) or not isinstance(per_category, int) or per_category <= 0:
         raise InputError(f"items per category must be a positive integer, got {per_category!r}")
@@ -344,11 +305,11 @@ def generate_benchmark(
         raise InputError(f"--out {out} is a file, not a directory")
     if not overwrite and out.is_dir() and holds_benchmark(out):
         raise InputError(f"{out} already holds a benchmark; pass --overwrite to replace it")
-    geometry = PatchGeometry.from_processor(image_processor, patch)
+    geometry = PatchGeometry.from_adapter(adapter)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        meta = _write_benchmark(staging, geometry, image_processor, per_category, categories, seed, model, progress)
+        meta = _write_benchmark(staging, geometry, adapter, per_category, categories, seed, model, progress)
         _publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -358,7 +319,7 @@ def generate_benchmark(
 def _write_benchmark(
     out: Path,
     geometry: PatchGeometry,
-    image_processor: Any,
+    adapter: ModelAdapter,
     per_category: int,
     categories: tuple[str, ...],
     seed: int,
@@ -370,7 +331,7 @@ def _write_benchmark(
     items: list[Item] = []
     jobs = [(category, index) for category in categories for index in range(per_category)]
     for category, index in tqdm(jobs, desc="patchbench", unit="item", disable=not progress):
-        item, image = make_item(category, index, geometry, image_processor, seed=seed)
+        item, image = make_item(category, index, geometry, adapter, seed=seed)
         _atomic_image(image, out / item.image)
         items.append(item)
     rows = [asdict(item) for item in items]
@@ -382,7 +343,7 @@ def _write_benchmark(
         "version": 1,
         "model": model,
         "seed": seed,
-        "geometry": asdict(geometry),
+        "geometry": {**asdict(geometry), "views": list(geometry.views)},
         "per_category": per_category,
         "categories": list(categories),
         "items": len(items),

@@ -51,26 +51,23 @@ def make_patchbench(
     progress: ProgressOpt = True,
     revision: RevisionOpt = None,
 ) -> None:
-    """Generate the patch-compression benchmark for a model: each target inside exactly one visual patch.
+    """Generate the patch-compression benchmark for a model: each target inside exactly one visual token's cell.
 
-    Only the model's processor and config are read (no weights). Every placement is verified by running
-    the processor with and without the target.
+    Only the model's processor and config are read (no weights). Every placement is verified by preparing
+    the image with and without the target: in every view, only the target cells' pixels may change.
     """
     from embedlens.bench.patchbench import generate_benchmark
+    from embedlens.bench.patchgeom import processor_adapter
     from embedlens.models.registry import load_config, load_processor, resolve
 
     chosen = tuple(part.strip() for part in categories.split(",") if part.strip())
     quiet_transformers()
     resolved = resolve(model, revision)
     config = load_config(resolved)
-    patch = getattr(getattr(config, "vision_config", None), "patch_size", None)
-    if not patch:
-        raise InputError(f"cannot read the vision patch size from {model}'s config")
-    processor = load_processor(resolved)
+    adapter = processor_adapter(config, load_processor(resolved), source=resolved.name)
     meta = generate_benchmark(
         out,
-        processor.image_processor,
-        int(patch),
+        adapter,
         per_category=per_category,
         categories=chosen,
         seed=seed,
@@ -79,9 +76,11 @@ def make_patchbench(
         overwrite=overwrite,
     )
     geometry = meta["geometry"]
+    views = ", ".join(geometry["views"])
     typer.echo(
         f"wrote {meta['items']} items ({', '.join(f'{k} {v}' for k, v in meta['counts'].items())}) for a "
-        f"{geometry['rows']}x{geometry['cols']} grid of {geometry['patch']} px patches to {out}"
+        f"{geometry['rows']}x{geometry['cols']} grid of {geometry['patch']} px patches (one visual token each; views: "
+        f"{views}) to {out}"
     )
     typer.echo(f"evaluate: embedlens eval {out} --out RESULTS --model {model} [--preset paper-pruning]")
 

@@ -31,6 +31,7 @@ from transformers.image_processing_utils import select_best_resolution
 
 from embedlens.errors import EmbedLensError, InputError
 from embedlens.models.base import PreparedBatch, VisualSpan
+from embedlens.models.cells import grid_cells
 from embedlens.models.llava import LlavaAdapter
 
 
@@ -330,20 +331,54 @@ class AnyresAdapter(LlavaAdapter):
         if pixel_values is None:
             return []
         pictures = []
-        patch = self.patch_size
         for tiles, layout in zip(pixel_values, self.image_layouts(encoded), strict=True):
             pictures.append(self._view(tiles[0]))
-            if not layout.has_tiles_view or layout.area is None:
-                continue
-            tile_rows, tile_cols = layout.layout
-            size = self.tile_size
-            stitched = tiles[1 : 1 + tile_rows * tile_cols].reshape(tile_rows, tile_cols, 3, size, size)
-            stitched = stitched.permute(2, 0, 3, 1, 4).reshape(3, tile_rows * size, tile_cols * size)
-            top, left, rows, cols = layout.area
-            pictures.append(
-                self._view(stitched[:, top * patch : (top + rows) * patch, left * patch : (left + cols) * patch])
-            )
+            if layout.has_tiles_view and layout.area is not None:
+                pictures.append(self._view(self._tiles_pixels(tiles, layout)))
         return pictures
+
+    def _tiles_pixels(self, tiles: torch.Tensor, layout: AnyresImage) -> torch.Tensor:
+        """The tiles of one image (``pixel_values`` row ``[patches, 3, S, S]``: base image first) stitched
+        and cropped to the unpadded area: ``[3, rows * patch, cols * patch]``."""
+        tile_rows, tile_cols = layout.layout
+        size, patch = self.tile_size, self.patch_size
+        stitched = tiles[1 : 1 + tile_rows * tile_cols].reshape(tile_rows, tile_cols, 3, size, size)
+        stitched = stitched.permute(2, 0, 3, 1, 4).reshape(3, tile_rows * size, tile_cols * size)
+        top, left, rows, cols = layout.area
+        return stitched[:, top * patch : (top + rows) * patch, left * patch : (left + cols) * patch]
+
+    def cell_pixels(self, batch: PreparedBatch) -> list[list[torch.Tensor]]:
+        """The processed pixels behind each grid cell of each view, ``[rows * cols, 3 * patch * patch]``: the
+        base view's from the base image (``pixel_values`` ``[N_images, patches, 3, S, S]``, patch 0; a strip
+        of less than a patch past the last whole patch is unseen), the tiles view's from the stitched tiles
+        cropped to the unpadded area (as its picture is made).
+
+        Raises:
+            InputError: A tiles view that OneVision downsampled (its cells are no longer pixel squares), or
+                pixel values that do not hold the span's image.
+        """
+        pixels = batch.inputs.get("pixel_values")
+        out = []
+        for row in batch.spans:
+            cells = []
+            for span in row:
+                layout = getattr(span, "anyres", None)
+                if pixels is None or pixels.ndim != 5 or layout is None or span.global_image >= pixels.shape[0]:
+                    raise InputError(f"the {self.family} pixel values do not hold image {span.global_image}'s views")
+                tiles = pixels[span.global_image]
+                if span.view == "base":
+                    cells.append(grid_cells(tiles[0], span.grid, "the base view", self.patch_size))
+                    continue
+                area = layout.area
+                if area is None or (area[2], area[3]) != span.grid:
+                    raise InputError(
+                        f"the tiles view's {span.grid[0]}x{span.grid[1]} grid is downsampled from the tiles' "
+                        f"patches ({'unknown' if area is None else f'{area[2]}x{area[3]}'}), so its cells are not "
+                        "pixel squares"
+                    )
+                cells.append(grid_cells(self._tiles_pixels(tiles, layout), span.grid, "the tiles view"))
+            out.append(cells)
+        return out
 
     def find_spans(self, inputs: Mapping[str, Any]) -> list[list[VisualSpan]]:
         input_ids: torch.Tensor = inputs["input_ids"]

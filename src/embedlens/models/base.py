@@ -29,6 +29,7 @@ from PIL import Image
 from torch import nn
 
 from embedlens.errors import EmbedLensError, InputError
+from embedlens.models.cells import grid_cells, processed_picture_size
 from embedlens.profiles import Profile, get_profile
 
 
@@ -413,6 +414,21 @@ class ModelAdapter(ABC):
         """Tokens of each vision-tower pass that produces this view (for FLOP accounting, ``[passes]``):
         by default one pass over the view's patches plus the tower's class token."""
         return [span.num_tokens * self.patches_per_token + self.class_tokens]
+
+    # ----------------------------------------------------------------- benchmark geometry
+    def benchmark_size(self) -> tuple[int, int]:
+        """``(width, height)`` of the pictures ``make-patchbench`` draws, one the processor does not resample:
+        by default the picture the image processor makes (the last two sides of its ``pixel_values``)."""
+        return processed_picture_size(self.processor.image_processor)
+
+    def cell_pixels(self, batch: PreparedBatch) -> list[list[torch.Tensor]]:
+        """Per sample, per span (in order), the processed pixel values behind each grid cell, ``[rows * cols,
+        k]``: by default row ``span.picture`` of ``pixel_values`` ``[N, 3, H, W]`` cut into the span's grid of
+        equal cells. Raises InputError where the family's pixels do not show a view's cells that way."""
+        pixels = batch.inputs.get("pixel_values")
+        if pixels is None or pixels.ndim != 4:
+            raise InputError(f"{self.family}'s pixel values are not one [3, H, W] picture per view")
+        return [[grid_cells(pixels[s.picture], s.grid, f"the {s.view} view") for s in row] for row in batch.spans]
 
     # ----------------------------------------------------------------- layers
     def check_layer(self, layer: int) -> int:

@@ -31,6 +31,7 @@ from PIL import Image
 
 from embedlens.errors import EmbedLensError, InputError
 from embedlens.models.base import ModelAdapter, ModulePaths, PreparedBatch, VisualSpan
+from embedlens.models.cells import square_side
 
 
 def rope_planes(position_ids: torch.Tensor) -> torch.Tensor:
@@ -218,6 +219,35 @@ class QwenVLAdapter(ModelAdapter):
         if order is not None:
             tokens = tokens[torch.argsort(order.to(tokens.device))]
         return tokens
+
+    # ----------------------------------------------------------------- benchmark geometry
+    def benchmark_size(self) -> tuple[int, int]:
+        """A square whose side is a multiple of ``patch_size * merge_size`` inside the image processor's pixel
+        budget (the largest up to 448 px), so the processor keeps it as it is."""
+        ip = self.processor.image_processor
+        budget = dict(getattr(ip, "size", None) or {})
+        low = budget.get("shortest_edge") or getattr(ip, "min_pixels", None) or 0
+        high = budget.get("longest_edge") or getattr(ip, "max_pixels", None) or 448 * 448
+        side = square_side(int(ip.patch_size) * int(ip.merge_size), int(low), int(high))
+        return side, side
+
+    def cell_pixels(self, batch: PreparedBatch) -> list[list[torch.Tensor]]:
+        """The processed pixels of each grid token's ``merge ** 2`` patches, ``[rows * cols, merge ** 2 * k]``:
+        ``pixel_values`` ``[sum_i h_i * w_i, k]`` holds each image's patches from its ``first_patch`` on, block
+        by block in row-major order of the merged grid (the processor's order, whatever the merger's)."""
+        pixels = batch.inputs.get("pixel_values")
+        unit = self.merge_size**2
+        out = []
+        for row in batch.spans:
+            cells = []
+            for span in row:
+                first, count = int(getattr(span, "first_patch", -1)), unit * span.num_tokens
+                if pixels is None or pixels.ndim != 2 or first < 0 or first + count > pixels.shape[0]:
+                    shape = None if pixels is None else tuple(pixels.shape)
+                    raise InputError(f"the pixel values {shape} do not hold image {span.global_image}'s patches")
+                cells.append(pixels[first : first + count].reshape(span.num_tokens, -1))
+            out.append(cells)
+        return out
 
     # ----------------------------------------------------------------- spans
     def _image_counts(self, inputs: Mapping[str, Any]) -> tuple[list[int], list[tuple[int, int]] | None]:
