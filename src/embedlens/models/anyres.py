@@ -33,6 +33,7 @@ from embedlens.errors import EmbedLensError, InputError
 from embedlens.models.base import PreparedBatch, VisualSpan
 from embedlens.models.cells import grid_cells
 from embedlens.models.llava import LlavaAdapter
+from embedlens.models.processing import run_processor
 
 
 @dataclass(frozen=True)
@@ -310,16 +311,7 @@ class AnyresAdapter(LlavaAdapter):
     # ----------------------------------------------------------------- inputs
     def encode(self, images: Sequence[Sequence[Image.Image]], texts: list[str]) -> PreparedBatch:
         given = self.processor_images(images) if any(images) else None
-        tokenizer = self.tokenizer
-        old_side = tokenizer.padding_side
-        tokenizer.padding_side = "left"
-        try:
-            encoded = self.processor(images=given, text=texts, return_tensors="pt", padding=True)
-        finally:
-            tokenizer.padding_side = old_side
-        inputs = {k: v.to(self.device) for k, v in encoded.items() if isinstance(v, torch.Tensor)}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        encoded, inputs = run_processor(self, texts, given)
         spans = self.find_spans(encoded)
         return PreparedBatch(inputs=inputs, spans=spans, texts=texts, views=self._pictures(encoded))
 

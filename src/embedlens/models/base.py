@@ -21,7 +21,7 @@ from __future__ import annotations
 import operator
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar, overload
 
 import torch
@@ -30,85 +30,18 @@ from torch import nn
 
 from embedlens.errors import EmbedLensError, InputError
 from embedlens.models.cells import grid_cells, processed_picture_size
+from embedlens.models.spans import PreparedBatch, VisualSpan
 from embedlens.profiles import Profile, get_profile
-
-
-@dataclass
-class VisualSpan:
-    """Where one image's (or one image view's) visual tokens sit in one sample's sequence.
-
-    Attributes:
-        sample: Row of the batch.
-        image: Index of the image within its sample (0-based).
-        global_image: Index of the image across the batch (row of ``pixel_values``).
-        positions: Sequence positions of the grid tokens, row-major grid order. Shape ``[rows * cols]``.
-        grid: ``(rows, cols)`` of the patch grid these tokens cover.
-        extra_positions: Visual tokens that are not grid cells (a CLS token, LLaVA-NeXT's row-end
-            newline slots, which hold a learned vector rather than projector output). They are image
-            tokens (the image token id) that interventions treat as visual but never as grid cells, and
-            the rule never labels. Shape ``[n_extra]``; empty for LLaVA-1.5.
-        view: Name of the view the span shows: ``"full"`` for a single-view model; multi-view families
-            give one span per view of the same image (``"base"`` and ``"tiles"`` for LLaVA-NeXT /
-            OneVision, ``"tile-<i>"`` and ``"thumbnail"`` for InternVL).
-        markers: Positions of the text tokens that open and close the image (``<|vision_start|>``,
-            ``<img>``, ``<start_of_image>``, ...), reported for reference: they are ordinary text
-            embeddings, not visual tokens, and no intervention acts on them. Shape ``[n_markers]``; set on
-            the first view of an image only.
-        picture: Index into :attr:`PreparedBatch.views` of the picture this view shows (-1: none).
-    """
-
-    sample: int
-    image: int
-    global_image: int
-    positions: torch.Tensor
-    grid: tuple[int, int]
-    extra_positions: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
-    view: str = "full"
-    markers: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
-    picture: int = -1
-
-    def __post_init__(self) -> None:
-        if self.picture < 0:
-            self.picture = self.global_image
-
-    @property
-    def num_tokens(self) -> int:
-        """Number of grid tokens (``rows * cols``)."""
-        return int(self.positions.numel())
-
-    def rows_cols(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row and column of every grid token, each of shape ``[rows * cols]``."""
-        index = torch.arange(self.num_tokens)
-        return index // self.grid[1], index % self.grid[1]
-
-
-@dataclass
-class PreparedBatch:
-    """Model inputs for a batch of samples, with the location of every visual token.
-
-    Attributes:
-        inputs: Keyword arguments for the model's forward (``input_ids`` ``[B, T]``, ``attention_mask``
-            ``[B, T]``, ``pixel_values`` ``[N_images, 3, H, W]``, ...), on the model's device.
-        spans: For each sample, the spans of its images in sequence order (one per view of each image).
-        texts: The text of each sample after templating (with one placeholder per image).
-        views: The pictures the model sees (after resize / crop / tiling), as RGB PIL images, for
-            drawing results on; a span's ``picture`` indexes this list.
-    """
-
-    inputs: dict[str, torch.Tensor]
-    spans: list[list[VisualSpan]]
-    texts: list[str]
-    views: list[Image.Image]
-
-    @property
-    def batch_size(self) -> int:
-        """Number of samples."""
-        return len(self.spans)
 
 
 @dataclass(frozen=True)
 class ModulePaths:
     """Where a family keeps its parts: dotted attribute paths from the loaded ``transformers`` model.
+
+    The defaults are the layout most ``*ForConditionalGeneration`` classes share (LLaVA, LLaVA-NeXT,
+    InternVL, Gemma 3): ``model.language_model`` with its layers, ``embed_tokens`` and ``norm``,
+    ``lm_head``, ``model.vision_tower`` and ``model.multi_modal_projector``. A family names only what
+    differs (Qwen-VL: ``vision_tower="model.visual"``).
 
     Attributes:
         language_model: The decoder stack (embedding, layers, final norm, rotary embedding).
@@ -122,13 +55,13 @@ class ModulePaths:
         mlp: The MLP submodule, from inside one decoder layer.
     """
 
-    language_model: str
-    decoder_layers: str
-    input_embeddings: str
-    final_norm: str
-    lm_head: str
-    vision_tower: str
-    projector: str
+    language_model: str = "model.language_model"
+    decoder_layers: str = "model.language_model.layers"
+    input_embeddings: str = "model.language_model.embed_tokens"
+    final_norm: str = "model.language_model.norm"
+    lm_head: str = "lm_head"
+    vision_tower: str = "model.vision_tower"
+    projector: str = "model.multi_modal_projector"
     attention: str = "self_attn"
     mlp: str = "mlp"
 
@@ -182,15 +115,22 @@ class ModelAdapter(ABC):
         self.profile = profile if profile is not None else get_profile(None)
 
     # ----------------------------------------------------------------- loading
-    @classmethod
-    @abstractmethod
-    def model_class(cls) -> type[nn.Module]:
-        """The ``transformers`` class to instantiate checkpoints of this family with."""
+    #: Name of the ``transformers`` class that loads checkpoints of this family (imported on first use:
+    #: importing a modeling module costs tens of milliseconds).
+    transformers_class: ClassVar[str]
 
     @classmethod
-    @abstractmethod
+    def model_class(cls) -> type[nn.Module]:
+        """The ``transformers`` class to instantiate checkpoints of this family with."""
+        import transformers
+
+        return getattr(transformers, cls.transformers_class)
+
+    @classmethod
     def num_layers_from_config(cls, config: Any) -> int:
         """Number of decoder layers, read from the config alone (to validate before loading weights)."""
+        text = getattr(config, "text_config", None) or config
+        return int(text.num_hidden_layers)
 
     # ----------------------------------------------------------------- structure
     #: Where this family keeps its parts (attribute paths from the loaded model).

@@ -34,12 +34,11 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch import nn
-from transformers import Gemma3ForConditionalGeneration
 
 from embedlens.errors import EmbedLensError, InputError
 from embedlens.models.base import ModelAdapter, ModulePaths, PreparedBatch, VisualSpan
 from embedlens.models.llava import LlavaAdapter
+from embedlens.models.processing import chat_prompt, run_processor
 from embedlens.models.registry import register_adapter
 
 
@@ -50,25 +49,10 @@ class Gemma3Adapter(ModelAdapter):
 
     family = "gemma3"
     model_types = ("gemma3",)
-
-    @classmethod
-    def model_class(cls) -> type[nn.Module]:
-        return Gemma3ForConditionalGeneration
-
-    @classmethod
-    def num_layers_from_config(cls, config: Any) -> int:
-        return int(config.text_config.num_hidden_layers)
+    transformers_class = "Gemma3ForConditionalGeneration"
 
     # ----------------------------------------------------------------- structure
-    modules = ModulePaths(
-        language_model="model.language_model",
-        decoder_layers="model.language_model.layers",
-        input_embeddings="model.language_model.embed_tokens",
-        final_norm="model.language_model.norm",
-        lm_head="lm_head",
-        vision_tower="model.vision_tower",
-        projector="model.multi_modal_projector",
-    )
+    modules = ModulePaths()  # the standard layout
 
     def layer_type(self, layer: int) -> str:
         """Attention kind of decoder layer ``layer`` (0-based): ``"sliding_attention"`` or ``"full_attention"``."""
@@ -134,20 +118,10 @@ class Gemma3Adapter(ModelAdapter):
         return blocks.mean(dim=(1, 3)).reshape(rows * cols, image.shape[-1])
 
     # ----------------------------------------------------------------- inputs
-    def _chat_template(self) -> str | None:
-        return getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
-
     def format_prompt(self, prompt: str, num_images: int = 1) -> str:
         """Gemma 3's chat template with one image entry per image, before the text (the text starts
         with the template's ``<bos>``; :meth:`encode` keeps the model to one)."""
-        template = self._chat_template()
-        if template is None:
-            return self.image_placeholder * num_images + "\n" + prompt
-        content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
-        messages = [{"role": "user", "content": content}]
-        return self.processor.apply_chat_template(
-            messages, chat_template=template, add_generation_prompt=True, tokenize=False
-        )
+        return chat_prompt(self, prompt, num_images, self.image_placeholder * num_images + "\n" + prompt)
 
     def _tokenizer_adds_bos(self) -> bool:
         bos_id = self.tokenizer.bos_token_id
@@ -163,22 +137,7 @@ class Gemma3Adapter(ModelAdapter):
         bos = self.tokenizer.bos_token
         strip = bool(bos) and self._tokenizer_adds_bos()
         model_texts = [text[len(bos) :] if strip and text.startswith(bos) else text for text in texts]
-        tokenizer = self.tokenizer
-        old_side = tokenizer.padding_side
-        tokenizer.padding_side = "left"
-        try:
-            encoded = self.processor(
-                images=nested if any(nested) else None,
-                text=model_texts,
-                return_tensors="pt",
-                padding=True,
-                do_pan_and_scan=False,
-            )
-        finally:
-            tokenizer.padding_side = old_side
-        inputs = {k: v.to(self.device) for k, v in encoded.items() if isinstance(v, torch.Tensor)}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        encoded, inputs = run_processor(self, model_texts, nested if any(nested) else None, do_pan_and_scan=False)
         pixel_values = encoded.get("pixel_values")
         spans = self.find_spans(encoded)
         views = [LlavaAdapter._view(self, image) for image in pixel_values] if pixel_values is not None else []

@@ -9,11 +9,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
-from transformers import LlavaForConditionalGeneration
 
 from embedlens.errors import InputError
 from embedlens.models.base import ModelAdapter, ModulePaths, PreparedBatch, VisualSpan
+from embedlens.models.processing import chat_prompt, run_processor
 from embedlens.models.registry import register_adapter
 from embedlens.profiles import pad_to_square, vicuna_v1
 
@@ -30,25 +29,10 @@ class LlavaAdapter(ModelAdapter):
 
     family = "llava"
     model_types = ("llava",)
-
-    @classmethod
-    def model_class(cls) -> type[nn.Module]:
-        return LlavaForConditionalGeneration
-
-    @classmethod
-    def num_layers_from_config(cls, config: Any) -> int:
-        return int(config.text_config.num_hidden_layers)
+    transformers_class = "LlavaForConditionalGeneration"
 
     # ----------------------------------------------------------------- structure
-    modules = ModulePaths(
-        language_model="model.language_model",
-        decoder_layers="model.language_model.layers",
-        input_embeddings="model.language_model.embed_tokens",
-        final_norm="model.language_model.norm",
-        lm_head="lm_head",
-        vision_tower="model.vision_tower",
-        projector="model.multi_modal_projector",
-    )
+    modules = ModulePaths()  # the standard layout
 
     def image_grids(self, inputs: Mapping[str, Any]) -> list[tuple[int, int]]:
         """``(rows, cols)`` of every image in a batch of model inputs (empty when there are none)."""
@@ -76,38 +60,14 @@ class LlavaAdapter(ModelAdapter):
         return int(self.model.config.vision_config.patch_size)
 
     # ----------------------------------------------------------------- inputs
-    def _chat_template(self) -> str | None:
-        return getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
-
     def format_prompt(self, prompt: str, num_images: int = 1) -> str:
         if self.profile.conversation == "vicuna_v1":
             return vicuna_v1(prompt, self.image_placeholder * num_images)
-        template = self._chat_template()
-        if template is None:
-            return self.image_placeholder * num_images + "\n" + prompt
-        content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
-        messages = [{"role": "user", "content": content}]
-        return self.processor.apply_chat_template(
-            messages, chat_template=template, add_generation_prompt=True, tokenize=False
-        )
+        return chat_prompt(self, prompt, num_images, self.image_placeholder * num_images + "\n" + prompt)
 
     def encode(self, images: Sequence[Sequence[Image.Image]], texts: list[str]) -> PreparedBatch:
         flat = [self._fit(img.convert("RGB")) for sample_images in images for img in sample_images]
-        tokenizer = self.tokenizer
-        old_side = tokenizer.padding_side
-        tokenizer.padding_side = "left"
-        try:
-            encoded = self.processor(
-                images=flat or None,
-                text=texts,
-                return_tensors="pt",
-                padding=True,
-            )
-        finally:
-            tokenizer.padding_side = old_side
-        inputs = {k: v.to(self.device) for k, v in encoded.items() if isinstance(v, torch.Tensor)}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        encoded, inputs = run_processor(self, texts, flat or None)
         pixel_values = encoded.get("pixel_values")
         spans = self.find_spans(encoded)
         views = [self._view(image) for image in pixel_values] if pixel_values is not None else []

@@ -6,9 +6,6 @@ Each image is a ``"base"`` view and a ``"tiles"`` view with one newline slot per
 
 from __future__ import annotations
 
-from torch import nn
-from transformers import LlavaNextForConditionalGeneration
-
 from embedlens.models.anyres import AnyresAdapter
 from embedlens.models.registry import register_adapter
 
@@ -19,7 +16,4 @@ class LlavaNextAdapter(AnyresAdapter):
 
     family = "llava_next"
     model_types = ("llava_next",)
-
-    @classmethod
-    def model_class(cls) -> type[nn.Module]:
-        return LlavaNextForConditionalGeneration
+    transformers_class = "LlavaNextForConditionalGeneration"

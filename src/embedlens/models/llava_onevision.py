@@ -13,8 +13,6 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch import nn
-from transformers import LlavaOnevisionForConditionalGeneration
 
 from embedlens.errors import InputError
 from embedlens.models.anyres import AnyresAdapter
@@ -29,10 +27,7 @@ class LlavaOnevisionAdapter(AnyresAdapter):
 
     family = "llava_onevision"
     model_types = ("llava_onevision",)
-
-    @classmethod
-    def model_class(cls) -> type[nn.Module]:
-        return LlavaOnevisionForConditionalGeneration
+    transformers_class = "LlavaOnevisionForConditionalGeneration"
 
     def max_tiles(self) -> int | None:
         """``n`` of the config's ``vision_aspect_ratio`` ``"anyres_max_<n>"`` (the model reads the config's)."""

@@ -8,7 +8,6 @@ merger's own output rows follow the grid only when an image fits in one window.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from embedlens.models.qwen_vl import QwenVLAdapter
 from embedlens.models.registry import register_adapter
@@ -20,12 +19,7 @@ class Qwen25VLAdapter(QwenVLAdapter):
 
     family = "qwen2_5_vl"
     model_types = ("qwen2_5_vl",)
-
-    @classmethod
-    def model_class(cls) -> type[nn.Module]:
-        from transformers import Qwen2_5_VLForConditionalGeneration  # here: importing the modeling code costs ~50 ms
-
-        return Qwen2_5_VLForConditionalGeneration
+    transformers_class = "Qwen2_5_VLForConditionalGeneration"
 
     def merger_order(self, rows: int, cols: int) -> torch.Tensor:
         """Row-major indices of an image's grid cells in the merger's (window) order: windows of

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from embedlens.models.qwen_vl import QwenVLAdapter
 from embedlens.models.registry import register_adapter
 
@@ -14,9 +12,4 @@ class Qwen2VLAdapter(QwenVLAdapter):
 
     family = "qwen2_vl"
     model_types = ("qwen2_vl",)
-
-    @classmethod
-    def model_class(cls) -> type[nn.Module]:
-        from transformers import Qwen2VLForConditionalGeneration  # here: importing the modeling code costs ~50 ms
-
-        return Qwen2VLForConditionalGeneration
+    transformers_class = "Qwen2VLForConditionalGeneration"

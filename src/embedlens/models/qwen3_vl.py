@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from embedlens.errors import InputError
 from embedlens.models.qwen_vl import QwenVLAdapter
@@ -25,13 +24,8 @@ class Qwen3VLAdapter(QwenVLAdapter):
 
     family = "qwen3_vl"
     model_types = ("qwen3_vl",)
+    transformers_class = "Qwen3VLForConditionalGeneration"
     flat_positions_reach_layers = True
-
-    @classmethod
-    def model_class(cls) -> type[nn.Module]:
-        from transformers import Qwen3VLForConditionalGeneration  # here: importing the modeling code costs ~50 ms
-
-        return Qwen3VLForConditionalGeneration
 
     def pop_layer_additions(self, llm_kwargs: dict[str, Any], length: int) -> dict[int, torch.Tensor]:
         """Pop ``visual_pos_masks`` and ``deepstack_visual_embeds`` and return decoder layer ``i`` -> the

@@ -32,6 +32,7 @@ from PIL import Image
 from embedlens.errors import EmbedLensError, InputError
 from embedlens.models.base import ModelAdapter, ModulePaths, PreparedBatch, VisualSpan
 from embedlens.models.cells import square_side
+from embedlens.models.processing import chat_prompt, run_processor
 
 
 def rope_planes(position_ids: torch.Tensor) -> torch.Tensor:
@@ -62,11 +63,6 @@ class QwenVLAdapter(ModelAdapter):
     """What the Qwen-VL families share; each family's file subclasses it and registers."""
 
     modules = ModulePaths(
-        language_model="model.language_model",
-        decoder_layers="model.language_model.layers",
-        input_embeddings="model.language_model.embed_tokens",
-        final_norm="model.language_model.norm",
-        lm_head="lm_head",
         vision_tower="model.visual",
         # The merger is what the language model's visual tokens come from (Qwen2.5-VL reorders its output
         # rows out of window order afterwards; Qwen3-VL's DeepStack mergers are separate modules).
@@ -76,10 +72,6 @@ class QwenVLAdapter(ModelAdapter):
     #: Whether ``[B, T]`` position ids given to the language model reach its decoder layers as the text
     #: plane (Qwen3-VL expands them to four planes) or not at all (Qwen2/2.5-VL expand them to three).
     flat_positions_reach_layers: ClassVar[bool] = False
-
-    @classmethod
-    def num_layers_from_config(cls, config: Any) -> int:
-        return int(config.text_config.num_hidden_layers)
 
     # ----------------------------------------------------------------- geometry
     @property
@@ -121,18 +113,8 @@ class QwenVLAdapter(ModelAdapter):
         return None
 
     # ----------------------------------------------------------------- inputs
-    def _chat_template(self) -> str | None:
-        return getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
-
     def format_prompt(self, prompt: str, num_images: int = 1) -> str:
-        template = self._chat_template()
-        if template is None:
-            return self._image_block() * num_images + "\n" + prompt
-        content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
-        messages = [{"role": "user", "content": content}]
-        return self.processor.apply_chat_template(
-            messages, chat_template=template, add_generation_prompt=True, tokenize=False
-        )
+        return chat_prompt(self, prompt, num_images, self._image_block() * num_images + "\n" + prompt)
 
     def _image_block(self) -> str:
         """One image as the Qwen chat templates write it: the placeholder between the vision markers."""
@@ -142,18 +124,7 @@ class QwenVLAdapter(ModelAdapter):
 
     def encode(self, images: Sequence[Sequence[Image.Image]], texts: list[str]) -> PreparedBatch:
         flat = [img.convert("RGB") for sample_images in images for img in sample_images]
-        tokenizer = self.tokenizer
-        old_side = tokenizer.padding_side
-        tokenizer.padding_side = "left"
-        try:
-            encoded = self.processor(images=flat or None, text=texts, return_tensors="pt", padding=True)
-        except ValueError as exc:  # the image processor refuses aspect ratios over 200
-            raise InputError(f"cannot process the images: {str(exc).strip().splitlines()[0]}") from exc
-        finally:
-            tokenizer.padding_side = old_side
-        inputs = {k: v.to(self.device) for k, v in encoded.items() if isinstance(v, torch.Tensor)}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        encoded, inputs = run_processor(self, texts, flat or None)
         spans = self.find_spans(encoded)
         pixel_values, grids = encoded.get("pixel_values"), encoded.get("image_grid_thw")
         views = self._pictures(pixel_values, grids) if pixel_values is not None and grids is not None else []
