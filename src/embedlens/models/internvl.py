@@ -25,14 +25,13 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
 from embedlens.errors import EmbedLensError, InputError
 from embedlens.models.base import ModelAdapter, ModulePaths, PreparedBatch, VisualSpan
-from embedlens.models.processing import chat_prompt, run_processor
+from embedlens.models.processing import chat_prompt, run_processor, unnormalise
 from embedlens.models.registry import register_adapter
 
 
@@ -166,13 +165,7 @@ class InternVLAdapter(ModelAdapter):
 
     def _view(self, pixel_values: torch.Tensor) -> Image.Image:
         """Undo the normalisation of one view ``[3, S, S]``: the tile (or thumbnail) the vision tower sees."""
-        ip = self.processor.image_processor
-        mean = np.asarray(getattr(ip, "image_mean", None) or [0.0, 0.0, 0.0], dtype=np.float32)
-        std = np.asarray(getattr(ip, "image_std", None) or [1.0, 1.0, 1.0], dtype=np.float32)
-        scale = float(getattr(ip, "rescale_factor", 1 / 255))
-        array = pixel_values.float().cpu().numpy().transpose(1, 2, 0)
-        array = (array * std + mean) / scale
-        return Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8))
+        return unnormalise(self.processor.image_processor, pixel_values)
 
     def find_spans(self, inputs: Mapping[str, Any]) -> list[list[VisualSpan]]:
         input_ids: torch.Tensor = inputs["input_ids"]

@@ -6,14 +6,14 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 from embedlens.errors import InputError
 from embedlens.models.base import ModelAdapter, ModulePaths, PreparedBatch, VisualSpan
-from embedlens.models.processing import chat_prompt, run_processor
+from embedlens.models.processing import chat_prompt, run_processor, unnormalise
 from embedlens.models.registry import register_adapter
+from embedlens.models.spans import split_image_tokens
 from embedlens.profiles import pad_to_square, vicuna_v1
 
 
@@ -83,50 +83,24 @@ class LlavaAdapter(ModelAdapter):
 
     def _view(self, pixel_values: torch.Tensor) -> Image.Image:
         """Undo the image processor's normalisation: the picture the vision tower sees, as RGB."""
-        ip = self.processor.image_processor
-        mean = np.asarray(getattr(ip, "image_mean", None) or [0.0, 0.0, 0.0], dtype=np.float32)
-        std = np.asarray(getattr(ip, "image_std", None) or [1.0, 1.0, 1.0], dtype=np.float32)
-        scale = float(getattr(ip, "rescale_factor", 1 / 255))
-        array = pixel_values.float().cpu().numpy().transpose(1, 2, 0)
-        array = (array * std + mean) / scale
-        return Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8))
+        return unnormalise(self.processor.image_processor, pixel_values)
 
     def find_spans(self, inputs: Mapping[str, Any]) -> list[list[VisualSpan]]:
-        input_ids: torch.Tensor = inputs["input_ids"]
-        image_grids = self.image_grids(inputs)
+        grids = self.image_grids(inputs)
         extra = extra_image_tokens(getattr(self.model.config, "vision_feature_select_strategy", "default"))
-        spans: list[list[VisualSpan]] = []
-        next_image = 0
-        for sample, row in enumerate(input_ids.cpu()):
-            positions = torch.nonzero(row == self.image_token_id).flatten()
-            sample_spans: list[VisualSpan] = []
-            offset = 0
-            while offset < positions.numel():
-                if next_image >= len(image_grids):
-                    raise InputError(
-                        f"sample {sample} has more image tokens than the images given ({len(image_grids)} in the batch)"
-                    )
-                rows, cols = image_grids[next_image]
-                count = rows * cols + extra
-                chunk = positions[offset : offset + count]
-                if chunk.numel() != count:
-                    raise InputError(
-                        f"sample {sample}: expected {count} image tokens for image {len(sample_spans)}, "
-                        f"found {chunk.numel()}"
-                    )
-                sample_spans.append(
-                    VisualSpan(
-                        sample=sample,
-                        image=len(sample_spans),
-                        global_image=next_image,
-                        positions=chunk[extra:].clone(),
-                        grid=(rows, cols),
-                        extra_positions=chunk[:extra].clone(),
-                    )
+        counts = [rows * cols + extra for rows, cols in grids]
+        runs = split_image_tokens(inputs["input_ids"], self.image_token_id, counts)
+        return [
+            [
+                VisualSpan(
+                    sample=sample,
+                    image=image,
+                    global_image=global_image,
+                    positions=chunk[extra:].clone(),
+                    grid=grids[global_image],
+                    extra_positions=chunk[:extra].clone(),
                 )
-                offset += count
-                next_image += 1
-            spans.append(sample_spans)
-        if next_image != len(image_grids):
-            raise InputError(f"{len(image_grids)} images given but only {next_image} placed in the text")
-        return spans
+                for image, (global_image, chunk) in enumerate(sample_runs)
+            ]
+            for sample, sample_runs in enumerate(runs)
+        ]

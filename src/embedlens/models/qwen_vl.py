@@ -33,6 +33,7 @@ from embedlens.errors import EmbedLensError, InputError
 from embedlens.models.base import ModelAdapter, ModulePaths, PreparedBatch, VisualSpan
 from embedlens.models.cells import square_side
 from embedlens.models.processing import chat_prompt, run_processor
+from embedlens.models.spans import split_image_tokens
 
 
 def rope_planes(position_ids: torch.Tensor) -> torch.Tensor:
@@ -262,24 +263,11 @@ class QwenVLAdapter(ModelAdapter):
         start_id, end_id = self.marker_ids
         length = input_ids.shape[1]
         spans: list[list[VisualSpan]] = []
-        next_image = 0
-        for sample, row in enumerate(input_ids):
-            positions = torch.nonzero(row == self.image_token_id).flatten()
+        for sample, runs in enumerate(split_image_tokens(input_ids, self.image_token_id, counts)):
+            row = input_ids[sample]
             sample_spans: list[VisualSpan] = []
-            offset = 0
-            while offset < positions.numel():
-                if next_image >= len(counts):
-                    raise InputError(
-                        f"sample {sample} has more image tokens than the images given ({len(counts)} in the batch)"
-                    )
-                count = counts[next_image]
-                chunk = positions[offset : offset + count]
-                if chunk.numel() != count:
-                    raise InputError(
-                        f"sample {sample}: expected {count} image tokens for image {len(sample_spans)}, "
-                        f"found {chunk.numel()}"
-                    )
-                grid = grids[next_image] if grids is not None else self._grid_from_positions(planes, sample, chunk)
+            for image, (global_image, chunk) in enumerate(runs):
+                grid = grids[global_image] if grids is not None else self._grid_from_positions(planes, sample, chunk)
                 markers = [
                     int(where)
                     for where, token in ((chunk[0] - 1, start_id), (chunk[-1] + 1, end_id))
@@ -288,17 +276,13 @@ class QwenVLAdapter(ModelAdapter):
                 sample_spans.append(
                     MergedSpan(
                         sample=sample,
-                        image=len(sample_spans),
-                        global_image=next_image,
+                        image=image,
+                        global_image=global_image,
                         positions=chunk.clone(),
                         grid=grid,
                         markers=torch.tensor(markers, dtype=torch.long),
-                        first_patch=self.merge_size**2 * sum(counts[:next_image]),
+                        first_patch=self.merge_size**2 * sum(counts[:global_image]),
                     )
                 )
-                offset += count
-                next_image += 1
             spans.append(sample_spans)
-        if next_image != len(counts):
-            raise InputError(f"{len(counts)} images given but only {next_image} placed in the text")
         return spans

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from embedlens.errors import InputError
+
 
 @dataclass
 class VisualSpan:
@@ -84,3 +86,46 @@ class PreparedBatch:
     def batch_size(self) -> int:
         """Number of samples."""
         return len(self.spans)
+
+
+def split_image_tokens(
+    input_ids: torch.Tensor, image_token_id: int, counts: list[int]
+) -> list[list[tuple[int, torch.Tensor]]]:
+    """Cut each sample's image-token positions into one run per image, images in batch order.
+
+    Args:
+        input_ids: Token ids, ``[B, T]``.
+        image_token_id: The id marking visual-token positions.
+        counts: Image-token positions each image of the batch occupies, in order.
+
+    Returns:
+        Per sample, ``(global image index, positions [count])`` of each of its images.
+
+    Raises:
+        InputError: A sample holds more image tokens than the images given, an image's run is short, or
+            an image is not placed in the text.
+    """
+    out: list[list[tuple[int, torch.Tensor]]] = []
+    next_image = 0
+    for sample, row in enumerate(input_ids.cpu()):
+        positions = torch.nonzero(row == image_token_id).flatten()
+        runs: list[tuple[int, torch.Tensor]] = []
+        offset = 0
+        while offset < positions.numel():
+            if next_image >= len(counts):
+                raise InputError(
+                    f"sample {sample} has more image tokens than the images given ({len(counts)} in the batch)"
+                )
+            count = counts[next_image]
+            chunk = positions[offset : offset + count]
+            if chunk.numel() != count:
+                raise InputError(
+                    f"sample {sample}: expected {count} image tokens for image {len(runs)}, found {chunk.numel()}"
+                )
+            runs.append((next_image, chunk))
+            offset += count
+            next_image += 1
+        out.append(runs)
+    if next_image != len(counts):
+        raise InputError(f"{len(counts)} images given but only {next_image} placed in the text")
+    return out
