@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from embedlens.nearest import _SHORTLIST_EXTRA, ExactSearch
+from embedlens.nearest import _SHORTLIST_EXTRA, ExactSearch, _slice_top
 
 V, D, N = 300, 48, 9
 TABLE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -204,6 +204,40 @@ class TestMatchesBruteForce:
             found = search.search(queries, 10)
             assert int(found.ids.max()) < 250
             assert_matches(found, *expected)
+
+    @pytest.mark.parametrize("shortlist_rows", [6000, 2500, 3001])
+    @pytest.mark.parametrize("short_dtype", SHORT_DTYPES, ids=str)
+    def test_wide_slices_ranked_by_group_maxima(self, short_dtype, shortlist_rows):
+        """Slices wide enough for the grouped top-k (about sqrt(m / width) interleaved column groups, plus
+        left-over columns when m is not a multiple): the results must still be the brute force's,
+        with duplicate rows (ties) and queries pointing at rows in the left-over columns."""
+        g = torch.Generator().manual_seed(21)
+        table = torch.randn(6000, 16, generator=g)
+        table[5999] = table[17]
+        table[4000] = table[3]
+        queries = torch.randn(6, 16, generator=g)
+        queries[0] = table[17] + 0.05 * torch.randn(16, generator=g)
+        queries[1] = table[3]
+        queries[2] = table[5998] * 2
+        for k in (1, 5, 40):
+            found = ExactSearch(table, normalize=True, short_dtype=short_dtype, shortlist_rows=shortlist_rows).search(
+                queries, k
+            )
+            assert_matches(found, *brute_force(table, queries, k, normalize=True))
+
+    def test_group_maxima_keep_the_largest_values(self):
+        """``_slice_top`` returns the width largest values of each row, whatever the layout of ties."""
+        g = torch.Generator().manual_seed(22)
+        scores = torch.randn(5, 5003, generator=g).bfloat16()
+        scores[1] = 0.5  # every column tied
+        scores[2, ::7] = 3.0  # many ties at the top, spread over the groups
+        scores[3, -3:] = 9.0  # the best in the left-over columns
+        for width in (1, 20, 100):
+            values, columns = _slice_top(scores, width)
+            expected = torch.topk(scores, width, dim=1).values
+            assert torch.equal(torch.sort(values, dim=1, descending=True).values, expected)
+            assert torch.equal(torch.gather(scores, 1, columns), values)
+            assert all(len(set(row)) == width for row in columns.tolist())
 
     @pytest.mark.parametrize("spread", [1e-5, 1e-4, 3e-3, 3e-2])
     @pytest.mark.parametrize("normalize", [True, False], ids=["cosine", "inner"])

@@ -259,7 +259,7 @@ class ExactSearch(_ExactRerank):
         """The ``width`` best rows per query by approximate score, best first.
 
         The table is multiplied in slices of ``shortlist_rows`` rows, each reduced to its own top
-        ``width`` while it is still in cache, then the slices' winners are merged.
+        ``width`` (:func:`_slice_top`) while it is still in cache, then the slices' winners are merged.
 
         Returns:
             ``values`` and ``ids`` of shape ``[n, width]`` (sorted descending), the largest absolute
@@ -270,9 +270,9 @@ class ExactSearch(_ExactRerank):
         for first in range(0, self.size, self.shortlist_rows):
             last = min(first + self.shortlist_rows, self.size)
             scores = self._approx(q_short, first, last, scratch=True)
-            best = torch.topk(scores, min(width, last - first), dim=1, sorted=False)
-            values.append(best.values)
-            ids.append(best.indices + first)
+            best_values, best_columns = _slice_top(scores, min(width, last - first))
+            values.append(best_values)
+            ids.append(best_columns + first)
             if self.bias64 is not None:
                 largest.append(scores.abs().amax(dim=1))
         merged = torch.topk(torch.cat(values, dim=1), width, dim=1, sorted=True)
@@ -316,6 +316,34 @@ class ExactSearch(_ExactRerank):
         rounding = q_norm * table_residual + q_residual * table_norm + q_residual * table_residual
         accumulation = 2.0 * gamma * (q_norm + q_residual) * (table_norm + table_residual)
         return rounding + accumulation + 1e-12
+
+
+def _slice_top(scores: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``width`` largest entries of each row of ``scores`` (shape ``[n, m]``), in no order: their
+    values and column indices, each of shape ``[n, width]``.
+
+    A wide slice is first cut into ``g`` (about ``sqrt(m / width)``) interleaved groups of columns
+    ``c, c + s, c + 2 s, ...`` (``s = m // g``), whose maxima are the elementwise maximum of ``g``
+    contiguous blocks; only the columns of the ``width`` groups with the largest maxima (and the
+    ``m - g s`` columns left over) are ranked, which costs less than a top-k over all ``m`` columns.
+    Exact: a column outside the chosen groups is at most its group's maximum, hence at most the smallest
+    chosen maximum, and the chosen groups hold ``width`` distinct columns at least that large; so the
+    kept values are the row's ``width`` largest and every column left out scores at most the smallest.
+    """
+    n, m = scores.shape
+    groups = int(math.sqrt(m / max(width, 1)))
+    if groups < 4:
+        best = torch.topk(scores, width, dim=1, sorted=False)
+        return best.values, best.indices
+    stride = m // groups
+    maxima = scores[:, : groups * stride].unflatten(1, (groups, stride)).amax(dim=1)
+    chosen = torch.topk(maxima, width, dim=1, sorted=False).indices
+    offsets = stride * torch.arange(groups, device=scores.device)
+    columns = (chosen[:, :, None] + offsets).flatten(1)
+    left_over = torch.arange(groups * stride, m, device=scores.device).expand(n, -1)
+    columns = torch.cat([columns, left_over], dim=1)
+    best = torch.topk(torch.gather(scores, 1, columns), width, dim=1, sorted=False)
+    return best.values, torch.gather(columns, 1, best.indices)
 
 
 def _candidate_cutoff(floor: torch.Tensor, margin: torch.Tensor, u_out: float) -> torch.Tensor:
