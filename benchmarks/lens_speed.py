@@ -20,7 +20,8 @@ All figures come from this one run on this machine. Methods, each returning top-
   ours        EmbedLens's embedding lens (ExactSearch: bf16 shortlist + rigorous bound + float64
               re-rank; search only, the once-per-model table preparation is timed separately)
   per-token   torch cosine_similarity of one token against the whole float32 table, as the reference
-              notebooks probe (a sample of tokens is timed and extrapolated to all of them)
+              notebooks probe (in slices of 8192 rows, whose temporaries would otherwise be two more
+              copies of the table; a sample of tokens is timed and extrapolated to all of them)
   ref-<type>  the reference's run-time rule: one normalised matmul in the table's half type + topk
   faiss       faiss IndexFlatIP exact inner-product search on float32 normalised vectors
   fp32-mm     bare float32 matmul of the normalised tensors into a kept buffer (no top-k): this
@@ -49,8 +50,9 @@ import torch
 
 from embedlens.lens import EmbeddingLens
 
-#: Table rows a brute force normalises and multiplies at once.
-BRUTE_FORCE_ROWS = 8192
+#: Table rows that the code outside the lens (drawing, brute forces, per-token loop) handles at once,
+#: so that its temporaries stay small beside a 2 GB table.
+SLICE_ROWS = 8192
 
 
 @dataclass(frozen=True)
@@ -129,14 +131,14 @@ def brute_force(
     """Top-``k`` table rows ``first:last`` of each query by (score descending, id ascending).
 
     ``rows(a, b)`` gives rows ``a:b`` normalised in the brute force's type, ``queries`` are normalised
-    in it. The table is multiplied ``BRUTE_FORCE_ROWS`` rows at a time and each slice's winners are
+    in it. The table is multiplied ``SLICE_ROWS`` rows at a time and each slice's winners are
     merged with the best so far (kept first: they have the lower ids, and the sorts are stable), so the
     result is that of one full sort while only one slice of scores exists at a time.
     """
     best_ids = torch.zeros(queries.shape[0], 0, dtype=torch.long)
     best_scores = torch.zeros(queries.shape[0], 0, dtype=queries.dtype)
-    for start in range(first, last, BRUTE_FORCE_ROWS):
-        stop = min(start + BRUTE_FORCE_ROWS, last)
+    for start in range(first, last, SLICE_ROWS):
+        stop = min(start + SLICE_ROWS, last)
         ids = torch.arange(start, stop).expand(queries.shape[0], -1)
         slice_ids, slice_scores = top_rows(queries @ rows(start, stop).T, ids, k)
         best_ids, best_scores = top_rows(
@@ -158,8 +160,8 @@ def shaped_inputs(case: Case, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     shared = normalise(torch.randn(1, case.dim, generator=generator))
     table = torch.empty(case.vocab, case.dim, dtype=getattr(torch, case.table_dtype))
-    for start in range(0, case.vocab, BRUTE_FORCE_ROWS):
-        stop = min(start + BRUTE_FORCE_ROWS, case.vocab)
+    for start in range(0, case.vocab, SLICE_ROWS):
+        stop = min(start + SLICE_ROWS, case.vocab)
         rows = torch.randn(stop - start, case.dim, generator=generator) / math.sqrt(case.dim) + 0.3 * shared
         norms = torch.exp(0.35 * torch.randn(stop - start, 1, generator=generator))
         table[start:stop] = normalise(rows) * norms
@@ -296,8 +298,8 @@ def float32_table(table: torch.Tensor, rows: int) -> tuple[torch.Tensor, object 
     storage, so the run holds one float32 copy of the table, not two. Without faiss: the tensor alone.
     """
     t32 = torch.empty(rows, table.shape[1])
-    for start in range(0, rows, BRUTE_FORCE_ROWS):
-        t32[start : start + BRUTE_FORCE_ROWS] = normalise(table[start : min(start + BRUTE_FORCE_ROWS, rows)].float())
+    for start in range(0, rows, SLICE_ROWS):
+        t32[start : start + SLICE_ROWS] = normalise(table[start : min(start + SLICE_ROWS, rows)].float())
     try:
         import faiss
     except ImportError:
@@ -390,7 +392,13 @@ def main() -> None:
     def per_token() -> torch.Tensor:
         out = []
         for i in range(sample):
-            sims = torch.nn.functional.cosine_similarity(queries[i : i + 1].float(), t32, dim=-1)
+            query = queries[i : i + 1].float()
+            sims = torch.cat(
+                [
+                    torch.nn.functional.cosine_similarity(query, t32[start : start + SLICE_ROWS], dim=-1)
+                    for start in range(0, searchable, SLICE_ROWS)
+                ]
+            )
             out.append(top_rows(sims[None], torch.arange(searchable)[None], k)[0][0])
         return torch.stack(out)
 

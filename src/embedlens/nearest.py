@@ -19,8 +19,9 @@ with ``dq = round(q) - q``, ``de_j = round(e_j) - e_j`` (their norms are compute
 ``gamma_d = d u32 / (1 - d u32)``. Using the table-wide maxima of ``|e_j|`` and ``|de_j|`` gives one
 margin ``m`` per query. Then, per query:
 
-1. the ``k + 96`` rows with the best approximate scores are taken, best first (a ``topk`` per slice of
-   ``shortlist_rows`` table rows, then one over the slices' winners);
+1. the ``k + 96`` rows with the best approximate scores are taken, best first (a top-k per slice of
+   ``shortlist_rows`` table rows, over the columns of its best column groups when the slice is wide
+   (:func:`_slice_top`), then one over the slices' winners);
 2. stage 1 re-scores in float64 the rows whose approximate score is within about one margin of the k-th
    best approximate score; the k-th best of those exact scores is a floor under the true k-th best;
 3. stage 2: any row whose approximate score is below ``floor - m`` cannot be in the top-k; the other rows
