@@ -1,7 +1,7 @@
 """Speed and exactness of the embedding lens against the ways people compute it.
 
 Run:  python benchmarks/lens_speed.py            (LLaVA-1.5-7B shapes, random table; about 1 minute)
-      python benchmarks/lens_speed.py --case qwen2.5-vl-7b   (Qwen2.5-VL-7B shapes; several minutes, ~7 GB)
+      python benchmarks/lens_speed.py --case qwen2.5-vl-7b   (Qwen2.5-VL-7B shapes; 5-10 minutes, 7.7 GB peak RSS)
       python benchmarks/lens_speed.py --model embedlens-mini --image photo.png   (a real table)
 
 Cases (``--case``; ``--tokens/--vocab/--dim/--table-dtype/--tokenizer-size`` override their shapes):
@@ -228,13 +228,20 @@ def real_inputs(model: str, image: str | None, prompt: str) -> tuple[torch.Tenso
 
 
 def cpu_description() -> str:
-    """The CPU model, its core count and its bfloat16 units (Linux ``/proc/cpuinfo``)."""
-    model = "unknown CPU"
+    """The CPU model (with its family and model numbers), core count and bfloat16 units (Linux ``/proc/cpuinfo``)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as info:
-            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+            for line in info:
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    model = fields.get("model name", "unknown CPU")
+    if "cpu family" in fields and "model" in fields:
+        model += f" family {fields['cpu family']} model {fields['model']}"
     flags = [
         name
         for name, check in (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
