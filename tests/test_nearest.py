@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from embedlens.nearest import ExactSearch
+from embedlens.nearest import _SHORTLIST_EXTRA, ExactSearch, _slice_top
 
 V, D, N = 300, 48, 9
 TABLE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -117,7 +117,7 @@ class TestMatchesBruteForce:
 
     @pytest.mark.parametrize("shortlist_rows", [7, 64, 10**6])
     def test_candidates_past_the_shortlist_in_table_slices(self, shortlist_rows):
-        """Many near-equal rows push a query's candidates past the k + 32 shortlist: the rest of the
+        """Many near-equal rows push a query's candidates past the k + 96 shortlist: the rest of the
         table is scanned, whether its approximate scores were kept (one slice) or must be recomputed."""
         g = torch.Generator().manual_seed(12)
         base = torch.randn(D, generator=g)
@@ -125,7 +125,7 @@ class TestMatchesBruteForce:
         queries = base[None] + 1e-3 * torch.randn(4, D, generator=g)
         search = ExactSearch(table, normalize=True, short_dtype=torch.bfloat16, shortlist_rows=shortlist_rows)
         found = search.search(queries, 10)
-        assert int(found.candidates.min()) > 10 + 32  # the scan beyond the shortlist really ran
+        assert int(found.candidates.min()) > 10 + _SHORTLIST_EXTRA  # the scan beyond the shortlist really ran
         assert_matches(found, *brute_force(table, queries, 10, normalize=True))
 
     def test_reused_buffers_leave_earlier_results_alone(self):
@@ -179,6 +179,65 @@ class TestMatchesBruteForce:
         full = search.search(queries, allowed.numel())
         for row in full.ids:
             assert torch.equal(torch.sort(row).values, allowed)
+
+    @pytest.mark.parametrize("short_dtype", SHORT_DTYPES, ids=str)
+    @pytest.mark.parametrize(("normalize", "with_bias"), SCORINGS, ids=SCORING_IDS)
+    def test_leading_rows_of_a_larger_table(self, normalize, with_bias, short_dtype):
+        """A table larger than its tokenizer: only the leading rows may come back, even when the rows past
+        them are the best matches (the queries point at them), in one table slice or several."""
+        table, queries, bias = make_case(10, torch.bfloat16)
+        bias = bias if with_bias else None
+        queries[5:] = table[[260, 271, 285, 299]].float() * 3  # rows past the allowed ones
+        allowed = torch.arange(250)
+        expected = brute_force(table, queries, 10, normalize=normalize, bias=bias, allowed=allowed)
+        for shortlist_rows, rerank_rows in ((V, 2048), (64, 3)):
+            search = ExactSearch(
+                table,
+                normalize=normalize,
+                bias=bias,
+                allowed=allowed,
+                short_dtype=short_dtype,
+                shortlist_rows=shortlist_rows,
+                rerank_rows=rerank_rows,
+            )
+            assert search.size == 250
+            found = search.search(queries, 10)
+            assert int(found.ids.max()) < 250
+            assert_matches(found, *expected)
+
+    @pytest.mark.parametrize("shortlist_rows", [6000, 2500, 3001])
+    @pytest.mark.parametrize("short_dtype", SHORT_DTYPES, ids=str)
+    def test_wide_slices_ranked_by_group_maxima(self, short_dtype, shortlist_rows):
+        """Slices wide enough for the grouped top-k (about sqrt(m / width) interleaved column groups, plus
+        left-over columns when m is not a multiple): the results must still be the brute force's,
+        with duplicate rows (ties) and queries pointing at rows in the left-over columns."""
+        g = torch.Generator().manual_seed(21)
+        table = torch.randn(6000, 16, generator=g)
+        table[5999] = table[17]
+        table[4000] = table[3]
+        queries = torch.randn(6, 16, generator=g)
+        queries[0] = table[17] + 0.05 * torch.randn(16, generator=g)
+        queries[1] = table[3]
+        queries[2] = table[5998] * 2
+        for k in (1, 5, 40):
+            found = ExactSearch(table, normalize=True, short_dtype=short_dtype, shortlist_rows=shortlist_rows).search(
+                queries, k
+            )
+            assert_matches(found, *brute_force(table, queries, k, normalize=True))
+
+    def test_group_maxima_keep_the_largest_values(self):
+        """``_slice_top`` returns the width largest values of each row, whatever the layout of ties."""
+        g = torch.Generator().manual_seed(22)
+        scores = torch.randn(5, 5003, generator=g).bfloat16()
+        scores[1] = 0.5  # every column tied
+        scores[2, ::7] = 3.0  # many ties at the top, spread over the groups
+        scores[3, -3:] = 9.0  # the best in the left-over columns
+        for width in (1, 20, 100):
+            values, columns = _slice_top(scores, width)
+            expected = torch.topk(scores, width, dim=1).values
+            assert torch.equal(torch.sort(values, dim=1, descending=True).values, expected)
+            assert torch.equal(torch.gather(scores, 1, columns), values)
+            assert all(len(set(row)) == width for row in columns.tolist())
 
     @pytest.mark.parametrize("spread", [1e-5, 1e-4, 3e-3, 3e-2])
     @pytest.mark.parametrize("normalize", [True, False], ids=["cosine", "inner"])
