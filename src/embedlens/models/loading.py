@@ -21,6 +21,7 @@ from embedlens.models import (  # noqa: F401  (registration side effects)
     llava,
     llava_next,
     llava_onevision,
+    mistral3,
     qwen2_5_vl,
     qwen2_vl,
     qwen3_vl,
