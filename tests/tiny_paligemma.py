@@ -46,6 +46,8 @@ class TinyPaliGemmaSpec:
         patch_size: SigLIP patch side; the grid is ``image_size // patch_size`` a side.
         layer_types: Attention kind of each decoder layer (its length is the number of layers).
         sliding_window: Window of the sliding-attention layers, in tokens.
+        logit_softcapping: Gemma 2's ``final_logit_softcapping`` (30 as released; None: off), which the
+            model applies to its logits after the LM head.
         tokenizer_size: Tokens the tokenizer has (with PaliGemma's 1152 location and segmentation tokens).
         vocab_size: Rows of the embedding table and LM head (at least ``tokenizer_size``).
         seed: Torch seed of the random weights.
@@ -55,6 +57,7 @@ class TinyPaliGemmaSpec:
     patch_size: int = 14
     layer_types: tuple[str, ...] = ("sliding_attention", "full_attention", "sliding_attention")
     sliding_window: int = 512
+    logit_softcapping: float | None = 30.0
     tokenizer_size: int = 1300
     vocab_size: int = 1344
     seed: int = 0
@@ -102,6 +105,7 @@ def build_tiny_paligemma(
         query_pre_attn_scalar=16,
         max_position_embeddings=2048,
         sliding_window=spec.sliding_window,
+        final_logit_softcapping=spec.logit_softcapping,
         layer_types=list(spec.layer_types),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -136,3 +140,10 @@ def build(directory: Path, spec: TinyPaliGemmaSpec = TinyPaliGemmaSpec()) -> Pat
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return Path(directory)
+
+
+def build_uncapped(directory: Path) -> Path:
+    """:func:`build` without the final logit soft-capping: the conformance suite's hand-built reference
+    decoder ends at the LM head, so it cannot follow the capping PaliGemma applies after it
+    (``tests/test_family_paligemma.py`` checks prune against a reference that caps)."""
+    return build(directory, TinyPaliGemmaSpec(logit_softcapping=None))
