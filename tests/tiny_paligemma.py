@@ -24,6 +24,7 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import (
     Gemma2Config,
+    GemmaConfig,
     PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
     PaliGemmaProcessor,
@@ -46,6 +47,7 @@ class TinyPaliGemmaSpec:
         patch_size: SigLIP patch side; the grid is ``image_size // patch_size`` a side.
         layer_types: Attention kind of each decoder layer (its length is the number of layers).
         sliding_window: Window of the sliding-attention layers, in tokens.
+        gemma1: A Gemma (PaliGemma 1) decoder instead of Gemma 2: no sliding window, no soft-capping.
         logit_softcapping: Gemma 2's ``final_logit_softcapping`` (30 as released; None: off), which the
             model applies to its logits after the LM head.
         tokenizer_size: Tokens the tokenizer has (with PaliGemma's 1152 location and segmentation tokens).
@@ -58,6 +60,7 @@ class TinyPaliGemmaSpec:
     layer_types: tuple[str, ...] = ("sliding_attention", "full_attention", "sliding_attention")
     sliding_window: int = 512
     logit_softcapping: float | None = 30.0
+    gemma1: bool = False
     tokenizer_size: int = 1300
     vocab_size: int = 1344
     seed: int = 0
@@ -94,23 +97,29 @@ def build_tiny_paligemma(
         patch_size=spec.patch_size,
         vision_use_head=False,
     )
-    text = Gemma2Config(
-        vocab_size=spec.vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=len(spec.layer_types),
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        query_pre_attn_scalar=16,
-        max_position_embeddings=2048,
-        sliding_window=spec.sliding_window,
-        final_logit_softcapping=spec.logit_softcapping,
-        layer_types=list(spec.layer_types),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
+    sizes = {
+        "vocab_size": spec.vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": len(spec.layer_types),
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 2048,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+    }
+    if spec.gemma1:
+        text: GemmaConfig | Gemma2Config = GemmaConfig(**sizes)
+    else:
+        text = Gemma2Config(
+            **sizes,
+            query_pre_attn_scalar=16,
+            sliding_window=spec.sliding_window,
+            final_logit_softcapping=spec.logit_softcapping,
+            layer_types=list(spec.layer_types),
+        )
     config = PaliGemmaConfig(
         vision_config=vision,
         text_config=text,
