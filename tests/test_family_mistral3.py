@@ -18,7 +18,7 @@ from embedlens.errors import InputError
 from embedlens.interventions import Prune, intervene
 from embedlens.models.mistral3 import Mistral3Adapter
 from helpers import random_image
-from tiny_mistral3 import build
+from tiny_mistral3 import TinyMistral3Spec, build
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +155,14 @@ def test_layout_mismatch_is_an_input_error(adapter: Mistral3Adapter):
         adapter.find_spans({**batch.inputs, "input_ids": unclosed})
     with pytest.raises(InputError, match="1 images given but only 0"):
         adapter.find_spans({**batch.inputs, "input_ids": batch.inputs["input_ids"][:, :1]})
+
+
+@pytest.mark.parametrize("adds_bos", [False, True])
+def test_one_bos_whoever_writes_it(tmp_path, adds_bos: bool):
+    """The chat template writes ``<s>``; a tokenizer that adds its own must not make it two."""
+    path = build(tmp_path / "model", TinyMistral3Spec(adds_bos=adds_bos))
+    adapter = embedlens.load(str(path), device="cpu").adapter
+    batch = adapter.prepare([[random_image(0, 56, 56)]], ["what is this"])
+    assert batch.texts[0].startswith("<s>[INST][IMG]")
+    ids = batch.inputs["input_ids"][0].tolist()
+    assert ids.count(adapter.tokenizer.bos_token_id) == 1 and ids[0] == adapter.tokenizer.bos_token_id

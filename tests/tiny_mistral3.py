@@ -23,6 +23,7 @@ import torch
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
+from tokenizers.processors import TemplateProcessing
 from transformers import (
     Mistral3Config,
     Mistral3ForConditionalGeneration,
@@ -91,6 +92,7 @@ class TinyMistral3Spec:
         tokenizer_size: Tokens the tokenizer has.
         vocab_size: Rows of the embedding table and LM head (at least ``tokenizer_size``).
         chat_template: The processor's chat template (None: no template).
+        adds_bos: Whether the tokenizer adds ``<s>`` itself (as some converted Mistral tokenizers do).
         seed: Torch seed of the random weights.
     """
 
@@ -101,16 +103,19 @@ class TinyMistral3Spec:
     tokenizer_size: int = 1000
     vocab_size: int = 1024
     chat_template: str | None = MISTRAL3_TEMPLATE
+    adds_bos: bool = False
     seed: int = 0
 
 
-def build_tokenizer(size: int = 1000) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer of ``size`` tokens with Mistral's special, control and image tokens; like
-    the released one it adds no ``<s>`` itself (the chat template writes it)."""
+def build_tokenizer(size: int = 1000, adds_bos: bool = False) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer of ``size`` tokens with Mistral's special, control and image tokens; by
+    default it adds no ``<s>`` itself (the chat template writes it)."""
     pieces = list(_SPECIALS) + _WORDS
     pieces += [f"tok{i}" for i in range(size - len(_CONTROL) - len(_IMAGE_TOKENS) - len(pieces))]
     backend = Tokenizer(WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="<unk>"))
     backend.pre_tokenizer = Whitespace()
+    if adds_bos:
+        backend.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="<unk>"
     )
@@ -124,7 +129,7 @@ def build_tiny_mistral3(
     spec: TinyMistral3Spec = TinyMistral3Spec(),
 ) -> tuple[Mistral3ForConditionalGeneration, PixtralProcessor]:
     """Build the tiny random model and its processor in memory."""
-    tokenizer = build_tokenizer(spec.tokenizer_size)
+    tokenizer = build_tokenizer(spec.tokenizer_size, spec.adds_bos)
     vision = PixtralVisionConfig(
         hidden_size=32,
         intermediate_size=64,

@@ -141,14 +141,25 @@ class Mistral3Adapter(ModelAdapter):
             messages, chat_template=template, add_generation_prompt=True, tokenize=False
         )
 
+    def _tokenizer_adds_bos(self) -> bool:
+        bos_id = self.tokenizer.bos_token_id
+        return bos_id is not None and bos_id in self.tokenizer("").input_ids
+
     def encode(self, images: Sequence[Sequence[Image.Image]], texts: list[str]) -> PreparedBatch:
-        """The processor on ``texts`` (one ``[IMG]`` per image), left-padded; views are the resized images."""
+        """The processor on ``texts`` (one ``[IMG]`` per image), left-padded; views are the resized images.
+
+        A text that starts with ``<s>`` (as the chat template writes it) loses it when the tokenizer adds
+        its own, so the model sees one.
+        """
         flat = [img.convert("RGB") for sample_images in images for img in sample_images]
+        bos = self.tokenizer.bos_token
+        strip = bool(bos) and self._tokenizer_adds_bos()
+        model_texts = [text[len(bos) :] if strip and text.startswith(bos) else text for text in texts]
         tokenizer = self.tokenizer
         old_side = tokenizer.padding_side
         tokenizer.padding_side = "left"
         try:
-            encoded = self.processor(images=flat or None, text=texts, return_tensors="pt", padding=True)
+            encoded = self.processor(images=flat or None, text=model_texts, return_tensors="pt", padding=True)
         finally:
             tokenizer.padding_side = old_side
         inputs = {k: v.to(self.device) for k, v in encoded.items() if isinstance(v, torch.Tensor)}
