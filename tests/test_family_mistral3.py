@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
 
 import embedlens
+from embedlens.bench.patchgeom import GREY, PatchGeometry, processor_adapter, view_changes
 from embedlens.errors import InputError
 from embedlens.interventions import Prune, intervene
 from embedlens.models.mistral3 import Mistral3Adapter
+from embedlens.models.registry import load_config, load_processor, resolve
 from helpers import random_image
 from tiny_mistral3 import TinyMistral3Spec, build
 
@@ -166,3 +169,27 @@ def test_one_bos_whoever_writes_it(tmp_path, adds_bos: bool):
     assert batch.texts[0].startswith("<s>[INST][IMG]")
     ids = batch.inputs["input_ids"][0].tolist()
     assert ids.count(adapter.tokenizer.bos_token_id) == 1 and ids[0] == adapter.tokenizer.bos_token_id
+
+
+def test_benchmark_geometry_and_cells(tmp_path):
+    """``make-patchbench``'s view of the family (config and processor only): a 112 px square of 28 px
+    tokens the processor keeps, and one changed pixel changes exactly its token's cell, also in an image
+    padded to a larger one in the same batch."""
+    resolved = resolve(str(build(tmp_path / "model")))
+    weightless = processor_adapter(load_config(resolved), load_processor(resolved))
+    geometry = PatchGeometry.from_adapter(weightless)
+    assert (geometry.width, geometry.height, geometry.patch, geometry.rows, geometry.cols) == (112, 112, 28, 4, 4)
+    before = Image.new("RGB", (112, 112), GREY)
+    for cell in (0, 3, 5, 12, 15):
+        left, top, right, bottom = geometry.cell_box(cell, margin=0)
+        for x, y in ((left, top), (right - 1, bottom - 1)):
+            after = before.copy()
+            after.putpixel((x, y), (250, 10, 10))
+            assert view_changes(weightless, geometry, before, after) == [[cell]]
+    small = Image.new("RGB", (56, 28), GREY)  # 1 x 2 tokens, padded to 112 x 112 beside the square
+    changed = small.copy()
+    changed.putpixel((30, 5), (250, 10, 10))
+    batch = weightless.prepare([[before, small], [before, changed]], ["what is this"] * 2)
+    (_, old), (_, new) = weightless.cell_pixels(batch)
+    assert old.shape == (2, 3 * 28 * 28)
+    assert torch.nonzero((old != new).any(dim=1)).flatten().tolist() == [1]

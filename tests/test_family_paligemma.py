@@ -14,11 +14,14 @@ from collections.abc import Sequence
 
 import pytest
 import torch
+from PIL import Image
 
 import embedlens
+from embedlens.bench.patchgeom import GREY, PatchGeometry, processor_adapter, view_changes
 from embedlens.errors import InputError
 from embedlens.interventions import Prune, intervene, parse
 from embedlens.models.paligemma import PaliGemmaAdapter
+from embedlens.models.registry import load_config, load_processor, resolve
 from helpers import random_image
 from tiny_paligemma import TinyPaliGemmaSpec, build
 
@@ -213,3 +216,19 @@ def test_paligemma1_passes_one_mask(tmp_path):
         tokens = adapter.model.generate(**batch.inputs, max_new_tokens=2, do_sample=False)
     assert tokens.shape[1] == batch.inputs["input_ids"].shape[1] + 2
     assert run.last.samples[0].pruned == [0, 5]
+
+
+def test_benchmark_geometry_and_cells(tmp_path):
+    """``make-patchbench``'s view of the family (config and processor only): the 56 px picture of 14 px
+    patches, and one changed pixel changes exactly its patch's cell."""
+    resolved = resolve(str(build(tmp_path / "model")))
+    weightless = processor_adapter(load_config(resolved), load_processor(resolved))
+    geometry = PatchGeometry.from_adapter(weightless)
+    assert (geometry.width, geometry.height, geometry.patch, geometry.rows, geometry.cols) == (56, 56, 14, 4, 4)
+    before = Image.new("RGB", (56, 56), GREY)
+    for cell in (0, 3, 5, 12, 15):
+        left, top, right, bottom = geometry.cell_box(cell, margin=0)
+        for x, y in ((left, top), (right - 1, bottom - 1)):
+            after = before.copy()
+            after.putpixel((x, y), (250, 10, 10))
+            assert view_changes(weightless, geometry, before, after) == [[cell]]

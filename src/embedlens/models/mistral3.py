@@ -35,6 +35,7 @@ from transformers import Mistral3ForConditionalGeneration
 
 from embedlens.errors import EmbedLensError, InputError
 from embedlens.models.base import ModelAdapter, ModulePaths, PreparedBatch, VisualSpan
+from embedlens.models.cells import grid_cells
 from embedlens.models.llava import LlavaAdapter
 from embedlens.models.qwen_vl import MergedSpan
 from embedlens.models.registry import register_adapter
@@ -124,6 +125,35 @@ class Mistral3Adapter(ModelAdapter):
             )
         patches = features[first : first + count].reshape(rows, merge, cols, merge, -1)
         return patches.permute(0, 2, 1, 3, 4).reshape(rows * cols, -1)
+
+    # ----------------------------------------------------------------- benchmark geometry
+    @property
+    def token_side(self) -> int:
+        """Side in pixels of the square one visual token covers (``patch_size * merge``)."""
+        return self.patch_size * self.merge_size
+
+    def benchmark_size(self) -> tuple[int, int]:
+        """A square the processor keeps as it is: the largest multiple of :attr:`token_side` up to 448 px
+        and the image processor's ``longest_edge``."""
+        size = getattr(self.processor.image_processor, "size", None) or {}
+        longest = size.get("longest_edge") if isinstance(size, Mapping) else getattr(size, "longest_edge", None)
+        side = min(448, int(longest or 448)) // self.token_side * self.token_side
+        if side == 0:
+            raise InputError(f"the image processor's longest edge {longest} is below one {self.token_side} px token")
+        return side, side
+
+    def cell_pixels(self, batch: PreparedBatch) -> list[list[torch.Tensor]]:
+        """The processed pixels behind each grid token, ``[rows * cols, 3 * side * side]``: each image's
+        ``pixel_values`` row cropped to its ``image_sizes`` (the batch pads to the largest) and cut into
+        :attr:`token_side` squares."""
+        pixels, sizes = batch.inputs.get("pixel_values"), batch.inputs.get("image_sizes")
+        if pixels is None or sizes is None or pixels.ndim != 4:
+            raise InputError("mistral3's cell pixels need pixel_values [N, 3, H, W] and image_sizes")
+        sizes = torch.as_tensor(sizes).tolist()
+        return [
+            [grid_cells(pixels[s.picture, :, : sizes[s.picture][0], : sizes[s.picture][1]], s.grid) for s in row]
+            for row in batch.spans
+        ]
 
     # ----------------------------------------------------------------- inputs
     def _chat_template(self) -> str | None:
