@@ -25,6 +25,8 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 import embedlens
 import tiny_gemma3
 import tiny_internvl
+import tiny_mistral3
+import tiny_paligemma
 from conftest import CHATML_TEMPLATE
 from embedlens.models.base import ModelAdapter
 from embedlens.models.tiny import LLAVA_15_TEMPLATE, TinySpec, build_tiny_llava, save_tiny_llava
@@ -208,6 +210,13 @@ FAMILIES: tuple[Family, ...] = (
         views=(View("base", (4, 4)), View("tiles", (2, 12), extra_offsets=(12, 25), projector_order=False)),
         multi_image=False,
     ),
+    # Mistral 3 (Pixtral tower, 14 px patches merged 2 x 2, Mistral decoder): a wide 112 x 84 image -> 3 rows of
+    # 4 [IMG] tokens, each row closed by [IMG_BREAK] (the last by [IMG_END]): text tokens, reported as markers.
+    Family("mistral3", tiny_mistral3.build, lambda seed: random_image(seed, 112, 84), views=(View(grid=(3, 4)),)),
+    # PaliGemma 2 (SigLIP, one linear per patch, Gemma 2 decoder with sliding and full layers): 80 x 60 images
+    # resized to 56 x 56 -> a 4 x 4 grid; <image> runs, then <bos> and the prompt, all of it attended both ways.
+    # Without the final logit soft-capping, which the suite's hand-built reference cannot apply.
+    Family("paligemma", tiny_paligemma.build_uncapped, lambda seed: random_image(seed, 80, 60)),
 )
 
 

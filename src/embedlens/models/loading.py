@@ -21,6 +21,8 @@ from embedlens.models import (  # noqa: F401  (registration side effects)
     llava,
     llava_next,
     llava_onevision,
+    mistral3,
+    paligemma,
     qwen2_5_vl,
     qwen2_vl,
     qwen3_vl,

@@ -1,0 +1,160 @@
+"""Adapter for ``PaliGemmaForConditionalGeneration`` (google/paligemma2-3b-pt-224, -448, -896, the ``mix``
+checkpoints and PaliGemma 1, google/paligemma-3b-pt-224).
+
+Layout, as ``PaliGemmaProcessor`` and the model lay it out:
+
+* Each image is resized to the SigLIP tower's square input (224 px for ``-224``) and cut into 14 px
+  patches; the projector is one linear per patch, so each image is a ``(side / 14) x (side / 14)`` grid of
+  visual tokens (16 x 16 = 256 for ``-224``), row-major, one view, ``"full"``. No CLS token, no markers.
+* The text is the images' runs of ``<image>`` tokens first, then ``<bos>``, the prompt and ``\\n`` (the
+  processor adds the ``<bos>`` and the newline; a prompt places an image with ``<image>``, which the
+  processor expands).
+* Attention is prefix-LM: every prompt token (``token_type_ids`` 0: images, ``<bos>``, prompt) sees every
+  other prompt token both ways, generated tokens (type 1) see causally. :meth:`encode` keeps the
+  processor's ``token_type_ids`` (and drops its ``labels``); ``generate`` passes them at prefill only.
+  ``PaliGemmaModel`` hands its language model ready 4-D masks: for PaliGemma 2 (Gemma 2, with sliding
+  window layers) a dict ``{"full_attention", "sliding_attention"}`` from which decoder layer ``i`` takes
+  ``config.text_config.layer_types[i]`` (:meth:`mask_key`); for PaliGemma 1 (Gemma) one mask.
+* Positions are 1-D and start at 1 (the model numbers them itself when none are given); one rotary
+  embedding serves every layer.
+* Text embeddings: ``embed_tokens`` multiplies its rows by ``sqrt(d)`` in its forward; its ``weight`` (the
+  table both lenses read, tied to the LM head) is unscaled, and projector outputs are not scaled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import PaliGemmaForConditionalGeneration
+
+from embedlens.errors import InputError
+from embedlens.models.base import ModelAdapter, ModulePaths, PreparedBatch, VisualSpan
+from embedlens.models.llava import LlavaAdapter
+from embedlens.models.registry import register_adapter
+
+
+@register_adapter
+class PaliGemmaAdapter(ModelAdapter):
+    """PaliGemma layout: one image -> one run of ``n x n`` image tokens, before ``<bos>`` and the prompt."""
+
+    family = "paligemma"
+    model_types = ("paligemma",)
+
+    @classmethod
+    def model_class(cls) -> type[nn.Module]:
+        return PaliGemmaForConditionalGeneration
+
+    @classmethod
+    def num_layers_from_config(cls, config: Any) -> int:
+        return int(config.text_config.num_hidden_layers)
+
+    # ----------------------------------------------------------------- structure
+    modules = ModulePaths(
+        language_model="model.language_model",
+        decoder_layers="model.language_model.layers",
+        input_embeddings="model.language_model.embed_tokens",
+        final_norm="model.language_model.norm",
+        lm_head="lm_head",
+        vision_tower="model.vision_tower",
+        projector="model.multi_modal_projector",
+    )
+
+    def mask_key(self, layer: int) -> str | None:
+        """The entry of the mask dict decoder layer ``layer`` uses: its layer type where the decoder has
+        sliding-window layers (PaliGemma 2), else None (PaliGemma 1 passes one mask)."""
+        config = self.model.config.text_config
+        if getattr(config, "sliding_window", None) is None:
+            return None
+        return str(config.layer_types[layer])
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """``(rows, cols)`` of every image's grid (the SigLIP patch grid)."""
+        vision = self.model.config.vision_config
+        side = int(vision.image_size) // int(vision.patch_size)
+        count = getattr(self.processor, "image_seq_length", None)
+        if count is not None and int(count) != side * side:
+            raise InputError(f"the processor writes {count} image tokens per image, the tower makes {side * side}")
+        return side, side
+
+    # ----------------------------------------------------------------- inputs
+    def format_prompt(self, prompt: str, num_images: int = 1) -> str:
+        """The placeholders, then the prompt (the processor adds ``<bos>`` after the images and a closing
+        newline, as PaliGemma's prompts are written: ``caption en``, ``answer en <question>``, ...)."""
+        return self.image_placeholder * num_images + prompt
+
+    def encode(self, images: Sequence[Sequence[Image.Image]], texts: list[str]) -> PreparedBatch:
+        """The processor on ``texts`` (one ``<image>`` per image), left-padded; ``token_type_ids`` kept
+        (they make the prompt attend both ways), the training ``labels`` dropped."""
+        nested = [[img.convert("RGB") for img in sample_images] for sample_images in images]
+        if not any(nested):
+            raise InputError("PaliGemma needs an image in every batch (its processor refuses text alone)")
+        tokenizer = self.tokenizer
+        old_side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        try:
+            encoded = self.processor(images=nested, text=texts, return_tensors="pt", padding=True)
+        finally:
+            tokenizer.padding_side = old_side
+        encoded.pop("labels", None)
+        inputs = {k: v.to(self.device) for k, v in encoded.items() if isinstance(v, torch.Tensor)}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        pixel_values = encoded.get("pixel_values")
+        spans = self.find_spans(encoded)
+        views = [LlavaAdapter._view(self, image) for image in pixel_values] if pixel_values is not None else []  # type: ignore[arg-type]
+        return PreparedBatch(inputs=inputs, spans=spans, texts=texts, views=views)
+
+    # ----------------------------------------------------------------- spans
+    def _image_count(self, inputs: Mapping[str, Any]) -> int:
+        """Images in a batch of forward inputs: rows of ``pixel_values``, or inside ``generate`` of the
+        encoded images (``mm_encoder_outputs["image"].pooler_output``, ``[N, tokens, d]``)."""
+        pixel_values = inputs.get("pixel_values")
+        if pixel_values is not None:
+            return int(pixel_values.shape[0])
+        encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
+        if encoded is None:
+            return 0
+        features = encoded.pooler_output
+        rows, cols = self.grid
+        if int(features.shape[-2]) != rows * cols:
+            raise InputError(f"encoded images have {int(features.shape[-2])} tokens each, expected {rows * cols}")
+        return int(features.shape[0])
+
+    def find_spans(self, inputs: Mapping[str, Any]) -> list[list[VisualSpan]]:
+        input_ids: torch.Tensor = inputs["input_ids"]
+        total = self._image_count(inputs)
+        rows, cols = self.grid
+        count = rows * cols
+        spans: list[list[VisualSpan]] = []
+        next_image = 0
+        for sample, row in enumerate(input_ids.cpu()):
+            positions = torch.nonzero(row == self.image_token_id).flatten()
+            if positions.numel() % count:
+                raise InputError(
+                    f"sample {sample} has {positions.numel()} image tokens, not a multiple of the {count} per image"
+                )
+            sample_spans: list[VisualSpan] = []
+            for chunk in positions.split(count) if positions.numel() else ():
+                if next_image >= total:
+                    raise InputError(f"sample {sample} has more image tokens than the {total} images given")
+                if int(chunk[-1]) - int(chunk[0]) + 1 != count:
+                    raise InputError(f"sample {sample}: the image tokens of image {len(sample_spans)} are not one run")
+                sample_spans.append(
+                    VisualSpan(
+                        sample=sample,
+                        image=len(sample_spans),
+                        global_image=next_image,
+                        positions=chunk.clone(),
+                        grid=(rows, cols),
+                    )
+                )
+                next_image += 1
+            spans.append(sample_spans)
+        if next_image != total:
+            raise InputError(f"{total} images given but only {next_image} placed in the text")
+        return spans
