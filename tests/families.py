@@ -73,6 +73,9 @@ class Family:
         views: What the processor lays out for one ``image``: its views in sequence order (one image's
             image tokens are the views' runs, one after the other).
         multi_image: Whether a sample may hold several images (the spans check then places two).
+        generated_token_type: The token type a generated token gets in per-token type inputs
+            (``token_type_ids``, ``mm_token_type_ids``): 0 (text) for most families, 1 for PaliGemma,
+            whose prompt (type 0) attends both ways and whose generated tokens (type 1) do not.
     """
 
     name: str
@@ -81,6 +84,7 @@ class Family:
     prompts: tuple[str, str] = ("what is this", "is there a red thing in the picture")
     views: tuple[View, ...] = (View(),)
     multi_image: bool = True
+    generated_token_type: int = 0
 
     @property
     def tokens_per_image(self) -> int:
@@ -216,7 +220,7 @@ FAMILIES: tuple[Family, ...] = (
     # PaliGemma 2 (SigLIP, one linear per patch, Gemma 2 decoder with sliding and full layers): 80 x 60 images
     # resized to 56 x 56 -> a 4 x 4 grid; <image> runs, then <bos> and the prompt, all of it attended both ways.
     # Without the final logit soft-capping, which the suite's hand-built reference cannot apply.
-    Family("paligemma", tiny_paligemma.build_uncapped, lambda seed: random_image(seed, 80, 60)),
+    Family("paligemma", tiny_paligemma.build_uncapped, lambda seed: random_image(seed, 80, 60), generated_token_type=1),
 )
 
 

@@ -471,9 +471,10 @@ class TestKVCache:
             inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(step)], dim=1)
             for name, value in batch.inputs.items():
                 # other per-token inputs (token types: Qwen's mm_token_type_ids, Gemma's token_type_ids) grow
-                # by a text token
+                # by a generated token's type
                 if name not in ("input_ids", "attention_mask") and value.shape[:2] == batch.inputs["input_ids"].shape:
-                    inputs[name] = torch.cat([inputs[name], torch.zeros_like(step, dtype=value.dtype)], dim=1)
+                    kind = torch.full_like(step, loaded.family.generated_token_type, dtype=value.dtype)
+                    inputs[name] = torch.cat([inputs[name], kind], dim=1)
         length = batch.inputs["input_ids"].shape[1]
         assert torch.equal(cached.sequences[:, length:], inputs["input_ids"][:, length:])
         torch.testing.assert_close(cached_logits, torch.stack(recomputed, dim=1), rtol=0, atol=1e-5)

@@ -37,8 +37,7 @@ from PIL import Image
 
 from embedlens.errors import EmbedLensError, InputError
 from embedlens.models.base import ModelAdapter, ModulePaths, PreparedBatch, VisualSpan
-from embedlens.models.llava import LlavaAdapter
-from embedlens.models.processing import chat_prompt, run_processor
+from embedlens.models.processing import chat_prompt, run_processor, single_bos, unnormalise
 from embedlens.models.registry import register_adapter
 
 
@@ -123,10 +122,6 @@ class Gemma3Adapter(ModelAdapter):
         with the template's ``<bos>``; :meth:`encode` keeps the model to one)."""
         return chat_prompt(self, prompt, num_images, self.image_placeholder * num_images + "\n" + prompt)
 
-    def _tokenizer_adds_bos(self) -> bool:
-        bos_id = self.tokenizer.bos_token_id
-        return bos_id is not None and bos_id in self.tokenizer("").input_ids
-
     def encode(self, images: Sequence[Sequence[Image.Image]], texts: list[str]) -> PreparedBatch:
         """The processor on ``texts`` (one ``<start_of_image>`` per image), left-padded, one view per image.
 
@@ -134,13 +129,12 @@ class Gemma3Adapter(ModelAdapter):
         adds its own, so the model sees one, as ``apply_chat_template(tokenize=True)`` gives it.
         """
         nested = [[img.convert("RGB") for img in sample_images] for sample_images in images]
-        bos = self.tokenizer.bos_token
-        strip = bool(bos) and self._tokenizer_adds_bos()
-        model_texts = [text[len(bos) :] if strip and text.startswith(bos) else text for text in texts]
+        model_texts = single_bos(self, texts)
         encoded, inputs = run_processor(self, model_texts, nested if any(nested) else None, do_pan_and_scan=False)
         pixel_values = encoded.get("pixel_values")
         spans = self.find_spans(encoded)
-        views = [LlavaAdapter._view(self, image) for image in pixel_values] if pixel_values is not None else []
+        picture = self.processor.image_processor
+        views = [unnormalise(picture, image) for image in pixel_values] if pixel_values is not None else []
         return PreparedBatch(inputs=inputs, spans=spans, texts=texts, views=views)
 
     def _image_count(self, inputs: Mapping[str, Any]) -> int:

@@ -30,13 +30,11 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch import nn
-from transformers import Mistral3ForConditionalGeneration
 
 from embedlens.errors import EmbedLensError, InputError
 from embedlens.models.base import ModelAdapter, ModulePaths, PreparedBatch, VisualSpan
 from embedlens.models.cells import grid_cells
-from embedlens.models.llava import LlavaAdapter
+from embedlens.models.processing import chat_prompt, run_processor, single_bos, unnormalise
 from embedlens.models.qwen_vl import MergedSpan
 from embedlens.models.registry import register_adapter
 
@@ -48,26 +46,11 @@ class Mistral3Adapter(ModelAdapter):
 
     family = "mistral3"
     model_types = ("mistral3",)
-
-    @classmethod
-    def model_class(cls) -> type[nn.Module]:
-        return Mistral3ForConditionalGeneration
-
-    @classmethod
-    def num_layers_from_config(cls, config: Any) -> int:
-        return int(config.text_config.num_hidden_layers)
+    transformers_class = "Mistral3ForConditionalGeneration"
 
     # ----------------------------------------------------------------- structure
-    modules = ModulePaths(
-        language_model="model.language_model",
-        decoder_layers="model.language_model.layers",
-        input_embeddings="model.language_model.embed_tokens",
-        final_norm="model.language_model.norm",
-        lm_head="lm_head",
-        vision_tower="model.vision_tower",
-        # norm + patch merger + two linears: its input is the Pixtral tower's patches, its output the tokens
-        projector="model.multi_modal_projector",
-    )
+    # norm + patch merger + two linears: its input is the Pixtral tower's patches, its output the tokens
+    modules = ModulePaths()  # the standard layout
 
     @property
     def merge_size(self) -> int:
@@ -156,24 +139,10 @@ class Mistral3Adapter(ModelAdapter):
         ]
 
     # ----------------------------------------------------------------- inputs
-    def _chat_template(self) -> str | None:
-        return getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
-
     def format_prompt(self, prompt: str, num_images: int = 1) -> str:
         """The chat template with one image entry per image before the text (``<s>[INST][IMG]...[/INST]``);
         without a template the placeholders, a newline and the text."""
-        template = self._chat_template()
-        if template is None:
-            return self.image_placeholder * num_images + "\n" + prompt
-        content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
-        messages = [{"role": "user", "content": content}]
-        return self.processor.apply_chat_template(
-            messages, chat_template=template, add_generation_prompt=True, tokenize=False
-        )
-
-    def _tokenizer_adds_bos(self) -> bool:
-        bos_id = self.tokenizer.bos_token_id
-        return bos_id is not None and bos_id in self.tokenizer("").input_ids
+        return chat_prompt(self, prompt, num_images, self.image_placeholder * num_images + "\n" + prompt)
 
     def encode(self, images: Sequence[Sequence[Image.Image]], texts: list[str]) -> PreparedBatch:
         """The processor on ``texts`` (one ``[IMG]`` per image), left-padded; views are the resized images.
@@ -182,25 +151,14 @@ class Mistral3Adapter(ModelAdapter):
         its own, so the model sees one.
         """
         flat = [img.convert("RGB") for sample_images in images for img in sample_images]
-        bos = self.tokenizer.bos_token
-        strip = bool(bos) and self._tokenizer_adds_bos()
-        model_texts = [text[len(bos) :] if strip and text.startswith(bos) else text for text in texts]
-        tokenizer = self.tokenizer
-        old_side = tokenizer.padding_side
-        tokenizer.padding_side = "left"
-        try:
-            encoded = self.processor(images=flat or None, text=model_texts, return_tensors="pt", padding=True)
-        finally:
-            tokenizer.padding_side = old_side
-        inputs = {k: v.to(self.device) for k, v in encoded.items() if isinstance(v, torch.Tensor)}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        model_texts = single_bos(self, texts)
+        encoded, inputs = run_processor(self, model_texts, flat or None)
         spans = self.find_spans(encoded)
         pixel_values, sizes = encoded.get("pixel_values"), encoded.get("image_sizes")
         views = []
         if pixel_values is not None and sizes is not None:
             for image, (height, width) in zip(pixel_values, torch.as_tensor(sizes).tolist(), strict=True):
-                views.append(LlavaAdapter._view(self, image[:, :height, :width]))  # type: ignore[arg-type]
+                views.append(unnormalise(self.processor.image_processor, image[:, :height, :width]))
         return PreparedBatch(inputs=inputs, spans=spans, texts=texts, views=views)
 
     # ----------------------------------------------------------------- spans

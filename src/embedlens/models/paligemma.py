@@ -28,12 +28,10 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch import nn
-from transformers import PaliGemmaForConditionalGeneration
 
 from embedlens.errors import InputError
 from embedlens.models.base import ModelAdapter, ModulePaths, PreparedBatch, VisualSpan
-from embedlens.models.llava import LlavaAdapter
+from embedlens.models.processing import run_processor, unnormalise
 from embedlens.models.registry import register_adapter
 
 
@@ -43,25 +41,10 @@ class PaliGemmaAdapter(ModelAdapter):
 
     family = "paligemma"
     model_types = ("paligemma",)
-
-    @classmethod
-    def model_class(cls) -> type[nn.Module]:
-        return PaliGemmaForConditionalGeneration
-
-    @classmethod
-    def num_layers_from_config(cls, config: Any) -> int:
-        return int(config.text_config.num_hidden_layers)
+    transformers_class = "PaliGemmaForConditionalGeneration"
 
     # ----------------------------------------------------------------- structure
-    modules = ModulePaths(
-        language_model="model.language_model",
-        decoder_layers="model.language_model.layers",
-        input_embeddings="model.language_model.embed_tokens",
-        final_norm="model.language_model.norm",
-        lm_head="lm_head",
-        vision_tower="model.vision_tower",
-        projector="model.multi_modal_projector",
-    )
+    modules = ModulePaths()  # the standard layout
 
     def mask_key(self, layer: int) -> str | None:
         """The entry of the mask dict decoder layer ``layer`` uses: its layer type where the decoder has
@@ -93,20 +76,16 @@ class PaliGemmaAdapter(ModelAdapter):
         nested = [[img.convert("RGB") for img in sample_images] for sample_images in images]
         if not any(nested):
             raise InputError("PaliGemma needs an image in every batch (its processor refuses text alone)")
-        tokenizer = self.tokenizer
-        old_side = tokenizer.padding_side
-        tokenizer.padding_side = "left"
-        try:
-            encoded = self.processor(images=nested, text=texts, return_tensors="pt", padding=True)
-        finally:
-            tokenizer.padding_side = old_side
+        encoded, inputs = run_processor(self, texts, nested)
         encoded.pop("labels", None)
-        inputs = {k: v.to(self.device) for k, v in encoded.items() if isinstance(v, torch.Tensor)}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        inputs.pop("labels", None)
         pixel_values = encoded.get("pixel_values")
         spans = self.find_spans(encoded)
-        views = [LlavaAdapter._view(self, image) for image in pixel_values] if pixel_values is not None else []  # type: ignore[arg-type]
+        views = (
+            [unnormalise(self.processor.image_processor, image) for image in pixel_values]
+            if pixel_values is not None
+            else []
+        )
         return PreparedBatch(inputs=inputs, spans=spans, texts=texts, views=views)
 
     # ----------------------------------------------------------------- spans

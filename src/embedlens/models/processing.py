@@ -5,6 +5,7 @@ these three steps live here once:
 
 * :func:`chat_prompt`: the user's question in the model's chat template with one image entry per image
   (or the family's placeholder block before the text when the checkpoint has no template);
+* :func:`single_bos`: the template's BOS dropped where the tokenizer adds one itself;
 * :func:`run_processor`: one left-padded processor call for a batch (so batched generation matches
   single-sample generation), its tensors moved to the model's device and pixel values to its dtype;
 * :func:`unnormalise`: the picture the vision tower sees, from normalised pixel values.
@@ -48,6 +49,16 @@ def chat_prompt(adapter: ModelAdapter, prompt: str, num_images: int, without_tem
     return adapter.processor.apply_chat_template(
         messages, chat_template=template, add_generation_prompt=True, tokenize=False
     )
+
+
+def single_bos(adapter: ModelAdapter, texts: list[str]) -> list[str]:
+    """``texts`` with a leading BOS removed where the tokenizer adds its own, so the model sees one (as
+    ``apply_chat_template(tokenize=True)`` gives it) when a chat template writes ``{{ bos_token }}``."""
+    tokenizer = adapter.tokenizer
+    bos, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
+    if not bos or bos_id is None or bos_id not in tokenizer("").input_ids:
+        return list(texts)
+    return [text[len(bos) :] if text.startswith(bos) else text for text in texts]
 
 
 def run_processor(
