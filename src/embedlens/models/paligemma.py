@@ -23,20 +23,19 @@ Layout, as ``PaliGemmaProcessor`` and the model lay it out:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-import torch
 from PIL import Image
 
 from embedlens.errors import InputError
-from embedlens.models.base import ModelAdapter, ModulePaths, PreparedBatch, VisualSpan
+from embedlens.models.base import ModulePaths, PreparedBatch
+from embedlens.models.fixed_grid import FixedGridAdapter
 from embedlens.models.processing import run_processor, unnormalise
 from embedlens.models.registry import register_adapter
 
 
 @register_adapter
-class PaliGemmaAdapter(ModelAdapter):
+class PaliGemmaAdapter(FixedGridAdapter):
     """PaliGemma layout: one image -> one run of ``n x n`` image tokens, before ``<bos>`` and the prompt."""
 
     family = "paligemma"
@@ -89,51 +88,3 @@ class PaliGemmaAdapter(ModelAdapter):
         return PreparedBatch(inputs=inputs, spans=spans, texts=texts, views=views)
 
     # ----------------------------------------------------------------- spans
-    def _image_count(self, inputs: Mapping[str, Any]) -> int:
-        """Images in a batch of forward inputs: rows of ``pixel_values``, or inside ``generate`` of the
-        encoded images (``mm_encoder_outputs["image"].pooler_output``, ``[N, tokens, d]``)."""
-        pixel_values = inputs.get("pixel_values")
-        if pixel_values is not None:
-            return int(pixel_values.shape[0])
-        encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
-        if encoded is None:
-            return 0
-        features = encoded.pooler_output
-        rows, cols = self.grid
-        if int(features.shape[-2]) != rows * cols:
-            raise InputError(f"encoded images have {int(features.shape[-2])} tokens each, expected {rows * cols}")
-        return int(features.shape[0])
-
-    def find_spans(self, inputs: Mapping[str, Any]) -> list[list[VisualSpan]]:
-        input_ids: torch.Tensor = inputs["input_ids"]
-        total = self._image_count(inputs)
-        rows, cols = self.grid
-        count = rows * cols
-        spans: list[list[VisualSpan]] = []
-        next_image = 0
-        for sample, row in enumerate(input_ids.cpu()):
-            positions = torch.nonzero(row == self.image_token_id).flatten()
-            if positions.numel() % count:
-                raise InputError(
-                    f"sample {sample} has {positions.numel()} image tokens, not a multiple of the {count} per image"
-                )
-            sample_spans: list[VisualSpan] = []
-            for chunk in positions.split(count) if positions.numel() else ():
-                if next_image >= total:
-                    raise InputError(f"sample {sample} has more image tokens than the {total} images given")
-                if int(chunk[-1]) - int(chunk[0]) + 1 != count:
-                    raise InputError(f"sample {sample}: the image tokens of image {len(sample_spans)} are not one run")
-                sample_spans.append(
-                    VisualSpan(
-                        sample=sample,
-                        image=len(sample_spans),
-                        global_image=next_image,
-                        positions=chunk.clone(),
-                        grid=(rows, cols),
-                    )
-                )
-                next_image += 1
-            spans.append(sample_spans)
-        if next_image != total:
-            raise InputError(f"{total} images given but only {next_image} placed in the text")
-        return spans
