@@ -20,7 +20,9 @@ LMMS_EVAL ?= lmms-eval==0.7.3
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	@# Once the tests installed the torch/torchvision pair, keep it (the lean build beside it breaks torchvision).
+	if [ -f $(BIN)/.vision-installed ]; then $(BIN)/python -m pip install -q $(VISION_SPEC); \
+	else $(BIN)/python -m pip install -q "$(TORCH_SPEC)"; fi
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 

@@ -8,6 +8,7 @@ largest value. ``generate`` adds a plain text plane in front (four planes). Thes
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from embedlens.interventions.positions import from_planes, next_positions, prefill_positions, to_planes
@@ -102,3 +103,11 @@ def test_reindex_with_a_text_plane_in_front():
     assert positions[0, 0, columns].tolist() == list(range(9))
     assert torch.equal(positions[1:], prefill_positions(planes, mask, kept, segment, "reindex")[0])
     assert shift.tolist() == [[2], [1], [1], [1]]
+
+
+def test_planes_need_the_image_of_every_column_only_to_reindex():
+    planes, _ = _mrope_row()
+    mask = torch.ones(1, 11, dtype=torch.bool)
+    assert torch.equal(prefill_positions(planes, mask, mask, None, "keep")[0], planes)
+    with pytest.raises(ValueError, match="image of every visual column"):
+        prefill_positions(planes, mask, mask, None, "reindex")

@@ -168,8 +168,9 @@ class Engine:
                 hidden = args[0] if args else kwargs["hidden_states"]
                 if layer == phase.first and index > 0:
                     hidden = relayout(hidden, state.phases[index - 1], phase, state)
-                    args = (hidden, *args[1:]) if args else args
-                    if not args:
+                    if args:
+                        args = (hidden, *args[1:])
+                    else:
                         kwargs["hidden_states"] = hidden
                 key = self.adapter.mask_key(layer)
                 kwargs["attention_mask"] = phase.masks[key if self.mask_dict else None]
@@ -304,7 +305,9 @@ class Engine:
         scaled = embeds
         if self.plan.scale != 1.0 and bool(visual.any()):
             scaled = torch.where(visual[..., None], embeds * self.plan.scale, embeds)
-        segment = self._segments(spans, *mask.shape)
+        # which image each column belongs to matters only to renumbering planes of positions
+        planes = original.shape[0] > 1 and self.plan.positions == "reindex"
+        segment = self._segments(spans, *mask.shape) if planes else None
         state = build_layout(self.plan, mask, pruned, visual, original, scaled, segment)
         handed = self._handed_masks(kwargs)
         base = state.phases[0]

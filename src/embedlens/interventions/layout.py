@@ -136,7 +136,7 @@ def build_layout(
     visual: torch.Tensor,
     original: torch.Tensor,
     embeds: torch.Tensor,
-    segment: torch.Tensor,
+    segment: torch.Tensor | None,
 ) -> Layout:
     """The phases of one prefill: which tokens each layer range holds, in which slots, at which positions.
 
@@ -147,7 +147,8 @@ def build_layout(
         visual: Visual tokens, ``[B, L]`` bool.
         original: Positions the model was given, ``[P, B, L]``.
         embeds: Layer-0 inputs after Scale, ``[B, L, d]``.
-        segment: The image each visual column belongs to (-1 for text), ``[B, L]``.
+        segment: The image each visual column belongs to (-1 for text), ``[B, L]``; needed only to
+            renumber planes of positions (``"reindex"`` with M-RoPE).
     """
     length = mask.shape[1]
     kept = mask & ~pruned

@@ -102,7 +102,7 @@ def _reindex(original: torch.Tensor, kept: torch.Tensor, segment: torch.Tensor) 
 
 
 def prefill_positions(
-    original: torch.Tensor, mask: torch.Tensor, kept: torch.Tensor, segment: torch.Tensor, policy: str
+    original: torch.Tensor, mask: torch.Tensor, kept: torch.Tensor, segment: torch.Tensor | None, policy: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions of the ``[P, B, L]`` columns at prefill, and each plane's decode shift ``[P, B]``.
 
@@ -110,7 +110,8 @@ def prefill_positions(
         original: The positions the model was given (or ``0..L-1``), ``[P, B, L]``.
         mask: Real (non-padding) tokens, ``[B, L]`` bool.
         kept: Real tokens that are not pruned, ``[B, L]`` bool.
-        segment: The image each visual column belongs to (-1 for text), ``[B, L]`` long.
+        segment: The image each visual column belongs to (-1 for text), ``[B, L]`` long; needed to renumber
+            several planes (``"reindex"`` with M-RoPE), else may be None.
         policy: ``"keep"`` or ``"reindex"`` (see the module docstring).
     """
     shift = torch.zeros(original.shape[:2], dtype=original.dtype, device=original.device)
@@ -118,7 +119,6 @@ def prefill_positions(
         return original, shift
     groups = [slice(0, 1), slice(1, None)] if original.shape[0] == TEXT_AND_ROPE else [slice(None)]
     positions = original.clone()
-    segment = segment.to(original.device)
     for group in groups:
         part = original[group]
         if part.shape[0] == 1:
@@ -126,7 +126,9 @@ def prefill_positions(
             renumbered = torch.where(kept, kept.long().cumsum(dim=1) - 1, part[0])[None]
             following = kept.sum(dim=1)[None]
         else:
-            renumbered, following = _reindex(part, kept, segment)
+            if segment is None:
+                raise ValueError("renumbering planes of positions needs the image of every visual column")
+            renumbered, following = _reindex(part, kept, segment.to(original.device))
         positions[group] = renumbered
         shift[group] = next_positions(part, mask) - following
     return positions, shift
