@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -57,3 +58,29 @@ def as_launched(rank: int, world: int, port: int) -> None:
     """Give this (spawned) process the environment ``accelerate launch`` / ``torchrun`` would give it."""
     env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world, "LOCAL_WORLD_SIZE": world, "MASTER_PORT": port}
     os.environ.update({k: str(v) for k, v in env.items()}, MASTER_ADDR="127.0.0.1")
+
+
+def weightless_geometry(model_dir: Path) -> tuple[Any, Any]:
+    """``make-patchbench``'s view of a saved model (config and processor only, the model on the meta
+    device): its adapter and its :class:`~embedlens.bench.patchgeom.PatchGeometry`."""
+    from embedlens.bench.patchgeom import PatchGeometry, processor_adapter
+    from embedlens.models.registry import load_config, load_processor, resolve
+
+    resolved = resolve(str(model_dir))
+    weightless = processor_adapter(load_config(resolved), load_processor(resolved))
+    return weightless, PatchGeometry.from_adapter(weightless)
+
+
+def assert_pixel_changes_its_cell(adapter: Any, geometry: Any, cells: tuple[int, ...] = (0, 3, 5, 12, 15)) -> None:
+    """One changed pixel at a cell's top-left or bottom-right corner (the cell's whole extent) changes
+    exactly that cell, in every view of the picture."""
+    from embedlens.bench.patchgeom import GREY, view_changes
+
+    before = Image.new("RGB", (geometry.width, geometry.height), GREY)
+    for cell in cells:
+        left, top, right, bottom = geometry.cell_box(cell, margin=0)
+        for x, y in ((left, top), (right - 1, bottom - 1)):
+            after = before.copy()
+            after.putpixel((x, y), (250, 10, 10))
+            changes = view_changes(adapter, geometry, before, after)
+            assert changes == [[cell]] * len(geometry.views), (cell, (x, y), changes)

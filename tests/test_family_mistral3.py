@@ -15,12 +15,11 @@ import torch
 from PIL import Image
 
 import embedlens
-from embedlens.bench.patchgeom import GREY, PatchGeometry, processor_adapter, view_changes
+from embedlens.bench.patchgeom import GREY
 from embedlens.errors import InputError
 from embedlens.interventions import Prune, intervene
 from embedlens.models.mistral3 import Mistral3Adapter
-from embedlens.models.registry import load_config, load_processor, resolve
-from helpers import random_image
+from helpers import assert_pixel_changes_its_cell, random_image, weightless_geometry
 from tiny_mistral3 import TinyMistral3Spec, build
 
 
@@ -175,17 +174,10 @@ def test_benchmark_geometry_and_cells(tmp_path):
     """``make-patchbench``'s view of the family (config and processor only): a 112 px square of 28 px
     tokens the processor keeps, and one changed pixel changes exactly its token's cell, also in an image
     padded to a larger one in the same batch."""
-    resolved = resolve(str(build(tmp_path / "model")))
-    weightless = processor_adapter(load_config(resolved), load_processor(resolved))
-    geometry = PatchGeometry.from_adapter(weightless)
+    weightless, geometry = weightless_geometry(build(tmp_path / "model"))
     assert (geometry.width, geometry.height, geometry.patch, geometry.rows, geometry.cols) == (112, 112, 28, 4, 4)
+    assert_pixel_changes_its_cell(weightless, geometry)
     before = Image.new("RGB", (112, 112), GREY)
-    for cell in (0, 3, 5, 12, 15):
-        left, top, right, bottom = geometry.cell_box(cell, margin=0)
-        for x, y in ((left, top), (right - 1, bottom - 1)):
-            after = before.copy()
-            after.putpixel((x, y), (250, 10, 10))
-            assert view_changes(weightless, geometry, before, after) == [[cell]]
     small = Image.new("RGB", (56, 28), GREY)  # 1 x 2 tokens, padded to 112 x 112 beside the square
     changed = small.copy()
     changed.putpixel((30, 5), (250, 10, 10))

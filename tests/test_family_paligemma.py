@@ -14,15 +14,12 @@ from collections.abc import Sequence
 
 import pytest
 import torch
-from PIL import Image
 
 import embedlens
-from embedlens.bench.patchgeom import GREY, PatchGeometry, processor_adapter, view_changes
 from embedlens.errors import InputError
 from embedlens.interventions import Prune, intervene, parse
 from embedlens.models.paligemma import PaliGemmaAdapter
-from embedlens.models.registry import load_config, load_processor, resolve
-from helpers import random_image
+from helpers import assert_pixel_changes_its_cell, random_image, weightless_geometry
 from tiny_paligemma import TinyPaliGemmaSpec, build
 
 PROMPTS = ["what is this", "is there a red thing in the picture"]
@@ -221,14 +218,6 @@ def test_paligemma1_passes_one_mask(tmp_path):
 def test_benchmark_geometry_and_cells(tmp_path):
     """``make-patchbench``'s view of the family (config and processor only): the 56 px picture of 14 px
     patches, and one changed pixel changes exactly its patch's cell."""
-    resolved = resolve(str(build(tmp_path / "model")))
-    weightless = processor_adapter(load_config(resolved), load_processor(resolved))
-    geometry = PatchGeometry.from_adapter(weightless)
+    weightless, geometry = weightless_geometry(build(tmp_path / "model"))
     assert (geometry.width, geometry.height, geometry.patch, geometry.rows, geometry.cols) == (56, 56, 14, 4, 4)
-    before = Image.new("RGB", (56, 56), GREY)
-    for cell in (0, 3, 5, 12, 15):
-        left, top, right, bottom = geometry.cell_box(cell, margin=0)
-        for x, y in ((left, top), (right - 1, bottom - 1)):
-            after = before.copy()
-            after.putpixel((x, y), (250, 10, 10))
-            assert view_changes(weightless, geometry, before, after) == [[cell]]
+    assert_pixel_changes_its_cell(weightless, geometry)

@@ -13,11 +13,11 @@ from PIL import Image
 
 from embedlens import InputError
 from embedlens.bench.patchbench import make_item
-from embedlens.bench.patchgeom import GREY, PatchGeometry, processor_adapter, view_changes
+from embedlens.bench.patchgeom import PatchGeometry, processor_adapter, view_changes
 from embedlens.models.base import ModelAdapter
 from embedlens.models.cells import grid_cells, square_side
-from embedlens.models.registry import load_config, load_processor, resolve
 from families import FAMILIES, Family
+from helpers import assert_pixel_changes_its_cell, weightless_geometry
 from tiny_llava_next import TinyAnyres, build_llava_next, build_llava_onevision
 
 #: The families whose geometry differs: one of each adapter, the tiled ones at a size that tiles.
@@ -27,8 +27,7 @@ GEOMETRY_FAMILIES = [f for f in FAMILIES if f.name in {"llava", "internvl", "gem
 
 def weightless(family: Family, root: Path) -> ModelAdapter:
     """``family``'s tiny checkpoint read as ``make-patchbench`` reads it: config and processor only."""
-    resolved = resolve(str(family.build(root / family.name)))
-    return processor_adapter(load_config(resolved), load_processor(resolved))
+    return weightless_geometry(family.build(root / family.name))[0]
 
 
 @pytest.fixture(scope="module", params=GEOMETRY_FAMILIES, ids=str)
@@ -44,16 +43,8 @@ class TestEveryFamily:
     def test_one_pixel_changes_its_cell_in_every_view(self, family_adapter: ModelAdapter):
         geometry = PatchGeometry.from_adapter(family_adapter)
         assert geometry.cells > 1 and len(geometry.views) >= 1
-        before = Image.new("RGB", (geometry.width, geometry.height), GREY)
-        for cell in sorted(
-            {0, geometry.cols - 1, geometry.cells - geometry.cols, geometry.cells - 1, geometry.cols + 1}
-        ):
-            left, top, right, bottom = geometry.cell_box(cell, margin=0)
-            for x, y in ((left, top), (right - 1, bottom - 1)):  # both corners: the cell's whole extent
-                after = before.copy()
-                after.putpixel((x, y), (250, 10, 10))
-                changes = view_changes(family_adapter, geometry, before, after)
-                assert changes == [[cell]] * len(geometry.views), (cell, (x, y), changes)
+        corners = {0, geometry.cols - 1, geometry.cells - geometry.cols, geometry.cells - 1, geometry.cols + 1}
+        assert_pixel_changes_its_cell(family_adapter, geometry, tuple(sorted(corners)))
 
     def test_an_item_verifies(self, family_adapter: ModelAdapter):
         """Each target box of a count item (3 shapes where the grid has room), painted over alone, changes
