@@ -235,10 +235,10 @@ def test_pictures(next_session: embedlens.Session):
     assert [p.size for p in pictures] == [(56, 56), (12 * 14, 2 * 14), (56, 56), (2 * 14, 12 * 14)]
     # wide image: tiles picture row 0 is patch row 1 of the 1 x 3 tiles (one padding row cut off)
     pixel_values = batch.inputs["pixel_values"][0]
-    tile = np.asarray(adapter._view(pixel_values[2]))  # middle tile
+    tile = np.asarray(adapter.picture(pixel_values[2]))  # middle tile
     assert np.array_equal(np.asarray(pictures[1])[:, 56:112], tile[14:42])
     # tall image: 3 x 1 tiles, one padding column cut off each side
-    tile = np.asarray(adapter._view(batch.inputs["pixel_values"][1][2]))
+    tile = np.asarray(adapter.picture(batch.inputs["pixel_values"][1][2]))
     assert np.array_equal(np.asarray(pictures[3])[56:112], tile[:, 14:42])
 
 

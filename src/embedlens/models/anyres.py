@@ -30,10 +30,9 @@ from torch.nn import functional
 from transformers.image_processing_utils import select_best_resolution
 
 from embedlens.errors import EmbedLensError, InputError
-from embedlens.models.base import PreparedBatch, VisualSpan
+from embedlens.models.base import ModelAdapter, PreparedBatch, VisualSpan
 from embedlens.models.cells import grid_cells
 from embedlens.models.llava import LlavaAdapter
-from embedlens.models.processing import run_processor
 
 
 @dataclass(frozen=True)
@@ -167,9 +166,10 @@ class AnyresAdapter(LlavaAdapter):
         """Whether each of ``count`` images (batch order) is tiled, from the model inputs."""
         return [True] * count
 
-    def processor_images(self, images: Sequence[Sequence[Image.Image]]) -> list[Any]:
-        """What the processor gets as ``images`` for a batch (here: one flat list)."""
-        return [image.convert("RGB") for sample_images in images for image in sample_images]
+    def processor_images(self, images: Sequence[Sequence[Image.Image]]) -> Any:
+        """What the processor gets as ``images`` for a batch (here: one flat list, never padded to a square:
+        the tiles follow the image's own aspect ratio), or None when there are none."""
+        return ModelAdapter.processor_images(self, images)
 
     # ----------------------------------------------------------------- geometry
     @property
@@ -309,13 +309,7 @@ class AnyresAdapter(LlavaAdapter):
         return grid.reshape(-1, dim)
 
     # ----------------------------------------------------------------- inputs
-    def encode(self, images: Sequence[Sequence[Image.Image]], texts: list[str]) -> PreparedBatch:
-        given = self.processor_images(images) if any(images) else None
-        encoded, inputs = run_processor(self, texts, given)
-        spans = self.find_spans(encoded)
-        return PreparedBatch(inputs=inputs, spans=spans, texts=texts, views=self._pictures(encoded))
-
-    def _pictures(self, encoded: Mapping[str, Any]) -> list[Image.Image]:
+    def view_pictures(self, encoded: Mapping[str, Any]) -> list[Image.Image]:
         """Each image's view pictures in span order: the base image, then (tiled images) the stitched
         tiles cropped to the unpadded area, so that patch ``(r, c)`` of the tiles grid (before any
         downsampling) is the picture's ``(r, c)``-th ``patch_size`` square."""
@@ -324,9 +318,9 @@ class AnyresAdapter(LlavaAdapter):
             return []
         pictures = []
         for tiles, layout in zip(pixel_values, self.image_layouts(encoded), strict=True):
-            pictures.append(self._view(tiles[0]))
+            pictures.append(self.picture(tiles[0]))
             if layout.has_tiles_view and layout.area is not None:
-                pictures.append(self._view(self._tiles_pixels(tiles, layout)))
+                pictures.append(self.picture(self._tiles_pixels(tiles, layout)))
         return pictures
 
     def _tiles_pixels(self, tiles: torch.Tensor, layout: AnyresImage) -> torch.Tensor:

@@ -22,6 +22,7 @@ import operator
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, ClassVar, Generic, TypeVar, overload
 
 import torch
@@ -30,6 +31,7 @@ from torch import nn
 
 from embedlens.errors import EmbedLensError, InputError
 from embedlens.models.cells import grid_cells, processed_picture_size
+from embedlens.models.processing import run_processor, unnormalise
 from embedlens.models.spans import PreparedBatch, VisualSpan
 from embedlens.profiles import Profile, get_profile
 
@@ -133,8 +135,9 @@ class ModelAdapter(ABC):
         return int(text.num_hidden_layers)
 
     # ----------------------------------------------------------------- structure
-    #: Where this family keeps its parts (attribute paths from the loaded model).
-    modules: ClassVar[ModulePaths]
+    #: Where this family keeps its parts (attribute paths from the loaded model; default: the standard
+    #: layout, see :class:`ModulePaths`).
+    modules: ClassVar[ModulePaths] = ModulePaths()
 
     decoder_layers: _Part[nn.ModuleList] = _Part("The LLM's decoder layers, in order.")
     input_embeddings: _Part[nn.Embedding] = _Part("The LLM's input embedding table, weight of shape ``[V, d]``.")
@@ -277,9 +280,13 @@ class ModelAdapter(ABC):
             )
         return self.format_prompt(prompt, num_images=num_images)
 
-    @abstractmethod
     def encode(self, images: Sequence[Sequence[Image.Image]], texts: list[str]) -> PreparedBatch:
         """Run the processor on a batch whose texts already hold one image placeholder per image.
+
+        The same four steps for every family; a family changes a step by overriding its hook:
+        :meth:`processor_images` (what the processor takes as images), :meth:`model_texts` (the texts
+        it tokenises), :attr:`processor_options` (more keyword arguments for it) and
+        :meth:`view_pictures` (the picture of every view, for drawing and cell geometry).
 
         Args:
             images: ``images[i]`` are sample ``i``'s images, in placeholder order.
@@ -287,6 +294,34 @@ class ModelAdapter(ABC):
 
         Padding is on the left so that batched generation matches single-sample generation.
         """
+        options = self.processor_options
+        encoded, inputs = run_processor(self, self.model_texts(texts), self.processor_images(images), **options)
+        views = self.view_pictures(encoded)
+        return PreparedBatch(inputs=inputs, spans=self.find_spans(encoded), texts=texts, views=views)
+
+    #: More keyword arguments for the processor call (e.g. Gemma 3's ``do_pan_and_scan=False``).
+    processor_options: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+
+    def processor_images(self, images: Sequence[Sequence[Image.Image]]) -> Any:
+        """The batch's images as the processor takes them: RGB, one flat list in placeholder order, or None
+        when there are none. Families whose processor wants one list per sample override this."""
+        flat = [image.convert("RGB") for sample_images in images for image in sample_images]
+        return flat or None
+
+    def model_texts(self, texts: list[str]) -> list[str]:
+        """The texts the processor tokenises (default: as given; see
+        :func:`~embedlens.models.processing.single_bos`)."""
+        return list(texts)
+
+    def view_pictures(self, encoded: Mapping[str, Any]) -> list[Image.Image]:
+        """The picture of every view, in span order, from the processor's output (default: each entry of
+        ``pixel_values`` ``[N, 3, H, W]`` un-normalised; empty without pixel values)."""
+        pixel_values = encoded.get("pixel_values")
+        return [] if pixel_values is None else [self.picture(view) for view in pixel_values]
+
+    def picture(self, pixel_values: torch.Tensor) -> Image.Image:
+        """Undo the image processor's normalisation of one view ``[3, H, W]``: what the tower sees, as RGB."""
+        return unnormalise(self.processor.image_processor, pixel_values)
 
     @abstractmethod
     def find_spans(self, inputs: Mapping[str, Any]) -> list[list[VisualSpan]]:

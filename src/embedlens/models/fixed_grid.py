@@ -6,14 +6,15 @@ per image in placeholder order, each run contiguous and optionally between two m
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from PIL import Image
 
 from embedlens.errors import InputError
 from embedlens.models.base import ModelAdapter
-from embedlens.models.spans import VisualSpan, split_image_tokens
+from embedlens.models.spans import VisualSpan, markers_around, split_image_tokens
 
 
 class FixedGridAdapter(ModelAdapter):
@@ -23,6 +24,11 @@ class FixedGridAdapter(ModelAdapter):
     def grid(self) -> tuple[int, int]:
         """``(rows, cols)`` of every image's grid."""
         raise NotImplementedError
+
+    def processor_images(self, images: Sequence[Sequence[Image.Image]]) -> list[list[Image.Image]] | None:
+        """One list of RGB images per sample, as these processors take them (None when there are none)."""
+        nested = [[image.convert("RGB") for image in sample_images] for sample_images in images]
+        return nested if any(nested) else None
 
     @property
     def marker_ids(self) -> tuple[int | None, int | None]:
@@ -63,20 +69,9 @@ class FixedGridAdapter(ModelAdapter):
                 first, last = int(chunk[0]), int(chunk[-1])
                 if last - first + 1 != count:
                     raise InputError(f"sample {sample}: the image tokens of image {image} are not one run")
-                markers = [
-                    p
-                    for p, wanted in ((first - 1, opening), (last + 1, closing))
-                    if wanted is not None and 0 <= p < row.numel() and int(row[p]) == wanted
-                ]
+                markers = markers_around(row, chunk, opening, closing)
                 sample_spans.append(
-                    VisualSpan(
-                        sample=sample,
-                        image=image,
-                        global_image=global_image,
-                        positions=chunk.clone(),
-                        grid=(rows, cols),
-                        markers=torch.tensor(markers, dtype=torch.long),
-                    )
+                    VisualSpan(sample, image, global_image, chunk.clone(), (rows, cols), markers=markers)
                 )
             spans.append(sample_spans)
         return spans

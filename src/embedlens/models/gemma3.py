@@ -29,16 +29,16 @@ scaled. The embedding lens is a cosine and does not see the factor.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import torch
-from PIL import Image
 
 from embedlens.errors import EmbedLensError, InputError
-from embedlens.models.base import ModulePaths, PreparedBatch, VisualSpan
+from embedlens.models.base import VisualSpan
 from embedlens.models.fixed_grid import FixedGridAdapter
-from embedlens.models.processing import chat_prompt, run_processor, single_bos, unnormalise
+from embedlens.models.processing import chat_prompt, single_bos
 from embedlens.models.registry import register_adapter
 
 
@@ -50,9 +50,6 @@ class Gemma3Adapter(FixedGridAdapter):
     family = "gemma3"
     model_types = ("gemma3",)
     transformers_class = "Gemma3ForConditionalGeneration"
-
-    # ----------------------------------------------------------------- structure
-    modules = ModulePaths()  # the standard layout
 
     def layer_type(self, layer: int) -> str:
         """Attention kind of decoder layer ``layer`` (0-based): ``"sliding_attention"`` or ``"full_attention"``."""
@@ -123,17 +120,10 @@ class Gemma3Adapter(FixedGridAdapter):
         with the template's ``<bos>``; :meth:`encode` keeps the model to one)."""
         return chat_prompt(self, prompt, num_images, self.image_placeholder * num_images + "\n" + prompt)
 
-    def encode(self, images: Sequence[Sequence[Image.Image]], texts: list[str]) -> PreparedBatch:
-        """The processor on ``texts`` (one ``<start_of_image>`` per image), left-padded, one view per image.
+    #: One view per image: pan-and-scan crops stay off.
+    processor_options: ClassVar[Mapping[str, Any]] = MappingProxyType({"do_pan_and_scan": False})
 
-        A text that starts with ``<bos>`` (as the chat template writes it) loses it when the tokenizer
-        adds its own, so the model sees one, as ``apply_chat_template(tokenize=True)`` gives it.
-        """
-        nested = [[img.convert("RGB") for img in sample_images] for sample_images in images]
-        model_texts = single_bos(self, texts)
-        encoded, inputs = run_processor(self, model_texts, nested if any(nested) else None, do_pan_and_scan=False)
-        pixel_values = encoded.get("pixel_values")
-        spans = self.find_spans(encoded)
-        picture = self.processor.image_processor
-        views = [unnormalise(picture, image) for image in pixel_values] if pixel_values is not None else []
-        return PreparedBatch(inputs=inputs, spans=spans, texts=texts, views=views)
+    def model_texts(self, texts: list[str]) -> list[str]:
+        """A text that starts with ``<bos>`` (as the chat template writes it) loses it when the tokenizer
+        adds its own, so the model sees one, as ``apply_chat_template(tokenize=True)`` gives it."""
+        return single_bos(self, texts)

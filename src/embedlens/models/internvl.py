@@ -22,7 +22,7 @@ markers is one image, its length over the tokens per view is its number of views
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -30,9 +30,10 @@ from PIL import Image
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
 from embedlens.errors import EmbedLensError, InputError
-from embedlens.models.base import ModelAdapter, ModulePaths, PreparedBatch, VisualSpan
-from embedlens.models.processing import chat_prompt, run_processor, unnormalise
+from embedlens.models.base import ModelAdapter, VisualSpan
+from embedlens.models.processing import chat_prompt
 from embedlens.models.registry import register_adapter
+from embedlens.models.spans import markers_around
 
 
 def view_names(count: int) -> list[str]:
@@ -59,9 +60,6 @@ class InternVLAdapter(ModelAdapter):
     family = "internvl"
     model_types = ("internvl",)
     transformers_class = "InternVLForConditionalGeneration"
-
-    # ----------------------------------------------------------------- structure
-    modules = ModulePaths()  # the standard layout
 
     @property
     def marker_ids(self) -> tuple[int, int]:
@@ -155,18 +153,6 @@ class InternVLAdapter(ModelAdapter):
     def format_prompt(self, prompt: str, num_images: int = 1) -> str:
         return chat_prompt(self, prompt, num_images, (self.image_placeholder + "\n") * num_images + prompt)
 
-    def encode(self, images: Sequence[Sequence[Image.Image]], texts: list[str]) -> PreparedBatch:
-        flat = [img.convert("RGB") for sample_images in images for img in sample_images]
-        encoded, inputs = run_processor(self, texts, flat or None)
-        pixel_values = encoded.get("pixel_values")
-        spans = self.find_spans(encoded)
-        views = [self._view(view) for view in pixel_values] if pixel_values is not None else []
-        return PreparedBatch(inputs=inputs, spans=spans, texts=texts, views=views)
-
-    def _view(self, pixel_values: torch.Tensor) -> Image.Image:
-        """Undo the normalisation of one view ``[3, S, S]``: the tile (or thumbnail) the vision tower sees."""
-        return unnormalise(self.processor.image_processor, pixel_values)
-
     def find_spans(self, inputs: Mapping[str, Any]) -> list[list[VisualSpan]]:
         input_ids: torch.Tensor = inputs["input_ids"]
         given = self._views_given(inputs)
@@ -183,9 +169,7 @@ class InternVLAdapter(ModelAdapter):
                         f"sample {sample}, image {image}: {run.numel()} image tokens is not a whole number "
                         f"of {side} x {side} views"
                     )
-                first, last = int(run[0]), int(run[-1])
-                around = ((first - 1, start_id), (last + 1, end_id))
-                markers = [p for p, token in around if 0 <= p < row.numel() and int(row[p]) == token]
+                markers = markers_around(row, run, start_id, end_id)
                 names = view_names(run.numel() // per_view)
                 for index, name in enumerate(names):
                     sample_spans.append(
@@ -196,7 +180,7 @@ class InternVLAdapter(ModelAdapter):
                             positions=run[index * per_view : (index + 1) * per_view].clone(),
                             grid=(side, side),
                             view=name,
-                            markers=torch.tensor(markers if index == 0 else [], dtype=torch.long),
+                            markers=markers if index == 0 else markers[:0],
                             picture=next_view + index,
                         )
                     )

@@ -6,12 +6,11 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 from PIL import Image
 
 from embedlens.errors import InputError
-from embedlens.models.base import ModelAdapter, ModulePaths, PreparedBatch, VisualSpan
-from embedlens.models.processing import chat_prompt, run_processor, unnormalise
+from embedlens.models.base import ModelAdapter, VisualSpan
+from embedlens.models.processing import chat_prompt
 from embedlens.models.registry import register_adapter
 from embedlens.models.spans import split_image_tokens
 from embedlens.profiles import pad_to_square, vicuna_v1
@@ -30,9 +29,6 @@ class LlavaAdapter(ModelAdapter):
     family = "llava"
     model_types = ("llava",)
     transformers_class = "LlavaForConditionalGeneration"
-
-    # ----------------------------------------------------------------- structure
-    modules = ModulePaths()  # the standard layout
 
     def image_grids(self, inputs: Mapping[str, Any]) -> list[tuple[int, int]]:
         """``(rows, cols)`` of every image in a batch of model inputs (empty when there are none)."""
@@ -65,25 +61,14 @@ class LlavaAdapter(ModelAdapter):
             return vicuna_v1(prompt, self.image_placeholder * num_images)
         return chat_prompt(self, prompt, num_images, self.image_placeholder * num_images + "\n" + prompt)
 
-    def encode(self, images: Sequence[Sequence[Image.Image]], texts: list[str]) -> PreparedBatch:
-        flat = [self._fit(img.convert("RGB")) for sample_images in images for img in sample_images]
-        encoded, inputs = run_processor(self, texts, flat or None)
-        pixel_values = encoded.get("pixel_values")
-        spans = self.find_spans(encoded)
-        views = [self._view(image) for image in pixel_values] if pixel_values is not None else []
-        return PreparedBatch(inputs=inputs, spans=spans, texts=texts, views=views)
-
-    def _fit(self, image: Image.Image) -> Image.Image:
-        """The image as the profile feeds it: padded to a square in the processor's mean colour (truncated to
-        integers, as LLaVA-1.5 does) when the profile asks for it."""
-        if not self.profile.pad_to_square:
-            return image
+    def processor_images(self, images: Sequence[Sequence[Image.Image]]) -> list[Image.Image] | None:
+        """The images as the profile feeds them: RGB, padded to a square in the processor's mean colour
+        (truncated to integers, as LLaVA-1.5 does) when the profile asks for it."""
+        given = super().processor_images(images)
+        if given is None or not self.profile.pad_to_square:
+            return given
         mean = getattr(self.processor.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
-        return pad_to_square(image, tuple(int(255 * value) for value in mean[:3]))
-
-    def _view(self, pixel_values: torch.Tensor) -> Image.Image:
-        """Undo the image processor's normalisation: the picture the vision tower sees, as RGB."""
-        return unnormalise(self.processor.image_processor, pixel_values)
+        return [pad_to_square(image, tuple(int(255 * value) for value in mean[:3])) for image in given]
 
     def find_spans(self, inputs: Mapping[str, Any]) -> list[list[VisualSpan]]:
         grids = self.image_grids(inputs)

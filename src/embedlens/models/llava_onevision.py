@@ -48,6 +48,8 @@ class LlavaOnevisionAdapter(AnyresAdapter):
             raise InputError(f"batch_num_images counts {len(flags)} images but {count} were given")
         return flags
 
-    def processor_images(self, images: Sequence[Sequence[Image.Image]]) -> list[Any]:
-        """One list of images per sample, so the processor knows which samples hold several."""
-        return [[image.convert("RGB") for image in sample_images] for sample_images in images]
+    def processor_images(self, images: Sequence[Sequence[Image.Image]]) -> list[Any] | None:
+        """One list of images per sample, so the processor knows which samples hold several (None when
+        there are no images)."""
+        nested = [[image.convert("RGB") for image in sample_images] for sample_images in images]
+        return nested if any(nested) else None

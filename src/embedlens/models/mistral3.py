@@ -25,16 +25,16 @@ Layout, as ``PixtralProcessor`` and the model lay it out:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from PIL import Image
 
 from embedlens.errors import EmbedLensError, InputError
-from embedlens.models.base import ModelAdapter, ModulePaths, PreparedBatch, VisualSpan
+from embedlens.models.base import ModelAdapter, PreparedBatch, VisualSpan
 from embedlens.models.cells import grid_cells
-from embedlens.models.processing import chat_prompt, run_processor, single_bos, unnormalise
+from embedlens.models.processing import chat_prompt, single_bos
 from embedlens.models.qwen_vl import MergedSpan
 from embedlens.models.registry import register_adapter
 
@@ -50,7 +50,6 @@ class Mistral3Adapter(ModelAdapter):
 
     # ----------------------------------------------------------------- structure
     # norm + patch merger + two linears: its input is the Pixtral tower's patches, its output the tokens
-    modules = ModulePaths()  # the standard layout
 
     @property
     def merge_size(self) -> int:
@@ -144,22 +143,19 @@ class Mistral3Adapter(ModelAdapter):
         without a template the placeholders, a newline and the text."""
         return chat_prompt(self, prompt, num_images, self.image_placeholder * num_images + "\n" + prompt)
 
-    def encode(self, images: Sequence[Sequence[Image.Image]], texts: list[str]) -> PreparedBatch:
-        """The processor on ``texts`` (one ``[IMG]`` per image), left-padded; views are the resized images.
+    def model_texts(self, texts: list[str]) -> list[str]:
+        """A text that starts with ``<s>`` (as the chat template writes it) loses it when the tokenizer adds
+        its own, so the model sees one."""
+        return single_bos(self, texts)
 
-        A text that starts with ``<s>`` (as the chat template writes it) loses it when the tokenizer adds
-        its own, so the model sees one.
-        """
-        flat = [img.convert("RGB") for sample_images in images for img in sample_images]
-        model_texts = single_bos(self, texts)
-        encoded, inputs = run_processor(self, model_texts, flat or None)
-        spans = self.find_spans(encoded)
+    def view_pictures(self, encoded: Mapping[str, Any]) -> list[Image.Image]:
+        """The resized images: each ``pixel_values`` entry cropped to its ``image_sizes`` (the batch pads
+        smaller images)."""
         pixel_values, sizes = encoded.get("pixel_values"), encoded.get("image_sizes")
-        views = []
-        if pixel_values is not None and sizes is not None:
-            for image, (height, width) in zip(pixel_values, torch.as_tensor(sizes).tolist(), strict=True):
-                views.append(unnormalise(self.processor.image_processor, image[:, :height, :width]))
-        return PreparedBatch(inputs=inputs, spans=spans, texts=texts, views=views)
+        if pixel_values is None or sizes is None:
+            return []
+        pairs = zip(pixel_values, torch.as_tensor(sizes).tolist(), strict=True)
+        return [self.picture(image[:, :height, :width]) for image, (height, width) in pairs]
 
     # ----------------------------------------------------------------- spans
     def _expected_grids(self, inputs: Mapping[str, Any]) -> tuple[list[tuple[int, int]] | None, list[int]]:

@@ -28,9 +28,7 @@ from collections.abc import Sequence
 from PIL import Image
 
 from embedlens.errors import InputError
-from embedlens.models.base import ModulePaths, PreparedBatch
 from embedlens.models.fixed_grid import FixedGridAdapter
-from embedlens.models.processing import run_processor, unnormalise
 from embedlens.models.registry import register_adapter
 
 
@@ -41,9 +39,6 @@ class PaliGemmaAdapter(FixedGridAdapter):
     family = "paligemma"
     model_types = ("paligemma",)
     transformers_class = "PaliGemmaForConditionalGeneration"
-
-    # ----------------------------------------------------------------- structure
-    modules = ModulePaths()  # the standard layout
 
     def mask_key(self, layer: int) -> str | None:
         """The entry of the mask dict decoder layer ``layer`` uses: its layer type where the decoder has
@@ -69,22 +64,11 @@ class PaliGemmaAdapter(FixedGridAdapter):
         newline, as PaliGemma's prompts are written: ``caption en``, ``answer en <question>``, ...)."""
         return self.image_placeholder * num_images + prompt
 
-    def encode(self, images: Sequence[Sequence[Image.Image]], texts: list[str]) -> PreparedBatch:
-        """The processor on ``texts`` (one ``<image>`` per image), left-padded; ``token_type_ids`` kept
-        (they make the prompt attend both ways), the training ``labels`` dropped."""
-        nested = [[img.convert("RGB") for img in sample_images] for sample_images in images]
-        if not any(nested):
+    def processor_images(self, images: Sequence[Sequence[Image.Image]]) -> list[list[Image.Image]]:
+        """One list of images per sample; PaliGemma's processor refuses a batch without images."""
+        nested = super().processor_images(images)
+        if nested is None:
             raise InputError("PaliGemma needs an image in every batch (its processor refuses text alone)")
-        encoded, inputs = run_processor(self, texts, nested)
-        encoded.pop("labels", None)
-        inputs.pop("labels", None)
-        pixel_values = encoded.get("pixel_values")
-        spans = self.find_spans(encoded)
-        views = (
-            [unnormalise(self.processor.image_processor, image) for image in pixel_values]
-            if pixel_values is not None
-            else []
-        )
-        return PreparedBatch(inputs=inputs, spans=spans, texts=texts, views=views)
+        return nested
 
     # ----------------------------------------------------------------- spans

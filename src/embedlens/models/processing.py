@@ -73,7 +73,8 @@ def run_processor(
         **options: More keyword arguments for the processor (e.g. ``do_pan_and_scan=False``).
 
     Returns:
-        The processor's output (on the CPU, as the processor gave it) and the model's forward inputs:
+        The processor's output (on the CPU, as the processor gave it, less any training ``labels``) and
+        the model's forward inputs:
         every tensor on the model's device, ``pixel_values`` in the model's dtype.
 
     Raises:
@@ -88,6 +89,7 @@ def run_processor(
         raise InputError(f"cannot process the images: {str(exc).strip().splitlines()[0]}") from exc
     finally:
         tokenizer.padding_side = old_side
+    encoded.pop("labels", None)  # training targets some processors add (PaliGemma); never a forward input here
     inputs = {k: v.to(adapter.device) for k, v in encoded.items() if isinstance(v, torch.Tensor)}
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(adapter.model.dtype)

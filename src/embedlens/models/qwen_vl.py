@@ -21,19 +21,18 @@ Layout, as the processor and the model lay it out:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from PIL import Image
 
 from embedlens.errors import EmbedLensError, InputError
 from embedlens.models.base import ModelAdapter, ModulePaths, PreparedBatch, VisualSpan
 from embedlens.models.cells import square_side
-from embedlens.models.processing import chat_prompt, run_processor
-from embedlens.models.spans import split_image_tokens
+from embedlens.models.processing import chat_prompt
+from embedlens.models.spans import markers_around, split_image_tokens
 
 
 def rope_planes(position_ids: torch.Tensor) -> torch.Tensor:
@@ -123,41 +122,31 @@ class QwenVLAdapter(ModelAdapter):
         end = getattr(self.processor, "vision_end_token", None) or "<|vision_end|>"
         return start + self.image_placeholder + end
 
-    def encode(self, images: Sequence[Sequence[Image.Image]], texts: list[str]) -> PreparedBatch:
-        flat = [img.convert("RGB") for sample_images in images for img in sample_images]
-        encoded, inputs = run_processor(self, texts, flat or None)
-        spans = self.find_spans(encoded)
-        pixel_values, grids = encoded.get("pixel_values"), encoded.get("image_grid_thw")
-        views = self._pictures(pixel_values, grids) if pixel_values is not None and grids is not None else []
-        return PreparedBatch(inputs=inputs, spans=spans, texts=texts, views=views)
-
-    def _pictures(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[Image.Image]:
+    def view_pictures(self, encoded: Mapping[str, Any]) -> list[Image.Image]:
         """Undo the image processor's patch layout and normalisation: the picture of each image the vision
         tower sees, as RGB.
 
-        Args:
-            pixel_values: ``[sum_i t_i * h_i * w_i, C * T * p * p]``, each image's patches block by block
-                (``merge x merge`` blocks in row-major order, row-major inside a block), each patch
-                ``(C, T, p, p)`` flattened (``T`` = the temporal patch size; images repeat one frame).
-            grid_thw: ``[N_images, 3]``.
+        ``encoded["pixel_values"]`` is ``[sum_i t_i * h_i * w_i, C * T * p * p]``: each image's patches block
+        by block (``merge x merge`` blocks in row-major order, row-major inside a block), each patch
+        ``(C, T, p, p)`` flattened (``T`` = the temporal patch size; images repeat one frame);
+        ``encoded["image_grid_thw"]`` is ``[N_images, 3]``.
         """
+        pixel_values, grid_thw = encoded.get("pixel_values"), encoded.get("image_grid_thw")
+        if pixel_values is None or grid_thw is None:
+            return []
         ip = self.processor.image_processor
         patch, merge = int(ip.patch_size), int(ip.merge_size)
         frames = int(getattr(ip, "temporal_patch_size", 1) or 1)
-        mean = np.asarray(getattr(ip, "image_mean", None) or [0.0, 0.0, 0.0], dtype=np.float32)
-        std = np.asarray(getattr(ip, "image_std", None) or [1.0, 1.0, 1.0], dtype=np.float32)
-        scale = float(getattr(ip, "rescale_factor", 1 / 255))
         pictures = []
         start = 0
-        for t, h, w in grid_thw.tolist():
+        for t, h, w in torch.as_tensor(grid_thw).tolist():
             count = t * h * w
             rows = pixel_values[start : start + count].float().cpu()
             start += count
             blocks = rows[: h * w].reshape(h // merge, w // merge, merge, merge, -1, frames, patch, patch)
-            # [h/m, w/m, m, m, C, p, p] -> [h/m, m, p, w/m, m, p, C] -> [h * p, w * p, C]
-            array = blocks[:, :, :, :, :, 0].permute(0, 2, 5, 1, 3, 6, 4).reshape(h * patch, w * patch, -1).numpy()
-            array = (array * std + mean) / scale
-            pictures.append(Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8)))
+            # [h/m, w/m, m, m, C, p, p] -> [C, h/m, m, p, w/m, m, p] -> [C, h * p, w * p]
+            picture = blocks[:, :, :, :, :, 0].permute(4, 0, 2, 5, 1, 3, 6).reshape(-1, h * patch, w * patch)
+            pictures.append(self.picture(picture))
         return pictures
 
     # ----------------------------------------------------------------- vision features
@@ -261,18 +250,12 @@ class QwenVLAdapter(ModelAdapter):
                 )
             planes = rope_planes(position_ids).cpu()
         start_id, end_id = self.marker_ids
-        length = input_ids.shape[1]
         spans: list[list[VisualSpan]] = []
         for sample, runs in enumerate(split_image_tokens(input_ids, self.image_token_id, counts)):
             row = input_ids[sample]
             sample_spans: list[VisualSpan] = []
             for image, (global_image, chunk) in enumerate(runs):
                 grid = grids[global_image] if grids is not None else self._grid_from_positions(planes, sample, chunk)
-                markers = [
-                    int(where)
-                    for where, token in ((chunk[0] - 1, start_id), (chunk[-1] + 1, end_id))
-                    if token is not None and 0 <= where < length and int(row[where]) == token
-                ]
                 sample_spans.append(
                     MergedSpan(
                         sample=sample,
@@ -280,7 +263,7 @@ class QwenVLAdapter(ModelAdapter):
                         global_image=global_image,
                         positions=chunk.clone(),
                         grid=grid,
-                        markers=torch.tensor(markers, dtype=torch.long),
+                        markers=markers_around(row, chunk, start_id, end_id),
                         first_patch=self.merge_size**2 * sum(counts[:global_image]),
                     )
                 )

@@ -129,3 +129,24 @@ def split_image_tokens(
     if next_image != len(counts):
         raise InputError(f"{len(counts)} images given but only {next_image} placed in the text")
     return out
+
+
+def markers_around(row: torch.Tensor, run: torch.Tensor, opening: int | None, closing: int | None) -> torch.Tensor:
+    """Where an image's run of visual tokens is framed by marker tokens.
+
+    Args:
+        row: One sample's token ids ``[T]``.
+        run: The run's positions ``[n]``, in order (contiguous).
+        opening: Id of the token expected right before the run, or None when the family has none.
+        closing: Id of the token expected right after it, or None.
+
+    Returns:
+        The positions (``long``, 0 to 2 of them, in order) of those markers that are present.
+    """
+    first, last = int(run[0]), int(run[-1])
+    found = [
+        where
+        for where, token in ((first - 1, opening), (last + 1, closing))
+        if token is not None and 0 <= where < row.numel() and int(row[where]) == token
+    ]
+    return torch.tensor(found, dtype=torch.long)

@@ -15,9 +15,11 @@ reads the ``none`` filter.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
 
 #: The paper's task groups, in its column order.
@@ -206,33 +208,9 @@ def llava15_7b_config() -> Any:
     """The paper's model, LLaVA-1.5-7B, as a ``transformers`` config built from its published sizes (CLIP
     ViT-L/14 at 336 px: 24 layers, width 1024; LLaMA-7B: 32 layers, hidden 4096, MLP 11008, 32 heads; llava-hf's
     32064-row vocabulary; 576 image tokens, feature layer -2, ``default`` selection). Enough to plan and cost
-    the experiment set on the meta device where the hub's config cannot be downloaded; no weights."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    the experiment set on the meta device where the hub's config cannot be downloaded; no weights. The sizes
+    live in ``embedlens/assets/llava15_7b_config.json``."""
+    from transformers import LlavaConfig
 
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-    )
-    text = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32064,
-        max_position_embeddings=4096,
-    )
-    return LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=32000,
-        image_seq_length=576,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
+    text = (resources.files("embedlens") / "assets" / "llava15_7b_config.json").read_text(encoding="utf-8")
+    return LlavaConfig.from_dict(json.loads(text))
