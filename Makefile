@@ -44,8 +44,13 @@ demo: $(BIN)/.installed
 chromium:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 
+# The suite runs on every core: one pytest-xdist worker per core with one torch thread each (the tiny
+# test models gain nothing from intra-op threads, and two threaded workers would fight over the cores).
+# An idle worker takes half of another's queue (worksteal); the modules on the real mini-model cache run
+# first and take turns under a file lock (tests/conftest.py).
+TEST_WORKERS ?= auto
 test: $(BIN)/.installed $(BIN)/.vision-installed $(BIN)/.lmms-installed chromium
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks

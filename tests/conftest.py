@@ -1,12 +1,15 @@
-"""Shared fixtures: tiny random LLaVA models saved once per session and loaded by path, test images,
-a tiny benchmark, and an EmbedLens cache that lives in a temporary directory instead of the user's home.
+"""Shared fixtures: tiny random LLaVA models saved once per session and loaded by path, every model
+family of ``families.py`` as a tiny checkpoint, test images, a tiny benchmark, and an EmbedLens cache that
+lives in a temporary directory instead of the user's home; and how pytest-xdist is handed the tests.
 
-Fixtures only: plain helpers that test modules import live in ``helpers.py``.
+Fixtures and hooks only: plain helpers that test modules import live in ``helpers.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import fcntl
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,22 +19,31 @@ import embedlens
 from embedlens.bench.patchbench import generate_benchmark
 from embedlens.models.tiny import TinySpec, save_tiny_llava
 from embedlens.taxonomy import Anchors
-from helpers import random_image
-
-#: ChatML-style conversation format, as a jinja chat template (a second, non-LLaVA template).
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}"
-    "<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from families import FAMILIES, Loaded, load_family
+from helpers import CHATML_TEMPLATE, random_image
 
 #: Test files whose own fixtures manage ``EMBEDLENS_CACHE`` (they need the user's real cache).
 _OWN_CACHE_FILES = {"test_mini_parts.py", "test_mini_model.py"}
+
+
+# --------------------------------------------------------------------------- scheduling
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Put the tests on the real mini-model cache (``_OWN_CACHE_FILES``) first, keeping the order otherwise.
+
+    ``make test`` runs pytest-xdist (``-n auto --dist worksteal``); those modules take turns (see
+    :func:`_own_cache_turn`) and are the longest serial stretch, so they start at once and overlap the
+    rest of the suite instead of trailing it.
+    """
+    items.sort(key=lambda item: item.path.name not in _OWN_CACHE_FILES)
+
+
+# --------------------------------------------------------------------------- model families
+@pytest.fixture(scope="module", params=FAMILIES, ids=str)
+def loaded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Loaded:
+    """Each family of ``tests/families.py`` as a tiny checkpoint, built once per test module to a temporary
+    directory and loaded by path on the CPU: a test that asks for it runs once per family (the
+    conformance suites)."""
+    return load_family(request.param, tmp_path_factory)
 
 
 # --------------------------------------------------------------------------- cache isolation
@@ -52,6 +64,24 @@ def _isolated_cache(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPa
     if request.node.path.name in _OWN_CACHE_FILES:
         return
     monkeypatch.setenv("EMBEDLENS_CACHE", str(request.getfixturevalue("embedlens_cache")))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _own_cache_turn(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Under pytest-xdist, the modules of ``_OWN_CACHE_FILES`` take turns: each holds an exclusive lock
+    (a file beside the workers' temporary directories) from its module fixtures' set-up to their
+    tear-down, because they build, damage and rebuild the one real cache. A module that worksteal
+    split over two workers waits on the second until the first is done with it. Without xdist: no lock.
+    """
+    if request.node.path.name not in _OWN_CACHE_FILES or "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    with open(tmp_path_factory.getbasetemp().parent / "real-cache.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------- models

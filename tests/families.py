@@ -27,10 +27,9 @@ import tiny_gemma3
 import tiny_internvl
 import tiny_mistral3
 import tiny_paligemma
-from conftest import CHATML_TEMPLATE
 from embedlens.models.base import ModelAdapter
 from embedlens.models.tiny import LLAVA_15_TEMPLATE, TinySpec, build_tiny_llava, save_tiny_llava
-from helpers import random_image
+from helpers import CHATML_TEMPLATE, random_image
 from tiny_llava_next import save_llava_next, save_llava_onevision
 from tiny_qwen_vl import build_qwen2_5_vl, build_qwen2_vl, build_qwen3_vl
 

@@ -16,6 +16,18 @@ from PIL import Image
 
 from embedlens.cli import main
 
+#: ChatML-style conversation format, as a jinja chat template (a second, non-LLaVA template).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 
 def random_image(seed: int, width: int = 56, height: int = 56) -> Image.Image:
     """A reproducible RGB noise image of ``width`` x ``height`` pixels."""

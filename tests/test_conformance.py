@@ -44,18 +44,12 @@ import torch
 
 from embedlens.interventions import Prune, intervene, parse
 from embedlens.models.base import ModelAdapter, PreparedBatch, VisualSpan
-from families import FAMILIES, Family, Loaded, load_family
+from families import Family, Loaded
 
 #: Greedy steps of the KV-cache check.
 STEPS = 4
 #: Tokens per position the lens check compares.
 TOP_K = 5
-
-
-@pytest.fixture(scope="module", params=FAMILIES, ids=str)
-def loaded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Loaded:
-    """Each family's tiny checkpoint, built once to a temporary directory and loaded by path on the CPU."""
-    return load_family(request.param, tmp_path_factory)
 
 
 # --------------------------------------------------------------------------- helpers

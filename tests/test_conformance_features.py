@@ -41,7 +41,7 @@ from embedlens.pictures import save_group_map, save_top1_grid
 from embedlens.result import MultiLayerProbe
 from embedlens.taxonomy import Anchors, DiscoveryConfig, diagnose, discover_anchors
 from embedlens.taxonomy.stats import HEATMAP_FILE, SUMMARY_FILE, TOKENS_FILE, StatsOptions, run_stats
-from families import FAMILIES, Loaded, load_family
+from families import Loaded
 from taxonomy_planting import top_ids, unit_rows
 
 #: The planted groups, in the order of :func:`planted_cells`.
@@ -52,12 +52,6 @@ DISCOVERY = ("vit_sink", "llm_bos", "llm_massive", "dead")
 VIT_BOOST = 50.0
 #: Neighbours of an anchor kept out of other anchors' and of the noise tokens' reach.
 NEAR = 5
-
-
-@pytest.fixture(scope="module", params=FAMILIES, ids=str)
-def loaded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Loaded:
-    """Each family's tiny checkpoint, built once to a temporary directory and loaded by path on the CPU."""
-    return load_family(request.param, tmp_path_factory)
 
 
 # --------------------------------------------------------------------------- planting

@@ -28,18 +28,12 @@ from embedlens.bench.runner import BASELINE, ITEMS_FILE, TABLE_JSON, EvalOptions
 from embedlens.bench.vqa import read_questions
 from embedlens.datasets import open_dataset
 from embedlens.interventions import Exit, Inject, Prune, Scale, Skip, parse
-from families import FAMILIES, Loaded, load_family
+from families import Loaded
 from helpers import run_cli
 from test_conformance_features import Plant, batch_of, images
 
 #: Small and fast evaluations: 2 questions in one batch, 2 new tokens, few bootstrap resamples.
 EVAL = EvalOptions(batch_size=2, max_new_tokens=2, bootstrap=20)
-
-
-@pytest.fixture(scope="module", params=FAMILIES, ids=str)
-def loaded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Loaded:
-    """Each family's tiny checkpoint, built once to a temporary directory and loaded by path on the CPU."""
-    return load_family(request.param, tmp_path_factory)
 
 
 @pytest.fixture

@@ -121,10 +121,11 @@ def _env(tmp: Path) -> dict[str, str]:
 
 
 def run_lmms(
-    task_dir: Path, tmp: Path, model_args: str, task: str = "tinyvqa", processes: int = 1
-) -> tuple[dict[int, Any], dict[str, Any], str]:
-    """Run stock lmms-eval from the command line; (doc id -> filtered response, results, stderr)."""
-    out = tmp / f"out-{task}-{processes}"
+    task_dir: Path, tmp: Path, model_args: str, tasks: tuple[str, ...] = ("tinyvqa",), processes: int = 1
+) -> dict[str, tuple[dict[int, Any], dict[str, Any], str]]:
+    """Run stock lmms-eval from the command line on ``tasks`` in one process (group); per task: (doc id ->
+    filtered response, its results, the run's stdout and stderr)."""
+    out = tmp / f"out-{'-'.join(tasks)}-{processes}"
     launcher = [sys.executable, "-m"]
     if processes > 1:
         launcher += ["torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", "-m"]
@@ -137,7 +138,7 @@ def run_lmms(
         "--model_args",
         model_args,
         "--tasks",
-        task,
+        ",".join(tasks),
         "--include_path",
         str(task_dir),
         "--output_path",
@@ -146,14 +147,18 @@ def run_lmms(
     ]
     done = subprocess.run(command, env=_env(tmp), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-2000:]
-    samples = list(out.rglob(f"*_samples_{task}.jsonl"))
     results = list(out.rglob("*_results.json"))
-    assert len(samples) == 1 and len(results) == 1, sorted(out.rglob("*"))
-    by_doc = {}
-    for line in samples[0].read_text().splitlines():
-        row = json.loads(line)
-        by_doc[int(row["doc_id"])] = row["filtered_resps"]
-    return by_doc, json.loads(results[0].read_text())["results"][task], done.stdout + done.stderr
+    assert len(results) == 1, sorted(out.rglob("*"))
+    outcome = {}
+    for task in tasks:
+        samples = list(out.rglob(f"*_samples_{task}.jsonl"))
+        assert len(samples) == 1, sorted(out.rglob("*"))
+        by_doc = {}
+        for line in samples[0].read_text().splitlines():
+            row = json.loads(line)
+            by_doc[int(row["doc_id"])] = row["filtered_resps"]
+        outcome[task] = (by_doc, json.loads(results[0].read_text())["results"][task], done.stdout + done.stderr)
+    return outcome
 
 
 # --------------------------------------------------------------------------- in-process helpers
@@ -324,16 +329,18 @@ class TestInProcess:
 
 @pytest.fixture(scope="module")
 def runs(tiny_dir, task_dir, tmp_path_factory) -> dict[str, Any]:
-    """Four command-line runs: baseline, a setting, the setting on two processes, a multiple-choice task."""
+    """Three command-line runs: the baseline (with a multiple-choice task beside it), a setting, the setting
+    on two processes."""
     tmp = tmp_path_factory.mktemp("lmms-runs")
     base = f"pretrained={tiny_dir},device=cpu"
+    baseline = run_lmms(task_dir, tmp / "baseline", base, tasks=("tinyvqa", "tinymc"))
     return {
-        "baseline": run_lmms(task_dir, tmp / "baseline", base),
-        "setting": run_lmms(task_dir, tmp / "setting", f'{base},interventions="{SETTING}"'),
+        "baseline": baseline["tinyvqa"],
+        "choice": baseline["tinymc"],
+        "setting": run_lmms(task_dir, tmp / "setting", f'{base},interventions="{SETTING}"')["tinyvqa"],
         "setting-2": run_lmms(
             task_dir, tmp / "setting-2", f'pretrained={tiny_dir},interventions="{SETTING}"', processes=2
-        ),
-        "choice": run_lmms(task_dir, tmp / "choice", base, task="tinymc"),
+        )["tinyvqa"],
     }
 
 

@@ -10,7 +10,9 @@ once per machine. Every test that loads or trains the real weights is marked ``s
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -130,25 +132,42 @@ class TestCache:
         assert "Traceback" not in done.stderr
 
 
+#: The settings of the shared training runs: three steps, a checkpoint after each.
+TRAINED = TrainConfig(seed=3, images=6, steps=3, batch_size=2, checkpoint_every=1, minutes=10)
+#: The shared runs: the projector alone, and the projector with rank-2 LoRA adapters on the LLM.
+RUNS = {"projector": TRAINED, "lora": dataclasses.replace(TRAINED, lora_rank=2, lora_lr=1e-2)}
+
+
+@pytest.fixture(scope="module")
+def trained(mini_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Run directories of two uninterrupted training runs shared by the tests below (a test that changes a
+    run works on a copy): ``"projector"`` with :data:`TRAINED`, ``"lora"`` with rank-2 LoRA adapters too."""
+    root = tmp_path_factory.mktemp("trained")
+    for name, config in RUNS.items():
+        log = run_training(root / name, config)
+        assert log["finished"] and log["steps_done"] == config.steps
+        assert all(loss == loss for loss in log["loss_every_50"])  # no NaN
+    return {name: root / name for name in RUNS}
+
+
+def _copy_run(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
 class TestTraining:
     """``train-mini`` runs end to end on a handful of images and resumes where it stopped."""
 
     @pytest.mark.slow
-    @pytest.mark.parametrize("lora_rank", [0, 2], ids=["projector", "projector+lora"])
+    @pytest.mark.parametrize("name", ["projector", "lora"], ids=["projector", "projector+lora"])
     def test_interrupted_run_resumes_to_the_same_weights(
-        self, mini_dir: Path, tmp_path: Path, monkeypatch, lora_rank: int
+        self, trained: dict[str, Path], tmp_path: Path, monkeypatch, name: str
     ) -> None:
         from safetensors.torch import load_file
 
         from embedlens.mini.train import ProjectorTrainer
 
-        config = TrainConfig(
-            seed=3, images=6, steps=3, batch_size=2, checkpoint_every=1, minutes=10, lora_rank=lora_rank
-        )
-        straight = run_training(tmp_path / "straight", config)
-        assert straight["finished"] and straight["steps_done"] == 3
-        assert all(loss == loss for loss in straight["loss_every_50"])  # no NaN
-
+        straight, config = trained[name], RUNS[name]
         original = ProjectorTrainer.loss
         calls = {"n": 0}
 
@@ -164,28 +183,27 @@ class TestTraining:
         monkeypatch.setattr(ProjectorTrainer, "loss", original)
         resumed = run_training(tmp_path / "resumed", config)
         assert resumed["finished"] and resumed["steps_done"] == 3
-        files = ["projector.safetensors"] + (["lora.safetensors"] if lora_rank else [])
-        assert (tmp_path / "straight" / "lora.safetensors").is_file() == bool(lora_rank)
-        for name in files:
-            a = load_file(str(tmp_path / "straight" / name))
-            b = load_file(str(tmp_path / "resumed" / name))
+        files = ["projector.safetensors"] + (["lora.safetensors"] if config.lora_rank else [])
+        assert (straight / "lora.safetensors").is_file() == bool(config.lora_rank)
+        for file in files:
+            a = load_file(str(straight / file))
+            b = load_file(str(tmp_path / "resumed" / file))
             assert a.keys() == b.keys()
             for key in a:
-                assert a[key].equal(b[key]), f"{name}: {key}"
+                assert a[key].equal(b[key]), f"{file}: {key}"
 
     @pytest.mark.slow
-    def test_lora_run_trains_adapters_that_the_build_merges(self, mini_dir: Path, tmp_path: Path) -> None:
+    def test_lora_run_trains_adapters_that_the_build_merges(self, trained: dict[str, Path]) -> None:
         from safetensors.torch import load_file
 
         from embedlens.mini.assemble import build_mini
 
-        config = TrainConfig(seed=5, images=4, steps=2, batch_size=2, minutes=10, lora_rank=2, lora_lr=1e-2)
-        run_training(tmp_path, config)
-        adapters = load_file(str(tmp_path / "lora.safetensors"))
+        run = trained["lora"]
+        adapters = load_file(str(run / "lora.safetensors"))
         ups = [tensor for key, tensor in adapters.items() if key.endswith("lora_b")]
         assert len(ups) == 7 * 30 and any(bool(up.abs().sum() > 0) for up in ups)  # trained away from zero
-        base, _ = build_mini(tmp_path / "projector.safetensors")
-        merged, _ = build_mini(tmp_path / "projector.safetensors", lora=tmp_path / "lora.safetensors")
+        base, _ = build_mini(run / "projector.safetensors")
+        merged, _ = build_mini(run / "projector.safetensors", lora=run / "lora.safetensors")
         name = "layers.0.self_attn.q_proj.weight"
         before = base.model.language_model.state_dict()[name]
         after = merged.model.language_model.state_dict()[name]
@@ -195,16 +213,20 @@ class TestTraining:
     @pytest.mark.slow
     @pytest.mark.parametrize(("strategy", "tokens"), [("full", 257), ("default", 256)])
     def test_projector_records_the_features_it_was_trained_on(
-        self, mini_dir: Path, tmp_path: Path, strategy: str, tokens: int
+        self, trained: dict[str, Path], tmp_path: Path, strategy: str, tokens: int
     ) -> None:
         """A model built from a trained projector feeds the LLM the same visual tokens as training did."""
         from embedlens.mini.assemble import build_mini, projector_strategy
         from embedlens.mini.packages import MiniBuildError
 
-        run_training(tmp_path, TrainConfig(seed=2, images=4, steps=1, batch_size=2, minutes=10, strategy=strategy))
-        projector = tmp_path / "projector.safetensors"
+        if strategy == TRAINED.strategy:
+            run = trained["projector"]
+        else:
+            run = tmp_path
+            run_training(run, TrainConfig(seed=2, images=4, steps=1, batch_size=2, minutes=10, strategy=strategy))
+        projector = run / "projector.safetensors"
         assert projector_strategy(projector) == strategy
-        features = torch.load(tmp_path / "features.pt", weights_only=True)
+        features = torch.load(run / "features.pt", weights_only=True)
         assert features.shape[1] == tokens
         model, processor = build_mini(projector)
         assert model.config.vision_feature_select_strategy == strategy
@@ -220,38 +242,42 @@ class TestTraining:
             build_mini(projector, strategy=other)
 
     @pytest.mark.slow
-    def test_answer_weighting_trains_and_differs_from_token_mean(self, mini_dir: Path, tmp_path: Path) -> None:
+    def test_answer_weighting_trains_and_differs_from_token_mean(
+        self, trained: dict[str, Path], tmp_path: Path
+    ) -> None:
         from safetensors.torch import load_file
 
-        runs = {}
-        for weighting in ("token", "answer"):
-            config = TrainConfig(seed=6, images=4, steps=2, batch_size=2, minutes=10, loss_weighting=weighting)
-            log = run_training(tmp_path / weighting, config)
-            assert log["finished"] and all(loss == loss for loss in log["loss_every_50"])
-            assert log["config"]["loss_weighting"] == weighting
-            assert log["llm_dtype"] == str(fast_dtype(torch.device("cpu"))).removeprefix("torch.")
-            runs[weighting] = load_file(str(tmp_path / weighting / "projector.safetensors"))
-        assert not torch.equal(runs["token"]["linear_2.weight"], runs["answer"]["linear_2.weight"])
+        assert TRAINED.loss_weighting == "token"
+        log = run_training(tmp_path, dataclasses.replace(TRAINED, loss_weighting="answer"))
+        assert log["finished"] and all(loss == loss for loss in log["loss_every_50"])
+        assert log["config"]["loss_weighting"] == "answer"
+        assert log["llm_dtype"] == str(fast_dtype(torch.device("cpu"))).removeprefix("torch.")
+        token = json.loads((trained["projector"] / "train_log.json").read_text())
+        assert token["config"]["loss_weighting"] == "token" and token["llm_dtype"] == log["llm_dtype"]
+        by_token = load_file(str(trained["projector"] / "projector.safetensors"))["linear_2.weight"]
+        by_answer = load_file(str(tmp_path / "projector.safetensors"))["linear_2.weight"]
+        assert not torch.equal(by_token, by_answer)
         with pytest.raises(ValueError, match="loss_weighting"):
             TrainConfig(loss_weighting="sentence")
 
     @pytest.mark.slow
-    def test_checkpoint_without_a_newer_setting_resumes_with_its_default(self, mini_dir: Path, tmp_path: Path) -> None:
-        config = TrainConfig(seed=3, images=6, steps=1, batch_size=2, minutes=10)
-        run_training(tmp_path, config)
-        checkpoint = tmp_path / "checkpoint.pt"
+    def test_checkpoint_without_a_newer_setting_resumes_with_its_default(
+        self, trained: dict[str, Path], tmp_path: Path
+    ) -> None:
+        run = _copy_run(trained["projector"], tmp_path / "run")
+        checkpoint = run / "checkpoint.pt"
         state = torch.load(checkpoint, weights_only=False)
         del state["config"]["llm_dtype"]  # as written before the setting existed
         torch.save(state, checkpoint)
-        assert run_training(tmp_path, config)["steps_done"] == 1
+        assert run_training(run, TRAINED)["steps_done"] == TRAINED.steps
         with pytest.raises(InputError, match="another configuration"):
-            run_training(tmp_path, dataclasses.replace(config, llm_dtype="bfloat16"))
+            run_training(run, dataclasses.replace(TRAINED, llm_dtype="bfloat16"))
 
     @pytest.mark.slow
-    def test_changed_settings_refuse_to_resume(self, mini_dir: Path, tmp_path: Path) -> None:
-        run_training(tmp_path, TrainConfig(seed=3, images=6, steps=1, batch_size=2, minutes=10))
+    def test_changed_settings_refuse_to_resume(self, trained: dict[str, Path], tmp_path: Path) -> None:
+        run = _copy_run(trained["projector"], tmp_path / "run")
         with pytest.raises(InputError, match="another configuration"):
-            run_training(tmp_path, TrainConfig(seed=4, images=6, steps=1, batch_size=2, minutes=10))
+            run_training(run, dataclasses.replace(TRAINED, seed=4))
 
     def test_shipped_projector_is_present(self) -> None:
         assert PROJECTOR_FILE.is_file()

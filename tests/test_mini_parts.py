@@ -49,22 +49,22 @@ from real_weights import flip_bytes, need, obtain
 LOGGER = "embedlens"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def onnx_file() -> Path | MiniBuildError:
     return obtain(vision_onnx_path)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def gguf_file() -> Path | MiniBuildError:
     return obtain(smollm2_gguf_path)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def dinov2() -> torch.nn.Module | MiniBuildError:
     return obtain(load_dinov2)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def smollm2() -> tuple[torch.nn.Module, object] | MiniBuildError:
     return obtain(load_smollm2)
 

@@ -10,6 +10,7 @@ from PIL import Image
 import embedlens
 from embedlens import InputError
 from embedlens.profiles import PROFILES, VICUNA_V1_SYSTEM, Profile, get_profile, pad_to_square, vicuna_v1
+from helpers import assert_user_error, run_cli
 
 
 class TestProfileLookup:
@@ -73,18 +74,16 @@ class TestPaperProfileOnLlava:
         assert batch.texts[0].startswith(VICUNA_V1_SYSTEM)
 
 
-def test_cli_profile_option(tmp_path):
+def test_cli_profile_option(capsys):
     """``--profile`` reaches the loader: an unknown name is one line and exit 2, ``paper`` changes the text."""
-    import subprocess
-    import sys
-
-    run = [sys.executable, "-m", "embedlens.cli", "probe", "--model", "tiny-llava", "--json", "-k", "1"]
-    bad = subprocess.run([*run, "--profile", "papr"], capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "embedlens: error: unknown profile 'papr'; choose from default, paper"
-    ]
     import json
 
-    default = json.loads(subprocess.run(run, capture_output=True, text=True, check=True).stdout)
-    paper = json.loads(subprocess.run([*run, "--profile", "paper"], capture_output=True, text=True, check=True).stdout)
+    run = ["probe", "--model", "tiny-llava", "--json", "-k", "1"]
+    assert_user_error(*run_cli(capsys, *run, "--profile", "papr"), "unknown profile 'papr'; choose from default, paper")
+    code, out, _ = run_cli(capsys, *run)
+    assert code == 0
+    default = json.loads(out)
+    code, out, _ = run_cli(capsys, *run, "--profile", "paper")
+    assert code == 0
+    paper = json.loads(out)
     assert [t["position"] for t in paper["tokens"]] != [t["position"] for t in default["tokens"]]  # longer prompt

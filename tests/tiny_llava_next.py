@@ -30,8 +30,8 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from conftest import CHATML_TEMPLATE
 from embedlens.models.tiny import build_tiny_tokenizer
+from helpers import CHATML_TEMPLATE
 
 #: llava-hf/llava-v1.6-mistral-7b-hf's conversation format, images before the text of a turn.
 MISTRAL_TEMPLATE = (

@@ -13,12 +13,11 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
-from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerBase
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from embedlens.cache import cache_dir, ensure_built
 from embedlens.files import sha256_file
@@ -27,6 +26,12 @@ from embedlens.mini.lora import merge_lora
 from embedlens.mini.packages import LLM_FILE, VISION_FILE, MiniBuildError
 from embedlens.mini.vision import IMAGENET_MEAN, IMAGENET_STD, load_dinov2
 from embedlens.models.llava import extra_image_tokens
+
+if TYPE_CHECKING:
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerBase
+
+# The transformers classes are imported where they are used: importing them costs seconds, and every
+# ``embedlens`` command imports this module (``train-mini`` reads its constants).
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +88,9 @@ def build_processor(tokenizer: PreTrainedTokenizerBase, strategy: str = "default
     ``strategy`` is the model's vision feature selection: ``"full"`` adds one ``<image>`` token per image
     for the CLS token (257 instead of 256).
     """
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     image_processor = CLIPImageProcessorPil(
@@ -125,6 +133,8 @@ def build_mini(
     Raises:
         MiniBuildError: Missing or unreadable weights, or a strategy that contradicts the projector file.
     """
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
     if projector is not None and not Path(projector).is_file():
         raise MiniBuildError(f"projector weights not found: {projector}")
     recorded = projector_strategy(projector) if projector is not None else None

@@ -15,12 +15,18 @@ import copy
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from embedlens.mini.converted import ensure_converted, pretrained_kwargs
 from embedlens.mini.packages import LLM_FILE, MiniBuildError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+# The transformers model classes are imported where they are used: importing them costs seconds, and
+# every ``embedlens`` command imports this module.
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +82,8 @@ def load_smollm2(
         MiniBuildError: The weights cannot be obtained, the loaded model lost its weight tying or
             the tokenizer its chat template.
     """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     path = ensure_smollm2_cache(wheels_dir)
     model = AutoModelForCausalLM.from_pretrained(path, **pretrained_kwargs(dtype, attn_implementation)).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -87,6 +95,8 @@ def load_smollm2(
 
 def _dequantise_to(gguf_path: Path, out_dir: Path) -> None:
     """Dequantise the GGUF model into a plain model and save it with its tokenizer in ``out_dir``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     logger.info("dequantising %s (takes 15-35 s, done once)", gguf_path.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     if not tokenizer.chat_template:

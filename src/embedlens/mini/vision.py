@@ -30,13 +30,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from transformers import Dinov2Config, Dinov2Model
 
 from embedlens.mini.converted import ensure_converted, pretrained_kwargs
 from embedlens.mini.packages import VISION_FILE, MiniBuildError
 
 if TYPE_CHECKING:
     import onnx
+
+if TYPE_CHECKING:
+    from transformers import Dinov2Config, Dinov2Model
+
+# The transformers classes are imported where they are used: importing them costs seconds, and every
+# ``embedlens`` command imports this module.
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +88,8 @@ def dinov2_config() -> Dinov2Config:
     Position embeddings are sized for 518 px (37x37 patches + CLS, as trained by DINOv2); other
     sizes are interpolated. No mask token: the exported model has none and inference never uses it.
     """
+    from transformers import Dinov2Config
+
     return Dinov2Config(
         hidden_size=384,
         num_hidden_layers=12,
@@ -116,6 +123,8 @@ def convert_dinov2(onnx_path: str | os.PathLike[str]) -> Dinov2Model:
         MiniBuildError: ``onnx`` is not installed, or the graph does not map one to one onto the
             model (a parameter left unfilled, a weight left unused, or a shape mismatch).
     """
+    from transformers import Dinov2Model
+
     try:
         import onnx
     except ImportError as err:
@@ -189,6 +198,8 @@ def load_dinov2(
     Raises:
         MiniBuildError: The weights cannot be obtained or converted.
     """
+    from transformers import Dinov2Model
+
     path = ensure_dinov2_cache(wheels_dir)
     return Dinov2Model.from_pretrained(path, **pretrained_kwargs(dtype, attn_implementation)).eval()
 

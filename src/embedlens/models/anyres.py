@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from PIL import Image
 from torch.nn import functional
-from transformers.image_processing_utils import select_best_resolution
 
 from embedlens.errors import EmbedLensError, InputError
 from embedlens.models.base import ModelAdapter, PreparedBatch, VisualSpan
@@ -193,6 +192,8 @@ class AnyresAdapter(LlavaAdapter):
         if height <= 0 or width <= 0:
             raise InputError(f"image size {height} x {width} is not a valid image size")
         pinpoints = [list(p) for p in self.model.config.image_grid_pinpoints]
+        from transformers.image_processing_utils import select_best_resolution  # slow to import: here
+
         best_height, best_width = select_best_resolution((height, width), pinpoints)
         tile_rows, tile_cols = best_height // self.tile_size, best_width // self.tile_size
         area = unpadded_area((height, width), tile_rows * self.side, tile_cols * self.side)

@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
 from embedlens.errors import EmbedLensError, InputError
 from embedlens.models.base import ModelAdapter, VisualSpan
@@ -119,6 +118,9 @@ class InternVLAdapter(ModelAdapter):
         max_patches = int(getattr(ip, "max_patches", 12))
         if max_patches <= 1:
             return 1, 1
+        # Imported here: the image-processing modules pull in torchvision, seconds of `import embedlens`.
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+
         cols, rows = get_optimal_tiled_canvas(
             (image.height, image.width), (height, width), int(getattr(ip, "min_patches", 1)), max_patches
         )
