@@ -228,7 +228,8 @@ class EmbedLensLMM(lmms):
             profile=self.profile,
         )
         self.interventions = parse_interventions(interventions)
-        plan(self.interventions, self.session.num_layers)  # refuse a bad set before any task runs
+        #: The interventions checked against the model once, before any task runs; every request applies it.
+        self.plan = plan(self.interventions, self.session.num_layers)
         self.anchors = str(anchors) if anchors else None
         self.setting = " ".join(describe(item) for item in self.interventions) or "baseline"
         self._rank = self.accelerator.process_index
@@ -310,7 +311,7 @@ class EmbedLensLMM(lmms):
             ids.append(int(doc_id))
         prepared = self.session.adapter.prepare(images, prompts)
         texts, run = self.session.generate_batch(
-            prepared, max_new_tokens=limit, interventions=self.interventions, anchors=self.anchors, sample_ids=ids
+            prepared, max_new_tokens=limit, interventions=self.plan, anchors=self.anchors, sample_ids=ids
         )
         self.tally.add(self.session, run)
         return [cut_at_stops(text, stops).strip() for text in texts]
@@ -356,7 +357,7 @@ class EmbedLensLMM(lmms):
             raise InputError(f"the continuation {continuation!r} adds no tokens to its context")
         prepared = adapter.prepare([images], [full], raw=True)
         with (
-            intervene(self.session, self.interventions, anchors=self.anchors, sample_ids=[int(doc_id)]) as run,
+            intervene(self.session, self.plan, anchors=self.anchors, sample_ids=[int(doc_id)]) as run,
             torch.inference_mode(),
         ):
             logits = adapter.model(**prepared.inputs, use_cache=False).logits[0]

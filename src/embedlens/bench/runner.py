@@ -33,7 +33,7 @@ from embedlens.bench.flops import sample_flops
 from embedlens.bench.vqa import Question, QuestionSet, relaxed_score, score, yes_no
 from embedlens.errors import InputError
 from embedlens.files import atomic_path, atomic_write_text
-from embedlens.interventions import Intervention, Prune, describe, parse, plan
+from embedlens.interventions import Intervention, Plan, Prune, describe, parse, plan
 from embedlens.interventions.generation import generate_batch
 from embedlens.runs import (
     Commit,
@@ -123,17 +123,49 @@ def preset(name: str, seeds: Sequence[int] = (0, 1, 2, 3, 4)) -> list[Setting]:
     return chosen + _seed_family("sink+dead", seeds, match="member")
 
 
-def with_baseline(settings: Sequence[Setting], num_layers: int) -> list[Setting]:
-    """The baseline followed by ``settings``; each is checked against the model, names must differ."""
-    chosen = [Setting(BASELINE)]
-    for setting in settings:
-        plan(setting.interventions, num_layers)
-        chosen.append(setting)
-    names = [s.name for s in chosen]
+@dataclass(frozen=True)
+class CheckedSetting:
+    """A setting whose interventions were checked against the model once, for a whole evaluation.
+
+    Attributes:
+        setting: The setting.
+        plan: Its interventions checked and composed by :func:`~embedlens.interventions.plan`.
+        control: The same plus pruning the ``"target"`` group under the setting's position policy, as
+            the patch-compression control rows apply it; None when the evaluation has no such rows.
+    """
+
+    setting: Setting
+    plan: Plan
+    control: Plan | None = None
+
+    @property
+    def name(self) -> str:
+        return self.setting.name
+
+
+def checked_settings(settings: Sequence[Setting], num_layers: int, *, controls: bool = False) -> list[CheckedSetting]:
+    """The baseline followed by ``settings``, each checked against a model of ``num_layers`` layers once
+    (with its control-row plan too when ``controls``); names must differ.
+
+    Raises:
+        InputError: A setting does not fit the model, or two settings share a name.
+    """
+    chosen = []
+    for setting in [Setting(BASELINE), *settings]:
+        items = list(setting.interventions)
+        checked = plan(items, num_layers)
+        control = plan([*items, Prune(group="target", positions=checked.positions)], num_layers) if controls else None
+        chosen.append(CheckedSetting(setting, checked, control))
+    names = [c.name for c in chosen]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise InputError(f"settings given twice: {', '.join(duplicates)}")
     return chosen
+
+
+def with_baseline(settings: Sequence[Setting], num_layers: int) -> list[Setting]:
+    """The baseline followed by ``settings``; each is checked against the model, names must differ."""
+    return [checked.setting for checked in checked_settings(settings, num_layers)]
 
 
 @dataclass(frozen=True)
@@ -183,12 +215,12 @@ def run_identity(
     }
 
 
-def _check_targets(session: ModelContext, questions: QuestionSet, settings: Sequence[Setting]) -> None:
+def _check_targets(questions: QuestionSet, settings: Sequence[CheckedSetting]) -> None:
     """Refuse, before any answer, a setting that prunes ``target`` on questions without target patches
     (it would silently prune nothing)."""
     lacking = [q.id for q in questions.items if q.target_patches is None]
     for setting in settings:
-        if lacking and plan(list(setting.interventions), session.num_layers).needs_targets:
+        if lacking and setting.plan.needs_targets:
             raise InputError(
                 f"setting {setting.name!r} prunes 'target' but question {lacking[0]} has no target_patches"
             )
@@ -211,22 +243,20 @@ def without_placeholder(questions: QuestionSet, placeholder: str) -> QuestionSet
 
 
 def _answer_batch(
-    session: ModelContext, setting: Setting, batch: Sequence[Question], options: EvalOptions
+    session: ModelContext, setting: CheckedSetting, batch: Sequence[Question], options: EvalOptions
 ) -> list[dict[str, Any]]:
-    """Answer one batch under one setting; one record per question."""
+    """Answer one batch under one setting (its plan checked once per evaluation); one record per question."""
     readable, skipped = load_readable(batch)
     records: list[dict[str, Any]] = [{"index": q.index, "status": "unreadable", "reason": why} for q, why in skipped]
     if readable:
-        items = list(setting.interventions)
-        if readable[0][0].prune_target:
-            policy = plan(items, session.num_layers).positions
-            items.append(Prune(group="target", positions=policy))  # type: ignore[arg-type]
+        checked = setting.control if readable[0][0].prune_target else setting.plan
+        assert checked is not None, "control rows need the settings checked with controls=True"
         prepared = session.prepare([image for _, image in readable], [q.question + options.suffix for q, _ in readable])
         answers, run = generate_batch(
             session,
             prepared,
             max_new_tokens=options.max_new_tokens,
-            interventions=items,
+            interventions=checked,
             anchors=options.anchors,
             sample_ids=[q.index for q, _ in readable],
             targets=[q.target_patches or () for q, _ in readable],
@@ -253,14 +283,15 @@ def _answer_batch(
 def collect(
     session: ModelContext,
     questions: QuestionSet,
-    settings: Sequence[Setting],
+    settings: Sequence[CheckedSetting],
     out: Path,
     options: EvalOptions,
     *,
     progress: bool = True,
 ) -> int:
     """Answer every (setting, question) of this rank's share not yet committed under ``out/parts``;
-    returns how many ran."""
+    returns how many ran. ``settings`` come from :func:`checked_settings` (with ``controls`` when
+    ``questions`` hold control rows)."""
     run = eval_run(out)
     done = set(run.records(_answer_key, _PARTS))
     share = shard(questions.items, rank(), world_size())
@@ -372,11 +403,13 @@ def run_eval(
     run.check_target()
     if options.anchors is not None:  # a bad anchors file is refused before anything is written
         resolve_anchors(session, options.anchors)
-    chosen = with_baseline(settings, session.num_layers)
     refuse_placeholder(options.suffix, session.adapter.image_placeholder, "--suffix")
     questions = without_placeholder(questions, session.adapter.image_placeholder)
-    _check_targets(session, questions, chosen)
+    controls = any(q.prune_target for q in questions.items)
+    checked = checked_settings(settings, session.num_layers, controls=controls)  # the one check
+    chosen = [c.setting for c in checked]
+    _check_targets(questions, checked)
     identity = run_identity(session, questions, chosen, options)
     with run.session(identity, restart=restart, device=session.adapter.device):
-        collect(session, questions, chosen, run.out, options, progress=progress)
+        collect(session, questions, checked, run.out, options, progress=progress)
         return run.finish(lambda: merge(run.out, questions, chosen, options))
