@@ -166,8 +166,8 @@ class AnyresAdapter(LlavaAdapter):
         return [True] * count
 
     def processor_images(self, images: Sequence[Sequence[Image.Image]]) -> Any:
-        """What the processor gets as ``images`` for a batch (here: one flat list, never padded to a square:
-        the tiles follow the image's own aspect ratio), or None when there are none."""
+        """What the processor gets as ``images`` for a batch (see :attr:`images_per_sample`), never padded to
+        a square as LLaVA-1.5's profile may: the tiles follow the image's own aspect ratio."""
         return ModelAdapter.processor_images(self, images)
 
     # ----------------------------------------------------------------- geometry

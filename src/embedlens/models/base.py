@@ -302,11 +302,17 @@ class ModelAdapter(ABC):
     #: More keyword arguments for the processor call (e.g. Gemma 3's ``do_pan_and_scan=False``).
     processor_options: ClassVar[Mapping[str, Any]] = MappingProxyType({})
 
+    #: Whether the processor takes one list of images per sample (Gemma 3, PaliGemma, LLaVA-OneVision)
+    #: instead of one flat list.
+    images_per_sample: ClassVar[bool] = False
+
     def processor_images(self, images: Sequence[Sequence[Image.Image]]) -> Any:
-        """The batch's images as the processor takes them: RGB, one flat list in placeholder order, or None
-        when there are none. Families whose processor wants one list per sample override this."""
-        flat = [image.convert("RGB") for sample_images in images for image in sample_images]
-        return flat or None
+        """The batch's images as the processor takes them: RGB, in placeholder order, one flat list (or one
+        list per sample with :attr:`images_per_sample`); None when there are none."""
+        nested = [[image.convert("RGB") for image in sample_images] for sample_images in images]
+        if not any(nested):
+            return None
+        return nested if self.images_per_sample else [image for sample_images in nested for image in sample_images]
 
     def model_texts(self, texts: list[str]) -> list[str]:
         """The texts the processor tokenises (default: as given; see

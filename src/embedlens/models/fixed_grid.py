@@ -6,11 +6,10 @@ per image in placeholder order, each run contiguous and optionally between two m
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
-from PIL import Image
 
 from embedlens.errors import InputError
 from embedlens.models.base import ModelAdapter
@@ -20,15 +19,12 @@ from embedlens.models.spans import VisualSpan, markers_around, split_image_token
 class FixedGridAdapter(ModelAdapter):
     """An adapter whose every image is one ``"full"`` view on :attr:`grid` (subclasses say which grid)."""
 
+    images_per_sample = True  # as these processors take them
+
     @property
     def grid(self) -> tuple[int, int]:
         """``(rows, cols)`` of every image's grid."""
         raise NotImplementedError
-
-    def processor_images(self, images: Sequence[Sequence[Image.Image]]) -> list[list[Image.Image]] | None:
-        """One list of RGB images per sample, as these processors take them (None when there are none)."""
-        nested = [[image.convert("RGB") for image in sample_images] for sample_images in images]
-        return nested if any(nested) else None
 
     @property
     def marker_ids(self) -> tuple[int | None, int | None]:

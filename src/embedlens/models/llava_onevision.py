@@ -8,11 +8,10 @@ OneVision's processor does when it is given each sample's images as a list.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
-from PIL import Image
 
 from embedlens.errors import InputError
 from embedlens.models.anyres import AnyresAdapter
@@ -28,6 +27,7 @@ class LlavaOnevisionAdapter(AnyresAdapter):
     family = "llava_onevision"
     model_types = ("llava_onevision",)
     transformers_class = "LlavaOnevisionForConditionalGeneration"
+    images_per_sample = True  # so the processor knows which samples hold several
 
     def max_tiles(self) -> int | None:
         """``n`` of the config's ``vision_aspect_ratio`` ``"anyres_max_<n>"`` (the model reads the config's)."""
@@ -47,9 +47,3 @@ class LlavaOnevisionAdapter(AnyresAdapter):
         if len(flags) != count:
             raise InputError(f"batch_num_images counts {len(flags)} images but {count} were given")
         return flags
-
-    def processor_images(self, images: Sequence[Sequence[Image.Image]]) -> list[Any] | None:
-        """One list of images per sample, so the processor knows which samples hold several (None when
-        there are no images)."""
-        nested = [[image.convert("RGB") for image in sample_images] for sample_images in images]
-        return nested if any(nested) else None
