@@ -14,7 +14,8 @@ import torch
 
 from embedlens.bench.patchbench import generate_benchmark
 from embedlens.errors import InputError
-from embedlens.mini.train import CHECKPOINT, TrainConfig
+from embedlens.mini.config import TrainConfig
+from embedlens.mini.train import CHECKPOINT
 from embedlens.models import loading, registry
 from helpers import assert_user_error, run_cli
 
@@ -83,6 +84,10 @@ BAD_VALUES = {
     "minutes-zero": ["train-mini", "--out", "{tmp}/t", "--minutes", "0"],
     "lora-lr-word": ["train-mini", "--out", "{tmp}/t", "--lora-lr", "fast"],
     "images-negative": ["train-mini", "--out", "{tmp}/t", "--images", "-3"],
+    "seed-negative": ["train-mini", "--out", "{tmp}/t", "--seed", "-1"],
+    "reproduce-processes": ["reproduce", "--out", "{tmp}/r", "--num-processes", "0"],
+    "reproduce-limit": ["reproduce", "--out", "{tmp}/r", "--limit", "0"],
+    "reproduce-throughput": ["reproduce", "--out", "{tmp}/r", "--throughput", "-5"],
     "stats-batch": ["stats", "{tmp}/d", "--out", "{tmp}/o", "--batch-size", "0"],
     "discover-fraction": ["discover-anchors", "{tmp}/d", "--out", "{tmp}/a.json", "--min-fraction", "1.5"],
     "discover-top-k": ["discover-anchors", "{tmp}/d", "--out", "{tmp}/a.json", "--top-k", "0"],

@@ -199,4 +199,5 @@ class TestLmmsEval:
             prepared, max_new_tokens=3, interventions=[parse(s) for s in setting.split()], sample_ids=[0]
         )
         assert answer == expected[0]
-        assert model.tally.requests == 1 and model.tally.tokens_layer0 < model.tally.length
+        (sample,) = model.tally.samples
+        assert sample.tokens_per_layer[0] < sample.length

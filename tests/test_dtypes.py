@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from embedlens.dtypes import fast_dtype, has_fast_bfloat16
-from embedlens.mini.train import TrainConfig, llm_compute_dtype
+from embedlens.errors import InputError
+from embedlens.mini.config import TrainConfig, llm_compute_dtype
 
 
 def _fake_cpu(monkeypatch: pytest.MonkeyPatch, *, amx: bool, avx512_bf16: bool) -> None:
@@ -49,5 +50,5 @@ def test_train_mini_llm_dtype_follows_the_machine_unless_named(monkeypatch, fast
 
 
 def test_unknown_llm_dtype_is_refused():
-    with pytest.raises(ValueError, match="llm_dtype"):
+    with pytest.raises(InputError, match="llm-dtype must be one of"):
         TrainConfig(llm_dtype="float16")

@@ -233,7 +233,7 @@ class TestCli:
             (["--layers", "0,9"], "injection layers must be in 0..3"),
             (["--layers", "zero"], "--layers takes layers"),
             (["--scales", "a,b"], "--scales must be comma-separated numbers"),
-            (["--scales", "0"], "scales must be positive"),
+            (["--scales", "0"], "scales must be a positive finite number, got 0"),
             (["--best-layer", "4"], "best-layer must be in 0..3"),
         ],
     )

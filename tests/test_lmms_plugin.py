@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -280,8 +281,14 @@ class TestInProcess:
             model = _model(tiny_dir, interventions=SETTING, batch_size=size)
             model.task_dict = task_dict
             answers[size] = model.generate_until(requests)
-            assert model.tally.requests == DOCS
-            assert model.tally.tokens_layer0 < model.tally.length  # visual tokens entered late, some pruned
+            samples = model.tally.samples
+            assert len(samples) == DOCS
+            # visual tokens entered late, some pruned: fewer tokens at layer 0, fewer FLOPs than the baseline
+            assert sum(s.tokens_per_layer[0] for s in samples) < sum(s.length for s in samples)
+            line = model.tally.line(SETTING, model.session.adapter)
+            assert line.startswith(f"embedlens [{SETTING}]: {DOCS} requests; tokens at layer 0 ")
+            ratio = float(re.search(r"\(([0-9.]+)x the baseline\)", line).group(1))
+            assert 0 < ratio < 1
         reference = _reference_answers(tiny, task_dir, [parse(s) for s in SETTING.split()])
         assert answers[1] == answers[4] == [reference[i] for i in range(DOCS)]
         assert answers[1] != [_reference_answers(tiny, task_dir)[i] for i in range(DOCS)]

@@ -26,7 +26,8 @@ from embedlens.cache import cache_dir, manifest_problem
 from embedlens.dtypes import fast_dtype
 from embedlens.errors import InputError
 from embedlens.mini.assemble import MINI_CACHE_NAME, PROJECTOR_FILE, ensure_mini, mini_source_hash
-from embedlens.mini.train import TrainConfig, run_training
+from embedlens.mini.config import TrainConfig
+from embedlens.mini.train import run_training
 from embedlens.synth.draw import COLOURS, draw_shape
 from real_weights import flip_bytes, need, obtain
 
@@ -257,7 +258,7 @@ class TestTraining:
         by_token = load_file(str(trained["projector"] / "projector.safetensors"))["linear_2.weight"]
         by_answer = load_file(str(tmp_path / "projector.safetensors"))["linear_2.weight"]
         assert not torch.equal(by_token, by_answer)
-        with pytest.raises(ValueError, match="loss_weighting"):
+        with pytest.raises(InputError, match="loss-weighting must be one of token, answer"):
             TrainConfig(loss_weighting="sentence")
 
     @pytest.mark.slow

@@ -57,11 +57,11 @@ from embedlens.analysis.align_measures import (
 from embedlens.analysis.align_measures import batch_totals as _batch_totals
 from embedlens.analysis.align_tables import layer_rows, render_markdown, summarise, wasserstein_1d
 from embedlens.analysis.words import word_table
+from embedlens.checks import POSITIVE_INT, check_fields, option
 from embedlens.datasets import Dataset, DatasetItem
 from embedlens.errors import InputError
 from embedlens.files import atomic_path, atomic_write_text
 from embedlens.runs import Commit, RunDir, load_readable, refuse_placeholder, resolved, run_share
-from embedlens.runs.options import check_options
 from embedlens.taxonomy.groups import ALIVE, TEXT_GROUPS, VISUAL_GROUPS
 
 if TYPE_CHECKING:
@@ -111,14 +111,14 @@ class AlignOptions:
 
     prompt: str | None = None
     anchors: str | None = None
-    rule_top_k: int | None = None
-    lens_top_k: int = 5
+    rule_top_k: int | None = option(None, POSITIVE_INT)
+    lens_top_k: int = option(5, POSITIVE_INT)
     lens_layers: tuple[int, ...] | None = None
     text: str | None = None
-    batch_size: int = 4
+    batch_size: int = option(4, POSITIVE_INT)
 
     def __post_init__(self) -> None:
-        check_options(self, ("lens_top_k", "batch_size"))
+        check_fields(self)
 
 
 # --------------------------------------------------------------------------- the run

@@ -32,6 +32,7 @@ from PIL import Image
 from embedlens.bench.accounting import timed_prefill
 from embedlens.bench.runner import BASELINE, EvalOptions, Setting, run_eval, without_placeholder
 from embedlens.bench.vqa import Question, QuestionSet
+from embedlens.checks import NON_NEGATIVE_INT, POSITIVE_FLOAT, Each, check_fields, option
 from embedlens.errors import InputError
 from embedlens.files import atomic_path, atomic_write_text
 from embedlens.interventions import Inject, Scale, Skip, describe, intervene
@@ -61,24 +62,18 @@ class SweepOptions:
         eval: Batching, decoding and interval options of the evaluations.
     """
 
-    layers: tuple[int, ...] | None = None
-    skip_until: int | None = None
-    scales: tuple[float, ...] = (0.01, 0.1, 1.0)
-    best_layer: int | None = None
-    timing_items: int = 4
-    timing_repeats: int = 3
+    layers: tuple[int, ...] | None = option(None, Each(NON_NEGATIVE_INT))
+    skip_until: int | None = option(None, NON_NEGATIVE_INT)
+    scales: tuple[float, ...] = option((0.01, 0.1, 1.0), Each(POSITIVE_FLOAT))
+    best_layer: int | None = option(None, NON_NEGATIVE_INT)
+    timing_items: int = option(4, NON_NEGATIVE_INT)
+    timing_repeats: int = option(3, NON_NEGATIVE_INT)
     eval: EvalOptions = field(default_factory=EvalOptions)
 
     def __post_init__(self) -> None:
-        for name in ("timing_items", "timing_repeats"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise InputError(f"{name.replace('_', '-')} must be a non-negative integer, got {value!r}")
+        check_fields(self)
         if self.timing_repeats == 0 and self.timing_items:
             raise InputError("timing-repeats must be positive when questions are timed")
-        for scale in self.scales:
-            if not scale > 0:
-                raise InputError(f"scales must be positive, got {scale!r}")
 
 
 @dataclass(frozen=True)

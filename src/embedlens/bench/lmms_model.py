@@ -37,7 +37,7 @@ import re
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -56,9 +56,10 @@ from embedlens.bench.flops import sample_flops
 from embedlens.bench.runner import parse_setting
 from embedlens.errors import InputError
 from embedlens.interventions import Intervention, describe, from_dict, intervene, plan
-from embedlens.interventions.records import InterventionRun
+from embedlens.interventions.records import InterventionRun, SampleRecord
+from embedlens.models.base import ModelAdapter
 from embedlens.profiles import get_profile
-from embedlens.session import Session, load
+from embedlens.session import load
 
 #: Longest answer when a task names no ``max_new_tokens``.
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -136,28 +137,24 @@ class ContinuationScore:
 
 @dataclass
 class _Tally:
-    """Running totals of what the interventions did, for the summary line."""
+    """What the interventions did to each request so far (the prefill's record), for the summary line."""
 
-    requests: int = 0
-    length: int = 0
-    tokens_layer0: int = 0
-    gflops: float = 0.0
-    baseline_gflops: float = 0.0
+    samples: list[SampleRecord] = field(default_factory=list)
 
-    def add(self, session: Session, run: InterventionRun) -> None:
-        for sample in run.last.samples:
-            self.requests += 1
-            self.length += sample.length
-            self.tokens_layer0 += sample.tokens_per_layer[0]
-            self.gflops += sample_flops(session.adapter, sample).total / 1e9
-            self.baseline_gflops += sample_flops(session.adapter, sample, baseline=True).total / 1e9
+    def add(self, run: InterventionRun) -> None:
+        self.samples.extend(run.last.samples)
 
-    def line(self, setting: str) -> str:
-        n = max(self.requests, 1)
-        ratio = self.gflops / self.baseline_gflops if self.baseline_gflops else float("nan")
+    def line(self, setting: str, adapter: ModelAdapter) -> str:
+        """``embedlens [SETTING]: N requests; tokens at layer 0 ... of ...; prefill ... GFLOPs (...x the baseline)``."""
+        n = max(len(self.samples), 1)
+        length = sum(sample.length for sample in self.samples) / n
+        layer0 = sum(sample.tokens_per_layer[0] for sample in self.samples) / n
+        gflops = sum(sample_flops(adapter, sample).total for sample in self.samples) / 1e9
+        baseline = sum(sample_flops(adapter, sample, baseline=True).total for sample in self.samples) / 1e9
+        ratio = gflops / baseline if baseline else float("nan")
         return (
-            f"embedlens [{setting}]: {self.requests} requests; tokens at layer 0 {self.tokens_layer0 / n:.1f} "
-            f"of {self.length / n:.1f}; prefill {self.gflops / n:.3g} GFLOPs ({ratio:.2f}x the baseline)"
+            f"embedlens [{setting}]: {len(self.samples)} requests; tokens at layer 0 {layer0:.1f} of {length:.1f}; "
+            f"prefill {gflops / n:.3g} GFLOPs ({ratio:.2f}x the baseline)"
         )
 
 
@@ -262,7 +259,7 @@ class EmbedLensLMM(lmms):
 
     def _report(self) -> None:
         if self._rank == 0:
-            sys.stderr.write(self.tally.line(self.setting) + "\n")
+            sys.stderr.write(self.tally.line(self.setting, self.session.adapter) + "\n")
 
     def _greedy_only(self, gen_kwargs: dict[str, Any]) -> None:
         sampling = gen_kwargs.get("do_sample") or float(gen_kwargs.get("temperature") or 0) > 0
@@ -313,7 +310,7 @@ class EmbedLensLMM(lmms):
         texts, run = self.session.generate_batch(
             prepared, max_new_tokens=limit, interventions=self.plan, anchors=self.anchors, sample_ids=ids
         )
-        self.tally.add(self.session, run)
+        self.tally.add(run)
         return [cut_at_stops(text, stops).strip() for text in texts]
 
     def loglikelihood(self, requests: list[Instance]) -> list[Any]:
@@ -361,7 +358,7 @@ class EmbedLensLMM(lmms):
             torch.inference_mode(),
         ):
             logits = adapter.model(**prepared.inputs, use_cache=False).logits[0]
-        self.tally.add(self.session, run)
+        self.tally.add(run)
         # The continuation is the end of the sequence whatever the interventions removed before it.
         wanted = prepared.inputs["input_ids"][0, -count:].to(logits.device)
         scores = torch.log_softmax(logits[-count - 1 : -1].float(), dim=-1)

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from embedlens.bench.eval_table import EVAL_FORMAT, render_markdown, summarise
 from embedlens.bench.flops import sample_flops
 from embedlens.bench.vqa import Question, QuestionSet, relaxed_score, score, yes_no
+from embedlens.checks import CONFIDENCE, POSITIVE_INT, check_fields, option
 from embedlens.errors import InputError
 from embedlens.files import atomic_path, atomic_write_text
 from embedlens.interventions import Intervention, Plan, Prune, describe, parse, plan
@@ -50,7 +51,6 @@ from embedlens.runs import (
     shard,
     world_size,
 )
-from embedlens.runs.options import check_options
 from embedlens.taxonomy.classify import resolve_anchors
 
 if TYPE_CHECKING:
@@ -182,15 +182,15 @@ class EvalOptions:
         confidence: Confidence level of the intervals.
     """
 
-    batch_size: int = 8
-    max_new_tokens: int = 16
+    batch_size: int = option(8, POSITIVE_INT)
+    max_new_tokens: int = option(16, POSITIVE_INT)
     suffix: str = ""
     anchors: str | None = None
-    bootstrap: int = 1000
-    confidence: float = 0.95
+    bootstrap: int = option(1000, POSITIVE_INT)
+    confidence: float = option(0.95, CONFIDENCE)
 
     def __post_init__(self) -> None:
-        check_options(self, ("batch_size", "max_new_tokens", "bootstrap"), confidence=True)
+        check_fields(self)
 
 
 def run_identity(

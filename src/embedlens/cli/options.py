@@ -8,11 +8,11 @@ example ``--top-k must be a positive integer, got 0``), exit code 2. The model o
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
-import math
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from embedlens import checks
+from embedlens.checks import CHECK_KEY, Bound
 from embedlens.errors import InputError
 
 if TYPE_CHECKING:
@@ -37,39 +39,24 @@ class OptionValueError(typer.BadParameter):
     """A bad option value; :func:`embedlens.cli.app.main` prints it as ``<option> <message>``."""
 
 
-class Number:
-    """Parser of an int or float option with a lower bound; NaN and infinities are refused.
+class NumberParser:
+    """Parser of an int or float option: a :class:`~embedlens.checks.Bound` whose complaint becomes an
+    :class:`OptionValueError` (the library checks the same field with the same bound)."""
 
-    Args:
-        kind: ``int`` or ``float``.
-        low: The lower bound.
-        inclusive: Whether ``low`` itself is allowed.
-        wording: How the message names the allowed values, e.g. ``"a positive integer"``.
-        high: An inclusive upper bound, if any.
-    """
-
-    def __init__(self, kind: type, low: float, *, inclusive: bool, wording: str, high: float | None = None) -> None:
-        self.kind, self.low, self.inclusive, self.wording, self.high = kind, low, inclusive, wording, high
+    def __init__(self, bound: Bound) -> None:
+        self.bound = bound
 
     def __call__(self, value: Any) -> Any:
-        if isinstance(value, self.kind) and not isinstance(value, bool):
-            number = value
-        else:
-            try:
-                number = self.kind(str(value).strip())
-            except ValueError:
-                raise OptionValueError(f"must be {self.wording}, got {value!r}") from None
-        finite = not isinstance(number, float) or math.isfinite(number)
-        above = self.high is not None and number > self.high
-        if not finite or above or number < self.low or (number == self.low and not self.inclusive):
-            raise OptionValueError(f"must be {self.wording}, got {value}")
-        return number
+        try:
+            return self.bound.parse(value)
+        except ValueError as exc:
+            raise OptionValueError(str(exc)) from None
 
 
-POSITIVE_INT = Number(int, 0, inclusive=False, wording="a positive integer")
-NON_NEGATIVE_INT = Number(int, 0, inclusive=True, wording="0 or a positive integer")
-POSITIVE_FLOAT = Number(float, 0.0, inclusive=False, wording="a positive finite number")
-FRACTION = Number(float, 0.0, inclusive=False, wording="a number in (0, 1]", high=1.0)
+POSITIVE_INT = NumberParser(checks.POSITIVE_INT)
+NON_NEGATIVE_INT = NumberParser(checks.NON_NEGATIVE_INT)
+POSITIVE_FLOAT = NumberParser(checks.POSITIVE_FLOAT)
+FRACTION = NumberParser(checks.FRACTION)
 
 
 def remember_out(ctx: typer.Context, value: Path | None) -> Path | None:
@@ -260,6 +247,20 @@ def bundle_options(
         return command
 
     return decorate
+
+
+def field_options(cls: type, helps: Mapping[str, str]) -> tuple[OptionSpec, ...]:
+    """Options for the fields of the dataclass ``cls`` named in ``helps`` (in its order), for
+    :func:`bundle_options`: each takes its type, default and check from the field (declared with
+    :func:`embedlens.checks.option`), so the command line and the library cannot disagree on them."""
+    hints = typing.get_type_hints(cls)
+    fields = {spec.name: spec for spec in dataclasses.fields(cls)}
+    specs: list[OptionSpec] = []
+    for name, text in helps.items():
+        check = fields[name].metadata.get(CHECK_KEY)
+        parser = NumberParser(check) if isinstance(check, Bound) else None
+        specs.append((name, Annotated[hints[name], typer.Option(parser=parser, help=text)], fields[name].default))
+    return tuple(specs)
 
 
 #: Decorator: give a command ``--model``, ``--device``, ``--dtype``, ``--revision`` and ``--profile``,

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from embedlens.cli.app import app
+from embedlens.cli.options import POSITIVE_FLOAT, POSITIVE_INT, AnchorsOpt
 from embedlens.errors import InputError
 from embedlens.reproduce.paper import PAPER_SUITE
 from embedlens.reproduce.plan import STAGES, THROUGHPUT, PlanOptions
@@ -64,21 +65,24 @@ def reproduce(
     inject_layers: Annotated[str, typer.Option(help="Layers of the injection sweep, comma-separated.")] = (
         "0,2,4,8,12,16"
     ),
-    anchors: Annotated[
-        Path | None, typer.Option(help="Anchors JSON for group targets (default: the model's built-in anchors).")
+    anchors: AnchorsOpt = None,
+    limit: Annotated[
+        int | None, typer.Option(parser=POSITIVE_INT, help="Documents per task (lmms-eval --limit), for a smoke run.")
     ] = None,
-    limit: Annotated[int | None, typer.Option(help="Documents per task (lmms-eval --limit), for a smoke run.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and its cost; load no weights.")] = False,
     num_processes: Annotated[
-        int, typer.Option(help="Processes (GPUs) per run; above 1 runs go through accelerate launch.")
+        int,
+        typer.Option(parser=POSITIVE_INT, help="Processes (GPUs) per run; above 1 runs go through accelerate launch."),
     ] = 1,
-    batch_size: Annotated[int, typer.Option(help="Questions per forward pass.")] = 1,
+    batch_size: Annotated[int, typer.Option(parser=POSITIVE_INT, help="Questions per forward pass.")] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ... (one-process runs).")] = "auto",
     include_path: Annotated[Path | None, typer.Option(help="Extra lmms-eval task folder (--include_path).")] = None,
-    text_tokens: Annotated[int, typer.Option(help="Nominal text tokens per sample for the FLOPs.")] = 64,
-    throughput: Annotated[float, typer.Option(help="Sustained TFLOP/s the GPU-hour estimate assumes.")] = (
-        THROUGHPUT / 1e12
-    ),
+    text_tokens: Annotated[
+        int, typer.Option(parser=POSITIVE_INT, help="Nominal text tokens per sample for the FLOPs.")
+    ] = 64,
+    throughput: Annotated[
+        float, typer.Option(parser=POSITIVE_FLOAT, help="Sustained TFLOP/s the GPU-hour estimate assumes.")
+    ] = (THROUGHPUT / 1e12),
 ) -> None:
     """Run the paper's experiment set through lmms-eval and write its table (paper_table.md / .json).
 

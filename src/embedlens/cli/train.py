@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -9,38 +10,34 @@ from typing import Annotated
 import typer
 
 from embedlens.cli.app import app
-from embedlens.cli.options import NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, out_dir_option, quiet_transformers
-from embedlens.mini.train import LLM_DTYPES, LORA, LOSS_WEIGHTINGS, PROJECTOR, TrainConfig, run_training
+from embedlens.cli.options import bundle_options, field_options, out_dir_option, quiet_transformers
+from embedlens.mini.config import LLM_DTYPES, LOSS_WEIGHTINGS, TrainConfig
+from embedlens.mini.train import LORA, PROJECTOR, run_training
 
 LossPer = Enum("LossPer", {name: name for name in LOSS_WEIGHTINGS}, type=str)  # type: ignore[misc]
 LlmDtype = Enum("LlmDtype", {name: name for name in LLM_DTYPES}, type=str)  # type: ignore[misc]
-DEFAULT_LOSS_PER = LossPer("token")
-DEFAULT_LLM_DTYPE = LlmDtype("auto")
+DEFAULT_LOSS_PER = LossPer(TrainConfig.loss_weighting)
+DEFAULT_LLM_DTYPE = LlmDtype(TrainConfig.llm_dtype)
+
+
+#: The options of ``train-mini`` that set a :class:`TrainConfig` field as it is (its default and check
+#: come from the field), with their help.
+CONFIG_HELP = {
+    "seed": "Seed of data, order and initialisation.",
+    "images": "Generated training images (plus the packaged photos).",
+    "steps": "Optimiser steps (batch of 4 sequences each).",
+    "minutes": "Time budget for the optimisation; stops early if reached.",
+    "lr": "Peak learning rate.",
+    "lora_rank": "Also train low-rank adapters of this rank on the LLM (0: projector only).",
+    "lora_lr": "Peak learning rate of the LLM adapters.",
+}
 
 
 @app.command("train-mini")
+@bundle_options("config", TrainConfig, field_options(TrainConfig, CONFIG_HELP))
 def train_mini(
     out: Annotated[Path, out_dir_option("Run directory: projector, log, checkpoint (resumes if present).")],
-    seed: Annotated[int, typer.Option(help="Seed of data, order and initialisation.")] = 0,
-    images: Annotated[
-        int, typer.Option(parser=POSITIVE_INT, help="Generated training images (plus the packaged photos).")
-    ] = 3000,
-    steps: Annotated[
-        int, typer.Option(parser=POSITIVE_INT, help="Optimiser steps (batch of 4 sequences each).")
-    ] = 1600,
-    minutes: Annotated[
-        float, typer.Option(parser=POSITIVE_FLOAT, help="Time budget for the optimisation; stops early if reached.")
-    ] = 55.0,
-    lr: Annotated[float, typer.Option(parser=POSITIVE_FLOAT, help="Peak learning rate.")] = 1e-3,
-    lora_rank: Annotated[
-        int,
-        typer.Option(
-            parser=NON_NEGATIVE_INT, help="Also train low-rank adapters of this rank on the LLM (0: projector only)."
-        ),
-    ] = 0,
-    lora_lr: Annotated[
-        float, typer.Option(parser=POSITIVE_FLOAT, help="Peak learning rate of the LLM adapters.")
-    ] = 2e-4,
+    config: TrainConfig,
     cls_token: Annotated[
         bool,
         typer.Option(
@@ -66,14 +63,8 @@ def train_mini(
     as lora.safetensors and merged into the LLM's weights when a model is built from them.
     """
     quiet_transformers()
-    config = TrainConfig(
-        seed=seed,
-        images=images,
-        steps=steps,
-        minutes=minutes,
-        lr=lr,
-        lora_rank=lora_rank,
-        lora_lr=lora_lr,
+    config = dataclasses.replace(
+        config,
         strategy="full" if cls_token else "default",
         loss_weighting=loss_per.value,
         llm_dtype=llm_dtype.value,
@@ -81,5 +72,5 @@ def train_mini(
     log = run_training(out, config)
     state = "finished" if log["finished"] else f"stopped by the time budget at step {log['steps_done']}"
     typer.echo(f"{state}: loss {log['loss_first_50']} -> {log['loss_last_50']}")
-    written = [out / PROJECTOR] + ([out / LORA] if lora_rank else [])
+    written = [out / PROJECTOR] + ([out / LORA] if config.lora_rank else [])
     typer.echo(f"wrote {' and '.join(map(str, written))} and {out / 'train_log.json'}")

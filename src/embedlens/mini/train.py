@@ -19,7 +19,6 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,87 +27,16 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from embedlens.capture import capture
-from embedlens.dtypes import fast_dtype
 from embedlens.errors import InputError
 from embedlens.files import atomic_path, atomic_write_text
-from embedlens.mini.assemble import STRATEGIES, STRATEGY_KEY
+from embedlens.mini.assemble import STRATEGY_KEY
+from embedlens.mini.config import TrainConfig, llm_compute_dtype
 from embedlens.mini.lora import load_lora_tensors, lora_attached, lora_tensors, save_lora
 from embedlens.mini.sequences import IGNORE, Encoded, SequenceBuilder, Turn, answer_weights, collate
 
 logger = logging.getLogger(__name__)
 
 CAPTION_PROMPTS = ("Describe the image briefly.", "What is in this picture?", "Write a short caption.")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Hyper-parameters of ``train-mini`` (all recorded in the output).
-
-    Attributes:
-        seed: Seed of data generation, sampling order and initialisation.
-        images: Generated training images (plus the packaged photos).
-        scenes: Scene types drawn uniformly from this list (repeats weight them).
-        steps: Optimiser steps.
-        batch_size: Sequences per step.
-        lr: Peak learning rate (AdamW).
-        warmup: Linear warm-up steps.
-        weight_decay: AdamW weight decay.
-        max_turns: Question/answer turns per sequence (a random subset of the image's questions).
-        caption_prob: Probability that a sequence also asks for the caption.
-        minutes: Time budget for the optimisation; training stops early (and says so) when reached.
-        checkpoint_every: Steps between checkpoints.
-        lora_rank: Rank of low-rank adapters on the LLM's attention and MLP layers, trained beside the
-            projector (:mod:`embedlens.mini.lora`); 0 trains the projector alone (the shipped recipe).
-        lora_lr: Peak learning rate of the adapters (same schedule as the projector's).
-        strategy: Vision features the projector sees: ``"default"`` (the patch tokens only, as LLaVA-1.5
-            and the shipped v1 weights) or ``"full"`` (the CLS token, then the 256 patch tokens). Recorded in
-            the projector file, so a model built from it uses the same.
-        loss_weighting: ``"token"`` averages the loss over all answer tokens of a batch (long captions
-            weigh most); ``"answer"`` weighs every answer equally (:func:`~embedlens.mini.sequences.answer_weights`).
-        llm_dtype: Type of the frozen LLM's copy during training: ``"auto"`` (bfloat16 where the machine
-            computes it fast, else float32; :func:`~embedlens.dtypes.fast_dtype`), ``"float32"`` or
-            ``"bfloat16"``. The shipped v1 weights were trained with a bfloat16 LLM (an AMX machine).
-    """
-
-    seed: int = 0
-    images: int = 3000
-    scenes: tuple[str, ...] = ("shape", "count", "letter", "word")
-    steps: int = 1600
-    batch_size: int = 4
-    lr: float = 1e-3
-    warmup: int = 50
-    weight_decay: float = 0.0
-    max_turns: int = 6
-    caption_prob: float = 0.5
-    minutes: float = 55.0
-    checkpoint_every: int = 100
-    lora_rank: int = 0
-    lora_lr: float = 2e-4
-    strategy: str = "default"
-    loss_weighting: str = "token"
-    llm_dtype: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.llm_dtype not in LLM_DTYPES:
-            raise ValueError(f"llm_dtype must be one of {LLM_DTYPES}, got {self.llm_dtype!r}")
-        if self.loss_weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-
-
-#: Values of :attr:`TrainConfig.loss_weighting`.
-LOSS_WEIGHTINGS = ("token", "answer")
-
-#: Values of :attr:`TrainConfig.llm_dtype`.
-LLM_DTYPES = ("auto", "float32", "bfloat16")
-
-
-def llm_compute_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
-    """The frozen LLM's type during training: ``config.llm_dtype``, with ``"auto"`` resolved for ``device``."""
-    if config.llm_dtype == "auto":
-        return fast_dtype(device)
-    return getattr(torch, config.llm_dtype)  # a name of LLM_DTYPES, checked by TrainConfig
 
 
 def lr_at(step: int, config: TrainConfig) -> float:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from embedlens.bench.lmms_plugin import MODEL_NAME
+from embedlens.checks import NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, Each, check_fields, option
 from embedlens.errors import InputError
 from embedlens.interventions import parse
 from embedlens.reproduce.costs import CostModel, Shares
@@ -152,16 +153,16 @@ class PlanOptions:
     profile: str = "paper"
     suite: TaskSuite = PAPER_SUITE
     stages: tuple[str, ...] = STAGES
-    seeds: tuple[int, ...] = (0, 1, 2)
-    inject_layers: tuple[int, ...] = (0, 2, 4, 8, 12, 16)
+    seeds: tuple[int, ...] = option((0, 1, 2), Each(NON_NEGATIVE_INT))
+    inject_layers: tuple[int, ...] = option((0, 2, 4, 8, 12, 16), Each(NON_NEGATIVE_INT))
     images: Path | None = None
     anchors: Path | None = None
-    limit: int | None = None
-    num_processes: int = 1
-    batch_size: int = 1
+    limit: int | None = option(None, POSITIVE_INT)
+    num_processes: int = option(1, POSITIVE_INT)
+    batch_size: int = option(1, POSITIVE_INT)
     device: str = "auto"
     include_path: Path | None = None
-    throughput: float = THROUGHPUT
+    throughput: float = option(THROUGHPUT, POSITIVE_FLOAT)
 
     def __post_init__(self) -> None:
         unknown = [stage for stage in self.stages if stage not in STAGES]
@@ -169,11 +170,7 @@ class PlanOptions:
             raise InputError(f"unknown experiment stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}")
         if "dead" in self.stages and not self.seeds:
             raise InputError("the random control needs at least one seed")
-        for name, value in (("num-processes", self.num_processes), ("batch-size", self.batch_size)):
-            if value < 1:
-                raise InputError(f"--{name} must be at least 1, got {value}")
-        if self.limit is not None and self.limit < 1:
-            raise InputError(f"--limit must be at least 1, got {self.limit}")
+        check_fields(self)
         if "stats" in self.stages and self.images is not None and not self.images.is_dir():
             raise InputError(f"--images {self.images} is not a folder")
 

@@ -8,13 +8,13 @@ the rule are described in :mod:`embedlens.taxonomy.discover`, which runs the dis
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from embedlens.capture import Captured
+from embedlens.checks import FINITE, FRACTION, INTEGER, POSITIVE_INT, check_fields, option
 from embedlens.errors import InputError
 from embedlens.models.base import ModelAdapter, VisualSpan
 from embedlens.taxonomy.diagnostics import cosine, vision_norms
@@ -51,34 +51,20 @@ class DiscoveryConfig:
             its group for it to be dropped as that id's follower (default 0.9).
     """
 
-    top_k: int = 3
-    min_image_fraction: float = 0.5
-    min_images: int = 2
-    min_independence: float = 0.9
-    vit_norm_ratio: float = 3.0
-    sink_layer: int = 2
-    llm_bos_cosine: float = 0.6
-    llm_massive_ratio: float = 10.0
-    cross_layer: int | None = None
-    dead_cross_cosine: float = 0.9
-    follower_overlap: float = 0.9
+    top_k: int = option(3, POSITIVE_INT)
+    min_image_fraction: float = option(0.5, FRACTION)
+    min_images: int = option(2, POSITIVE_INT)
+    min_independence: float = option(0.9, FINITE)
+    vit_norm_ratio: float = option(3.0, FINITE)
+    sink_layer: int = option(2, POSITIVE_INT)
+    llm_bos_cosine: float = option(0.6, FINITE)
+    llm_massive_ratio: float = option(10.0, FINITE)
+    cross_layer: int | None = option(None, INTEGER)
+    dead_cross_cosine: float = option(0.9, FINITE)
+    follower_overlap: float = option(0.9, FRACTION)
 
     def __post_init__(self) -> None:
-        for name in ("top_k", "min_images", "sink_layer"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise InputError(f"{name} must be a positive integer, got {value!r}")
-        cross = self.cross_layer
-        if cross is not None and (isinstance(cross, bool) or not isinstance(cross, int)):
-            raise InputError(f"cross_layer must be an integer or None, got {self.cross_layer!r}")
-        for name in ("min_image_fraction", "follower_overlap"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
-                raise InputError(f"{name} must be a number in (0, 1], got {value!r}")
-        for name in ("min_independence", "vit_norm_ratio", "llm_bos_cosine", "llm_massive_ratio", "dead_cross_cosine"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise InputError(f"{name} must be a finite number, got {value!r}")
+        check_fields(self)
 
     def layers(self, num_layers: int) -> tuple[int, int]:
         """``(sink_layer, cross_layer)`` resolved for a model of ``num_layers`` decoder layers, each in ``1 .. L``."""

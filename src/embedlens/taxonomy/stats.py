@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from embedlens.checks import CONFIDENCE, NON_NEGATIVE_INT, POSITIVE_INT, check_fields, option
 from embedlens.context import DEFAULT_PROMPT
 from embedlens.datasets import Dataset, DatasetItem
 from embedlens.errors import InputError
@@ -49,7 +50,6 @@ from embedlens.runs import (
     resolved,
     run_share,
 )
-from embedlens.runs.options import check_options
 from embedlens.taxonomy.anchors import Anchors
 from embedlens.taxonomy.classify import AnchorsLike, classify_batch, rule_settings
 from embedlens.taxonomy.groups import CODES
@@ -117,16 +117,16 @@ class StatsOptions:
         seed: Seed of the bootstrap, so that a result is reproducible.
     """
 
-    top_k: int | None = None
+    top_k: int | None = option(None, POSITIVE_INT)
     precedence: tuple[str, ...] | None = None
     prompt: str | None = None
-    batch_size: int = 4
-    bootstrap: int = 1000
-    confidence: float = 0.95
-    seed: int = 0
+    batch_size: int = option(4, POSITIVE_INT)
+    bootstrap: int = option(1000, POSITIVE_INT)
+    confidence: float = option(0.95, CONFIDENCE)
+    seed: int = option(0, NON_NEGATIVE_INT)
 
     def __post_init__(self) -> None:
-        check_options(self, ("batch_size", "bootstrap"), confidence=True)
+        check_fields(self)
 
 
 @dataclass
