@@ -5,6 +5,7 @@ Import them as ``from helpers import ...`` (pytest puts ``tests/`` on ``sys.path
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from embedlens.cli import main
@@ -96,3 +98,36 @@ def assert_pixel_changes_its_cell(adapter: Any, geometry: Any, cells: tuple[int,
             after.putpixel((x, y), (250, 10, 10))
             changes = view_changes(adapter, geometry, before, after)
             assert changes == [[cell]] * len(geometry.views), (cell, (x, y), changes)
+
+
+def recorded_inputs(adapter: Any, inputs: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One no-grad forward of the untouched model, read with pre-hooks that are always removed: the
+    keyword arguments the language model receives, and per decoder layer its keyword arguments plus
+    its input hidden states ``[B, L, d]`` under ``"hidden"``."""
+    stack: dict[str, Any] = {}
+    layers: list[dict[str, Any]] = [{} for _ in adapter.decoder_layers]
+
+    def layer_hook(index: int) -> Any:
+        def hook(_module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+            layers[index].update(kwargs, hidden=(args[0] if args else kwargs["hidden_states"]).detach().clone())
+
+        return hook
+
+    with contextlib.ExitStack() as handles:
+        llm = adapter.language_model.register_forward_pre_hook(lambda _m, _a, kw: stack.update(kw), with_kwargs=True)
+        handles.enter_context(llm)
+        for index, layer in enumerate(adapter.decoder_layers):
+            handles.enter_context(layer.register_forward_pre_hook(layer_hook(index), with_kwargs=True))
+        with torch.no_grad():
+            adapter.model(**inputs)
+    return stack, layers
+
+
+def generate_forwards(model: Any, inputs: dict[str, Any], max_new_tokens: int = 2) -> list[dict[str, Any]]:
+    """The keyword arguments of every forward of ``model`` while it greedily generates ``max_new_tokens``
+    tokens from ``inputs`` (the first is the prefill), read with a pre-hook that is always removed."""
+    calls: list[dict[str, Any]] = []
+    hook = model.register_forward_pre_hook(lambda _m, _a, kwargs: calls.append(dict(kwargs)), with_kwargs=True)
+    with hook, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return calls

@@ -45,6 +45,7 @@ import torch
 from embedlens.interventions import Prune, intervene, parse
 from embedlens.models.base import ModelAdapter, PreparedBatch, VisualSpan
 from families import Family, Loaded
+from helpers import recorded_inputs
 
 #: Greedy steps of the KV-cache check.
 STEPS = 4
@@ -145,23 +146,7 @@ class Untouched:
 
 def _untouched(adapter: ModelAdapter, inputs: dict[str, torch.Tensor]) -> Untouched:
     """Read, with pre-hooks, what the language model and each decoder layer receive (nothing is changed)."""
-    stack: dict = {}
-    layers: list[dict] = []
-    handles = [
-        adapter.language_model.register_forward_pre_hook(lambda _m, _a, kwargs: stack.update(kwargs), with_kwargs=True)
-    ]
-    for layer in adapter.decoder_layers:
-
-        def hook(_module, args, kwargs):
-            layers.append({"hidden": (args[0] if args else kwargs["hidden_states"]).detach().clone(), **kwargs})
-
-        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            adapter.model(**inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    stack, layers = recorded_inputs(adapter, inputs)
     length = layers[0]["hidden"].shape[1]
     given = stack.get("position_ids")
     positions = torch.arange(length)[None, None] if given is None else (given if given.dim() == 3 else given[None])

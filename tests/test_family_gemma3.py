@@ -19,44 +19,14 @@ from embedlens.capture import run_captured
 from embedlens.errors import InputError
 from embedlens.interventions import Prune, intervene, parse
 from embedlens.models.gemma3 import Gemma3Adapter
-from helpers import random_image
+from helpers import generate_forwards, random_image, recorded_inputs
 from tiny_gemma3 import TinyGemma3Spec, build, build_tiny_gemma3
+from tiny_parts import session_fixtures
 
 PROMPTS = ["what is this", "is there a red thing in the picture"]
 
 
-@pytest.fixture(scope="module")
-def session(tmp_path_factory: pytest.TempPathFactory) -> embedlens.Session:
-    path = build(tmp_path_factory.mktemp("gemma3") / "model")
-    return embedlens.load(str(path), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def adapter(session: embedlens.Session) -> Gemma3Adapter:
-    assert isinstance(session.adapter, Gemma3Adapter)
-    return session.adapter
-
-
-def _recorded_layer_kwargs(adapter: Gemma3Adapter, inputs: dict) -> tuple[dict, list[dict]]:
-    """One forward: what the language model and each decoder layer receive as keyword arguments."""
-    stack: dict = {}
-    layers: list[dict] = [{} for _ in adapter.decoder_layers]
-
-    def llm_hook(_module, _args, kwargs):
-        stack.update(kwargs)
-
-    handles = [adapter.language_model.register_forward_pre_hook(llm_hook, with_kwargs=True)]
-    for index, layer in enumerate(adapter.decoder_layers):
-        handles.append(
-            layer.register_forward_pre_hook(lambda _m, _a, kw, i=index: layers[i].update(kw), with_kwargs=True)
-        )
-    try:
-        with torch.no_grad():
-            adapter.model(**inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return stack, layers
+session, adapter = session_fixtures("gemma3", build, Gemma3Adapter)
 
 
 # --------------------------------------------------------------------------- views and markers
@@ -99,13 +69,7 @@ class TestSpans:
         """generate encodes the images first: the prefill forward gets ``mm_encoder_outputs``, and
         find_spans must read the same spans from it."""
         batch = adapter.prepare([[random_image(0), random_image(1)], [random_image(2)]], PROMPTS)
-        seen: list[dict] = []
-        handle = adapter.model.register_forward_pre_hook(lambda _m, _a, kw: seen.append(dict(kw)), with_kwargs=True)
-        try:
-            with torch.no_grad():
-                adapter.model.generate(**batch.inputs, max_new_tokens=2, do_sample=False)
-        finally:
-            handle.remove()
+        seen = generate_forwards(adapter.model, batch.inputs)
         prefill = seen[0]
         assert prefill.get("pixel_values") is None and prefill["mm_encoder_outputs"]["image"] is not None
         again = adapter.find_spans(prefill)
@@ -191,7 +155,7 @@ class TestLayerHooks:
 
     def test_each_layer_gets_its_mask_and_rotary(self, adapter: Gemma3Adapter):
         batch = adapter.prepare([[random_image(0)], [random_image(1)]], PROMPTS)
-        stack, layers = _recorded_layer_kwargs(adapter, batch.inputs)
+        stack, layers = recorded_inputs(adapter, batch.inputs)
         masks = stack["attention_mask"]
         assert isinstance(masks, dict) and set(masks) == {"full_attention", "sliding_attention"}
         hidden = stack["inputs_embeds"]
@@ -206,7 +170,7 @@ class TestLayerHooks:
         """The bidirectional block over each image needs ``token_type_ids``, which encode keeps."""
         batch = adapter.prepare([[random_image(0)], [random_image(1)]], PROMPTS)
         assert "token_type_ids" in batch.inputs
-        stack, _ = _recorded_layer_kwargs(adapter, batch.inputs)
+        stack, _ = recorded_inputs(adapter, batch.inputs)
         for key in ("full_attention", "sliding_attention"):
             mask = stack["attention_mask"][key]
             allowed = mask if mask.dtype == torch.bool else mask == 0
@@ -260,7 +224,7 @@ def test_window_shorter_than_the_sequence_changes_the_sliding_layers(tmp_path: P
         path = build(tmp_path / f"w{window}", TinyGemma3Spec(sliding_window=window))
         adapter = embedlens.load(str(path), device="cpu").adapter
         batch = adapter.prepare([[image]], [PROMPTS[1]])
-        stack, _ = _recorded_layer_kwargs(adapter, batch.inputs)
+        stack, _ = recorded_inputs(adapter, batch.inputs)
         masks = stack["attention_mask"]
         assert torch.equal(masks["full_attention"], masks["sliding_attention"]) == (window == 512)
         with torch.no_grad():

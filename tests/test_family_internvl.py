@@ -17,22 +17,15 @@ from embedlens.capture import run_captured
 from embedlens.errors import EmbedLensError, InputError
 from embedlens.interventions import Prune, intervene
 from embedlens.models.internvl import InternVLAdapter, view_names
-from helpers import random_image
+from helpers import generate_forwards, random_image
+from tiny_parts import session_fixtures
 
 #: Colours of the quadrants of :func:`_quadrants` (top-left, top-right, bottom-left, bottom-right).
 COLOURS = ((230, 20, 20), (20, 20, 230), (20, 200, 20), (230, 230, 20))
 
 
-@pytest.fixture(scope="module")
-def session(tmp_path_factory: pytest.TempPathFactory) -> embedlens.Session:
-    """The tiny InternVL (56 px tiles, 2 x 2 tokens per view, up to 4 tiles), loaded by path."""
-    return embedlens.load(str(tiny_internvl.build(tmp_path_factory.mktemp("internvl") / "model")), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def adapter(session: embedlens.Session) -> InternVLAdapter:
-    assert isinstance(session.adapter, InternVLAdapter)
-    return session.adapter
+#: The tiny InternVL (56 px tiles, 2 x 2 tokens per view, up to 4 tiles), loaded by path.
+session, adapter = session_fixtures("internvl", tiny_internvl.build, InternVLAdapter)
 
 
 def _quadrants(width: int, height: int, parts: tuple[int, int]) -> Image.Image:
@@ -130,19 +123,7 @@ class TestSpansFromInputs:
 
     def test_inside_generate_the_images_come_encoded(self, session: embedlens.Session, adapter: InternVLAdapter):
         batch = adapter.prepare([[random_image(0, 112, 56)], [random_image(1)]], ["what is this", "is it red"])
-        seen: list[dict] = []
-
-        def hook(_module, _args, kwargs):
-            if not seen:
-                seen.append(dict(kwargs))
-
-        handle = session.model.register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                session.model.generate(**batch.inputs, max_new_tokens=2, do_sample=False)
-        finally:
-            handle.remove()
-        first = seen[0]
+        first = generate_forwards(session.model, batch.inputs)[0]
         assert first.get("pixel_values") is None and first["mm_encoder_outputs"]["image"] is not None
         found = adapter.find_spans(first)
         assert [[(s.view, s.positions.tolist(), s.markers.tolist()) for s in spans] for spans in found] == [

@@ -34,7 +34,7 @@ from embedlens.models.anyres import AnyresAdapter, downsampled, unpadded_area
 from embedlens.models.llava_next import LlavaNextAdapter
 from embedlens.models.llava_onevision import LlavaOnevisionAdapter
 from embedlens.models.tiny import build_tiny_tokenizer
-from helpers import random_image
+from helpers import generate_forwards, random_image
 from tiny_llava_next import TinyAnyres, save_llava_next, save_llava_onevision, tokenizer_with_video
 
 #: (width, height) of images around and across the tile layouts: wide, tall, square, near-square,
@@ -281,13 +281,7 @@ class TestOnevisionMultiImage:
 def test_generate_forward_gets_no_image_sizes(next_session: embedlens.Session):
     """Why the adapter reads the layout from the features inside ``generate``: the sizes are gone."""
     batch = next_session.adapter.prepare([[random_image(0, 200, 40)]], ["what"])
-    seen: list[dict] = []
-    handle = next_session.model.register_forward_pre_hook(lambda _m, _a, kw: seen.append(dict(kw)), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            next_session.model.generate(**batch.inputs, max_new_tokens=2, do_sample=False)
-    finally:
-        handle.remove()
+    seen = generate_forwards(next_session.model, batch.inputs)
     assert "image_sizes" not in seen[0] and "pixel_values" not in seen[0]
     assert seen[0]["mm_encoder_outputs"]["image"] is not None
 

@@ -19,20 +19,11 @@ from embedlens.bench.patchgeom import GREY
 from embedlens.errors import InputError
 from embedlens.interventions import Prune, intervene
 from embedlens.models.mistral3 import Mistral3Adapter
-from helpers import assert_pixel_changes_its_cell, random_image, weightless_geometry
+from helpers import assert_pixel_changes_its_cell, generate_forwards, random_image, weightless_geometry
 from tiny_mistral3 import TinyMistral3Spec, build
+from tiny_parts import session_fixtures
 
-
-@pytest.fixture(scope="module")
-def session(tmp_path_factory: pytest.TempPathFactory) -> embedlens.Session:
-    path = build(tmp_path_factory.mktemp("mistral3") / "model")
-    return embedlens.load(str(path), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def adapter(session: embedlens.Session) -> Mistral3Adapter:
-    assert isinstance(session.adapter, Mistral3Adapter)
-    return session.adapter
+session, adapter = session_fixtures("mistral3", build, Mistral3Adapter)
 
 
 @pytest.mark.parametrize(
@@ -108,20 +99,10 @@ def test_spans_inside_generate_come_from_the_token_layout(adapter: Mistral3Adapt
     the spans found there are the ones ``prepare`` found."""
     images = [[random_image(0, 112, 84), random_image(1, 28, 56)], [random_image(2, 56, 112)]]
     batch = adapter.prepare(images, ["what is this", "is there a red thing in the picture"])
-    found: list = []
-
-    def hook(_module, _args, kwargs):
-        if kwargs.get("mm_encoder_outputs"):
-            assert kwargs.get("pixel_values") is None and kwargs.get("image_sizes") is None
-            found.append(adapter.find_spans(kwargs))
-
-    handle = adapter.model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            adapter.model.generate(**batch.inputs, max_new_tokens=2, do_sample=False)
-    finally:
-        handle.remove()
-    assert len(found) == 1
+    encoded = [kwargs for kwargs in generate_forwards(adapter.model, batch.inputs) if kwargs.get("mm_encoder_outputs")]
+    assert len(encoded) == 1
+    assert encoded[0].get("pixel_values") is None and encoded[0].get("image_sizes") is None
+    found = [adapter.find_spans(encoded[0])]
     for mine, theirs in zip(found[0], batch.spans, strict=True):
         assert [(s.grid, s.positions.tolist(), s.markers.tolist()) for s in mine] == [
             (s.grid, s.positions.tolist(), s.markers.tolist()) for s in theirs

@@ -19,8 +19,9 @@ import embedlens
 from embedlens.errors import InputError
 from embedlens.interventions import Prune, intervene, parse
 from embedlens.models.paligemma import PaliGemmaAdapter
-from helpers import assert_pixel_changes_its_cell, random_image, weightless_geometry
+from helpers import assert_pixel_changes_its_cell, generate_forwards, random_image, recorded_inputs, weightless_geometry
 from tiny_paligemma import TinyPaliGemmaSpec, build
+from tiny_parts import session_fixtures
 
 PROMPTS = ["what is this", "is there a red thing in the picture"]
 #: Every intervention kind, as the conformance suite's KV-cache check runs them (3 decoder layers).
@@ -35,41 +36,11 @@ SETTINGS = {
 }
 
 
-@pytest.fixture(scope="module")
-def session(tmp_path_factory: pytest.TempPathFactory) -> embedlens.Session:
-    path = build(tmp_path_factory.mktemp("paligemma") / "model")
-    return embedlens.load(str(path), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def adapter(session: embedlens.Session) -> PaliGemmaAdapter:
-    assert isinstance(session.adapter, PaliGemmaAdapter)
-    return session.adapter
+session, adapter = session_fixtures("paligemma", build, PaliGemmaAdapter)
 
 
 def _images(count: int) -> list[list]:
     return [[random_image(seed, 80, 60)] for seed in range(count)]
-
-
-def _recorded(adapter: PaliGemmaAdapter, inputs: dict) -> tuple[dict, list[dict]]:
-    """One forward: what the language model and each decoder layer receive as keyword arguments."""
-    stack: dict = {}
-    layers: list[dict] = [{} for _ in adapter.decoder_layers]
-    handles = [adapter.language_model.register_forward_pre_hook(lambda _m, _a, kw: stack.update(kw), with_kwargs=True)]
-    for index, layer in enumerate(adapter.decoder_layers):
-        handles.append(
-            layer.register_forward_pre_hook(
-                lambda _m, args, kw, i=index: layers[i].update(kw, hidden=args[0] if args else kw["hidden_states"]),
-                with_kwargs=True,
-            )
-        )
-    try:
-        with torch.no_grad():
-            adapter.model(**inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return stack, layers
 
 
 def test_layout_and_token_types(adapter: PaliGemmaAdapter):
@@ -93,7 +64,7 @@ def test_prompt_attends_both_ways_with_each_layers_mask(adapter: PaliGemmaAdapte
     """Decoder layer ``i`` gets the mask dict's ``mask_key(i)`` entry, in which the first image token
     sees the last prompt token (a causal mask would hide it) and padding stays hidden."""
     batch = adapter.prepare(_images(2), PROMPTS)
-    stack, layers = _recorded(adapter, batch.inputs)
+    stack, layers = recorded_inputs(adapter, batch.inputs)
     masks = stack["attention_mask"]
     assert isinstance(masks, dict) and set(masks) == {"full_attention", "sliding_attention"}
     for index, kwargs in enumerate(layers):
@@ -112,7 +83,7 @@ def _reference_prune(adapter: PaliGemmaAdapter, sample_images: list, prompt: str
     layer's own mask at the kept columns, rotary embeddings of the kept positions, then final norm, LM head
     and the model's soft-capping."""
     batch = adapter.prepare([sample_images], [prompt])
-    stack, layers = _recorded(adapter, batch.inputs)
+    stack, layers = recorded_inputs(adapter, batch.inputs)
     removed = {int(span.positions[cell]) for span in batch.spans[0] for cell in cells}
     kept = torch.tensor([p for p in range(batch.inputs["input_ids"].shape[1]) if p not in removed])
     hidden = layers[0]["hidden"][:, kept]
@@ -178,20 +149,9 @@ def test_spans_inside_generate_and_two_images(adapter: PaliGemmaAdapter):
     images = [[random_image(0, 80, 60), random_image(1, 60, 80)], [random_image(2, 80, 60)]]
     batch = adapter.prepare(images, PROMPTS)
     assert [[(s.image, s.global_image) for s in spans] for spans in batch.spans] == [[(0, 0), (1, 1)], [(0, 2)]]
-    found: list = []
-
-    def hook(_module, _args, kwargs):
-        if kwargs.get("mm_encoder_outputs"):
-            assert kwargs.get("pixel_values") is None
-            found.append(adapter.find_spans(kwargs))
-
-    handle = adapter.model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            adapter.model.generate(**batch.inputs, max_new_tokens=2, do_sample=False)
-    finally:
-        handle.remove()
-    assert len(found) == 1
+    encoded = [kwargs for kwargs in generate_forwards(adapter.model, batch.inputs) if kwargs.get("mm_encoder_outputs")]
+    assert len(encoded) == 1 and encoded[0].get("pixel_values") is None
+    found = [adapter.find_spans(encoded[0])]
     assert [[s.positions.tolist() for s in spans] for spans in found[0]] == [
         [s.positions.tolist() for s in spans] for spans in batch.spans
     ]
@@ -207,7 +167,7 @@ def test_paligemma1_passes_one_mask(tmp_path):
     adapter = session.adapter
     assert isinstance(adapter, PaliGemmaAdapter) and adapter.mask_key(0) is None
     batch = adapter.prepare(_images(2), PROMPTS)
-    stack, _ = _recorded(adapter, batch.inputs)
+    stack, _ = recorded_inputs(adapter, batch.inputs)
     assert isinstance(stack["attention_mask"], torch.Tensor) and stack["attention_mask"].dim() == 4
     with intervene(session, [Prune(indices=(0, 5))]) as run, torch.no_grad():
         tokens = adapter.model.generate(**batch.inputs, max_new_tokens=2, do_sample=False)

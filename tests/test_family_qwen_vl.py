@@ -16,7 +16,7 @@ from embedlens.errors import InputError
 from embedlens.interventions import intervene, parse
 from embedlens.models.base import VisualSpan
 from embedlens.models.qwen_vl import rope_planes
-from helpers import random_image
+from helpers import generate_forwards, random_image
 from tiny_qwen_vl import TOKENIZER_SIZE, QwenSpec, save_qwen
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -169,16 +169,7 @@ class TestInsideGenerate:
     def test_first_forward_gives_the_same_spans(self, session: embedlens.Session):
         adapter = session.adapter
         batch = _mixed_batch(session)
-        calls: list[dict] = []
-        handle = adapter.model.register_forward_pre_hook(
-            lambda _m, _a, kwargs: calls.append(dict(kwargs)) and None, with_kwargs=True
-        )
-        try:
-            with torch.no_grad():
-                adapter.model.generate(**batch.inputs, max_new_tokens=2, do_sample=False)
-        finally:
-            handle.remove()
-        first = calls[0]
+        first = generate_forwards(adapter.model, batch.inputs)[0]
         assert "image_grid_thw" not in first and "pixel_values" not in first
         assert first["mm_encoder_outputs"]["image"] is not None and first["position_ids"].shape[0] == 4
         spans = adapter.find_spans(first)

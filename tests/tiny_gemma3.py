@@ -18,19 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import Whitespace
-from tokenizers.processors import TemplateProcessing
 from transformers import (
     Gemma3Config,
     Gemma3ForConditionalGeneration,
     Gemma3Processor,
     Gemma3TextConfig,
     PreTrainedTokenizerFast,
-    SiglipVisionConfig,
 )
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+from tiny_parts import save_pair, tiny_siglip, word_tokenizer
 
 #: Gemma 3's chat template (google/gemma-3-4b-it), word for word.
 GEMMA3_TEMPLATE = (
@@ -134,21 +131,16 @@ def build_tokenizer(size: int = 1000) -> PreTrainedTokenizerFast:
     (``boi_token``, ``eoi_token``, ``image_token`` and their ids), which ``Gemma3Processor`` reads."""
     pieces = list(_SPECIALS) + list(dict.fromkeys(_WORDS))
     pieces += [f"tok{i}" for i in range(size - len(_IMAGE_TOKENS) - len(pieces))]
-    backend = Tokenizer(WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="<unk>"))
-    backend.pre_tokenizer = Whitespace()
-    backend.post_processor = TemplateProcessing(single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", 2)])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+    return word_tokenizer(
+        pieces,
+        ["<start_of_turn>", "<end_of_turn>"],
+        size=size,
+        bos=("<bos>", 2),
         pad_token="<pad>",
         eos_token="<eos>",
         bos_token="<bos>",
-        unk_token="<unk>",
         extra_special_tokens=dict(_IMAGE_TOKENS),
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
-    if len(tokenizer) != size:
-        raise AssertionError(f"the tiny Gemma 3 tokenizer has {len(tokenizer)} tokens, not {size}")
-    return tokenizer
 
 
 def build_tiny_gemma3(
@@ -156,15 +148,7 @@ def build_tiny_gemma3(
 ) -> tuple[Gemma3ForConditionalGeneration, Gemma3Processor]:
     """Build the tiny random model and its processor in memory."""
     tokenizer = build_tokenizer(spec.tokenizer_size)
-    vision = SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=spec.image_size,
-        patch_size=spec.patch_size,
-        vision_use_head=False,
-    )
+    vision = tiny_siglip(spec.image_size, spec.patch_size)
     text = Gemma3TextConfig(
         vocab_size=spec.vocab_size,
         hidden_size=64,
@@ -214,7 +198,4 @@ def build_tiny_gemma3(
 
 def build(directory: Path, spec: TinyGemma3Spec = TinyGemma3Spec()) -> Path:
     """Save the tiny model and processor to ``directory`` (loadable by path) and return it."""
-    model, processor = build_tiny_gemma3(spec)
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return Path(directory)
+    return save_pair(*build_tiny_gemma3(spec), directory)

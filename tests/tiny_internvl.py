@@ -12,9 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import Whitespace
 from transformers import (
     InternVLConfig,
     InternVLForConditionalGeneration,
@@ -27,6 +24,7 @@ from transformers import (
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
 from embedlens.models.tiny import build_tiny_tokenizer
+from tiny_parts import save_pair, word_tokenizer
 
 #: InternVL-hf's chat template (ChatML; an image entry becomes ``<IMG_CONTEXT>`` and a newline).
 INTERNVL_TEMPLATE = (
@@ -63,18 +61,16 @@ def build_tokenizer(vocab_size: int = VOCAB) -> PreTrainedTokenizerFast:
     them: ``start_image_token``, ...), ``<|im_start|>`` and ``<|im_end|>``."""
     base = build_tiny_tokenizer(vocab_size - len(_NAMED) - len(_CHAT) + 1).get_vocab()
     pieces = [piece for piece in sorted(base, key=base.__getitem__) if piece != "<image>"]
-    backend = Tokenizer(WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="<unk>"))
-    backend.pre_tokenizer = Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
+    tokenizer = word_tokenizer(
+        pieces,
+        _CHAT,
+        size=vocab_size,
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
         extra_special_tokens=dict(_NAMED),
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": _CHAT})
-    if len(tokenizer) != vocab_size or tokenizer.convert_tokens_to_ids(_CHAT[-1]) != vocab_size - 1:
+    if tokenizer.convert_tokens_to_ids(_CHAT[-1]) != vocab_size - 1:
         raise AssertionError("the special tokens did not land on the last ids")
     return tokenizer
 
@@ -132,8 +128,4 @@ def build_model_and_processor(
 
 def build(directory: Path, max_patches: int = 4) -> Path:
     """Save the tiny model and its processor to ``directory`` (loadable by path) and return it."""
-    directory = Path(directory)
-    model, processor = build_model_and_processor(max_patches)
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
+    return save_pair(*build_model_and_processor(max_patches), directory)

@@ -32,6 +32,7 @@ from transformers import (
 
 from embedlens.models.tiny import build_tiny_tokenizer
 from helpers import CHATML_TEMPLATE
+from tiny_parts import save_pair
 
 #: llava-hf/llava-v1.6-mistral-7b-hf's conversation format, images before the text of a turn.
 MISTRAL_TEMPLATE = (
@@ -172,18 +173,11 @@ def build_llava_onevision(
     return model, processor
 
 
-def _save(pair: tuple[object, object], directory: Path) -> Path:
-    model, processor = pair
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
-
-
 def save_llava_next(directory: Path, spec: TinyAnyres = TinyAnyres()) -> Path:
     """Build the tiny LLaVA-NeXT and save it to ``directory`` (loadable by path)."""
-    return _save(build_llava_next(spec), Path(directory))
+    return save_pair(*build_llava_next(spec), directory)
 
 
 def save_llava_onevision(directory: Path, spec: TinyAnyres = TinyAnyres()) -> Path:
     """Build the tiny LLaVA-OneVision and save it to ``directory`` (loadable by path)."""
-    return _save(build_llava_onevision(spec), Path(directory))
+    return save_pair(*build_llava_onevision(spec), directory)

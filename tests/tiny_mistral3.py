@@ -20,10 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import Whitespace
-from tokenizers.processors import TemplateProcessing
 from transformers import (
     Mistral3Config,
     Mistral3ForConditionalGeneration,
@@ -33,6 +29,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+from tiny_parts import save_pair, word_tokenizer
 
 #: Mistral Small 3.1's chat template, shortened: no default system prompt (the released one writes a
 #: long one with today's date), otherwise the same text per message.
@@ -112,17 +110,15 @@ def build_tokenizer(size: int = 1000, adds_bos: bool = False) -> PreTrainedToken
     default it adds no ``<s>`` itself (the chat template writes it)."""
     pieces = list(_SPECIALS) + _WORDS
     pieces += [f"tok{i}" for i in range(size - len(_CONTROL) - len(_IMAGE_TOKENS) - len(pieces))]
-    backend = Tokenizer(WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="<unk>"))
-    backend.pre_tokenizer = Whitespace()
-    if adds_bos:
-        backend.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="<unk>"
+    return word_tokenizer(
+        pieces,
+        _CONTROL + _IMAGE_TOKENS,
+        size=size,
+        bos=("<s>", 1) if adds_bos else None,
+        pad_token="<pad>",
+        eos_token="</s>",
+        bos_token="<s>",
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": _CONTROL + _IMAGE_TOKENS})
-    if len(tokenizer) != size:
-        raise AssertionError(f"the tiny Mistral 3 tokenizer has {len(tokenizer)} tokens, not {size}")
-    return tokenizer
 
 
 def build_tiny_mistral3(
@@ -178,7 +174,4 @@ def build_tiny_mistral3(
 
 def build(directory: Path, spec: TinyMistral3Spec = TinyMistral3Spec()) -> Path:
     """Save the tiny model and processor to ``directory`` (loadable by path) and return it."""
-    model, processor = build_tiny_mistral3(spec)
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return Path(directory)
+    return save_pair(*build_tiny_mistral3(spec), directory)

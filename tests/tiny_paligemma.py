@@ -19,9 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import Whitespace
 from transformers import (
     Gemma2Config,
     GemmaConfig,
@@ -29,9 +26,10 @@ from transformers import (
     PaliGemmaForConditionalGeneration,
     PaliGemmaProcessor,
     PreTrainedTokenizerFast,
-    SiglipVisionConfig,
 )
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+from tiny_parts import save_pair, tiny_siglip, word_tokenizer
 
 _SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<image>"]
 _EXTRA = [f"<loc{i:0>4}>" for i in range(1024)] + [f"<seg{i:0>3}>" for i in range(128)]
@@ -71,15 +69,7 @@ def build_tokenizer(size: int = 1300) -> PreTrainedTokenizerFast:
     tokens; it adds no ``<bos>`` itself (the processor writes it after the images)."""
     pieces = _SPECIALS + _EXTRA + _WORDS
     pieces += [f"tok{i}" for i in range(size - len(pieces))]
-    backend = Tokenizer(WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="<unk>"))
-    backend.pre_tokenizer = Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    if len(tokenizer) != size:
-        raise AssertionError(f"the tiny PaliGemma tokenizer has {len(tokenizer)} tokens, not {size}")
-    return tokenizer
+    return word_tokenizer(pieces, ["<image>"], size=size, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
 
 
 def build_tiny_paligemma(
@@ -88,15 +78,7 @@ def build_tiny_paligemma(
     """Build the tiny random model and its processor in memory."""
     tokenizer = build_tokenizer(spec.tokenizer_size)
     tokens = (spec.image_size // spec.patch_size) ** 2
-    vision = SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=spec.image_size,
-        patch_size=spec.patch_size,
-        vision_use_head=False,
-    )
+    vision = tiny_siglip(spec.image_size, spec.patch_size)
     sizes = {
         "vocab_size": spec.vocab_size,
         "hidden_size": 64,
@@ -145,10 +127,7 @@ def build_tiny_paligemma(
 
 def build(directory: Path, spec: TinyPaliGemmaSpec = TinyPaliGemmaSpec()) -> Path:
     """Save the tiny model and processor to ``directory`` (loadable by path) and return it."""
-    model, processor = build_tiny_paligemma(spec)
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return Path(directory)
+    return save_pair(*build_tiny_paligemma(spec), directory)
 
 
 def build_uncapped(directory: Path) -> Path:

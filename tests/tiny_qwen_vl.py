@@ -19,9 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import Whitespace
 from transformers import (
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
@@ -37,6 +34,8 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+from tiny_parts import save_pair, word_tokenizer
 
 #: Qwen2-VL-7B-Instruct's chat template (Qwen2.5-VL uses the same one).
 QWEN2_VL_TEMPLATE = (
@@ -135,15 +134,9 @@ class QwenSpec:
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer of :data:`TOKENIZER_SIZE` tokens ending in the Qwen special tokens."""
     pieces = list(_WORDS) + [f"tok{i}" for i in range(TOKENIZER_SIZE - len(SPECIALS) - len(_WORDS))]
-    backend = Tokenizer(WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="<unk>"))
-    backend.pre_tokenizer = Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    return word_tokenizer(
+        pieces, list(SPECIALS), size=TOKENIZER_SIZE, eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIALS)})
-    if len(tokenizer) != TOKENIZER_SIZE:
-        raise AssertionError(f"the tiny Qwen tokenizer has {len(tokenizer)} tokens, not {TOKENIZER_SIZE}")
-    return tokenizer
 
 
 def _text_config(spec: QwenSpec, ids: dict[str, int]) -> dict[str, Any]:
@@ -233,10 +226,7 @@ def build_qwen(spec: QwenSpec = QwenSpec()) -> tuple[torch.nn.Module, Any]:
 
 def save_qwen(directory: Path, spec: QwenSpec = QwenSpec()) -> Path:
     """Build a tiny checkpoint and save model + processor to ``directory`` (loadable by path)."""
-    model, processor = build_qwen(spec)
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
+    return save_pair(*build_qwen(spec), directory)
 
 
 def build_qwen2_vl(directory: Path) -> Path:
