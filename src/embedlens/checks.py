@@ -63,9 +63,8 @@ class Bound:
     def problem(self, value: object) -> str | None:
         """What is wrong with ``value`` as a Python value (no parsing of text), or None."""
         kinds = (int, float) if self.kind is float else (self.kind,)
-        if isinstance(value, bool) or not isinstance(value, kinds):
-            return f"must be {self.wording}, got {value!r}"
-        return None if self._inside(value) else f"must be {self.wording}, got {value!r}"
+        number = not isinstance(value, bool) and isinstance(value, kinds)
+        return None if number and self._inside(value) else f"must be {self.wording}, got {value!r}"
 
     def parse(self, text: object) -> Any:
         """``text`` (a command-line value, or a number) as a number of :attr:`kind`.
